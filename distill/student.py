@@ -1,0 +1,191 @@
+"""The compact multi-head student (DESIGN.md, "Recommended student shape").
+
+Inputs are LEFT-padded histories (the most recent interaction last) with explicit lengths:
+  history_items   int64   [B, L]  internal item ids (padding: any valid id, ignored)
+  history_ratings float32 [B, L]  1..5, 0 = unknown
+  history_length  int64   [B]     number of real interactions (0 = empty history)
+  candidates      int64   [B, C]  items to score for rating / like
+Layout inside: a learned BOS token sits just before the first real item, so the sequence
+[pad.. BOS i1 .. iL] has L+1 slots; state k sees BOS and the items up to k. The state before item j
+predicts item j (next_item) and, joined with item j's vector, its rating and like (late interaction).
+The last state is the user state for serving. An empty history still has BOS: no NaN.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import StudentConfig
+from .mtl import build_mtl
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with explicit attention math (exports to plain ONNX ops at opset 20)."""
+
+    def __init__(self, d: int, heads: int, ffn_mult: int, dropout: float):
+        super().__init__()
+        if d % heads:
+            raise ValueError(f"student.dim={d} must be divisible by student.heads={heads}")
+        self.heads, self.dh = heads, d // heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.ffn = nn.Sequential(nn.Linear(d, ffn_mult * d), nn.GELU(), nn.Linear(ffn_mult * d, d))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, self.dh).permute(2, 0, 3, 1, 4)
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(self.dh)
+        att = att.masked_fill(~allowed.unsqueeze(1), -1e9)  # finite fill: a row never becomes all -inf
+        att = self.drop(torch.softmax(att, dim=-1))
+        y = (att @ v).transpose(1, 2).reshape(b, t, d)
+        x = x + self.drop(self.out(y))
+        return x + self.drop(self.ffn(self.ln2(x)))
+
+
+class PairTower(nn.Module):
+    """Late interaction: user state [B, d] x candidate vectors [B, C, d] -> [B, C] (encoder runs once)."""
+
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.user = nn.Linear(d, hidden)
+        self.item = nn.Linear(d, hidden)
+        self.mix = nn.Linear(hidden, hidden)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, z: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        u = self.user(z).unsqueeze(-2)  # [..., 1, h]
+        c = self.item(cand)  # [..., C, h]
+        h = torch.relu(self.mix(torch.relu(u + c)) + u * c)
+        return self.head(h).squeeze(-1)
+
+
+class Student(nn.Module):
+    def __init__(self, cfg: StudentConfig, n_items: int, tasks: list[str], text_vectors: Optional[torch.Tensor] = None,
+                 rating_mean: float = 3.5):
+        super().__init__()
+        self.cfg, self.n_items, self.tasks = cfg, n_items, list(tasks)
+        d = cfg.dim
+        self.id_emb = nn.Embedding(n_items, d)
+        nn.init.normal_(self.id_emb.weight, std=0.02)
+        if cfg.use_text_vectors and text_vectors is not None:
+            self.register_buffer("text_vectors", text_vectors.float().clone(), persistent=True)
+            self.text_proj = nn.Linear(text_vectors.shape[1], d, bias=False)
+        else:
+            self.text_vectors, self.text_proj = None, None
+        self.rating_emb = nn.Embedding(6, d)  # round(rating) in 1..5, 0 = unknown
+        self.pos_emb = nn.Embedding(cfg.max_len + 1, d)
+        self.bos = nn.Parameter(torch.zeros(d))
+        self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.ffn_mult, cfg.dropout) for _ in range(cfg.layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.mtl = build_mtl(cfg.mtl, self.tasks, d, cfg.tower_hidden, cfg.dropout, cfg.n_experts)
+        self.next_proj = nn.Linear(d, d)
+        self.item_bias = nn.Parameter(torch.zeros(n_items))
+        if "rating" in self.tasks:
+            self.rating_tower = PairTower(d, cfg.tower_hidden)
+            self.register_buffer("rating_mean", torch.tensor(float(rating_mean)))
+        if "like" in self.tasks:
+            self.like_tower = PairTower(d, cfg.tower_hidden)
+        self._frozen_table: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ item table
+    def item_table(self) -> torch.Tensor:
+        """[N, d] item vectors: ID embedding + projection of the frozen teacher text vector."""
+        if self._frozen_table is not None:
+            return self._frozen_table
+        table = self.id_emb.weight
+        if self.text_proj is not None:
+            table = table + self.text_proj(self.text_vectors)
+        return table
+
+    def freeze_item_table(self) -> None:
+        """Precompute the item table for inference/export (it does not depend on the request)."""
+        with torch.no_grad():
+            self._frozen_table = None
+            self._frozen_table = self.item_table().detach().clone()
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._frozen_table = None
+        return super().train(mode)
+
+    # ------------------------------------------------------------------ encoder
+    def encode(self, items: torch.Tensor, ratings: torch.Tensor, length: torch.Tensor, table: torch.Tensor):
+        """States [B, L+1, d]; index L-length is BOS, the last index is the state after the whole history."""
+        b, L = items.shape
+        idx = torch.arange(L + 1, device=items.device).unsqueeze(0)  # [1, L+1]
+        start = (L - length).unsqueeze(1)  # BOS slot, [B, 1]
+        valid = idx >= start
+        is_bos = idx == start
+        item_x = table[items] + self.rating_emb(torch.clamp(torch.round(ratings), 0, 5).long())
+        item_x = torch.cat([torch.zeros_like(item_x[:, :1]), item_x], dim=1)  # slot 0 never holds an item
+        x = torch.where(is_bos.unsqueeze(-1), self.bos.expand_as(item_x), item_x)
+        pos = torch.clamp(idx - start, min=0)
+        x = x + self.pos_emb(pos)
+        causal = idx.transpose(0, 1) >= idx  # [L+1, L+1] query >= key
+        allowed = (causal.unsqueeze(0) & valid.unsqueeze(1)) | torch.eye(L + 1, dtype=torch.bool, device=x.device)
+        for blk in self.blocks:
+            x = blk(x, allowed)
+        return self.ln_f(x)
+
+    def heads(self, z: torch.Tensor, table: torch.Tensor, cand: torch.Tensor) -> dict[str, torch.Tensor]:
+        """z [..., d] states; cand [..., C] item ids. Returns outputs keyed by task (+ user_vector)."""
+        per_task = self.mtl(z)
+        user = self.next_proj(per_task["next_item"])
+        out = {"next_item": user @ table.T + self.item_bias, "user_vector": user}
+        cand_vec = table[cand]
+        if "rating" in self.tasks:
+            out["rating"] = self.rating_tower(per_task["rating"], cand_vec) + self.rating_mean
+        if "like" in self.tasks:
+            out["like"] = self.like_tower(per_task["like"], cand_vec)
+        return out
+
+    def forward(self, history_items, history_ratings, history_length, candidates):
+        """Serving: one user state per row; next_item scores over the catalog, rating/like per candidate."""
+        table = self.item_table()
+        states = self.encode(history_items, history_ratings, history_length, table)
+        return self.heads(states[:, -1], table, candidates)
+
+    def forward_positions(self, items, ratings, length):
+        """Training: the state before each slot j predicts item j; rating/like are for item j itself.
+
+        Returns per-position outputs [B, L, ...]; positions j < L - length are padding.
+        """
+        table = self.item_table()
+        states = self.encode(items, ratings, length, table)[:, :-1]
+        return self.heads(states, table, items.unsqueeze(-1))
+
+    # ------------------------------------------------------------------ persistence
+    def config_dict(self) -> dict:
+        return dict(student=asdict(self.cfg), n_items=self.n_items, tasks=self.tasks,
+                    text_dim=None if self.text_vectors is None else int(self.text_vectors.shape[1]))
+
+    def save(self, folder: Path, extra: Optional[dict] = None) -> None:
+        from safetensors.torch import save_file
+        from .io import atomic_write_text, atomic_path
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        with atomic_path(folder / "model.safetensors") as tmp:
+            save_file(state, str(tmp))
+        atomic_write_text(folder / "config.json", json.dumps({**self.config_dict(), **(extra or {})}, indent=2))
+
+    @classmethod
+    def load(cls, folder: Path) -> "Student":
+        from safetensors.torch import load_file
+        folder = Path(folder)
+        for f in ("config.json", "model.safetensors"):
+            if not (folder / f).exists():
+                raise FileNotFoundError(f"{folder / f} is missing; run the student stage first (`distillrec student <run>`)")
+        meta = json.loads((folder / "config.json").read_text())
+        state = load_file(str(folder / "model.safetensors"))
+        text = state.get("text_vectors")
+        model = cls(StudentConfig(**meta["student"]), meta["n_items"], meta["tasks"], text_vectors=text)
+        model.load_state_dict(state)
+        return model.eval()

@@ -1,0 +1,318 @@
+"""Export the student to ONNX (dynamic batch / history / candidates), verify the graph, check parity.
+
+Artifacts written to `runs/<name>/onnx/` (DESIGN.md, "Artifacts"):
+  student.onnx   the exported graph; the item table is a constant (freeze_item_table)
+  parity.json    max |onnx - torch| per output at several (batch, history, candidates) points
+  runtime.json   everything `export/runtime.py` needs besides the graph (raw item ids, popularity, ...)
+
+student.onnx and runtime.json are only (re)placed once the graph check and the parity check pass;
+parity.json is written either way so a failure can be inspected.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from distill.config import ExportConfig
+from distill.io import atomic_path, write_json
+from distill.student import Student
+
+SCHEMA_VERSION = 1
+INPUT_NAMES = ("history_items", "history_ratings", "history_length", "candidates")
+INPUT_DTYPES = {"history_items": "int64", "history_ratings": "float32", "history_length": "int64",
+                "candidates": "int64"}
+INPUT_AXES = {"history_items": ("batch", "history"), "history_ratings": ("batch", "history"),
+              "history_length": ("batch",), "candidates": ("batch", "candidates")}
+# task -> ONNX output name, in output order
+TASK_OUTPUTS = {"next_item": "next_item_scores", "rating": "rating", "like": "like_logit"}
+RATING_RANGE = [1, 5]
+EXPORT_HINT = "run `distillrec export <run>`"
+
+
+class ExportError(ValueError):
+    """The exported graph is malformed or disagrees with the PyTorch student."""
+
+
+class ServingStudent(nn.Module):
+    """Serving signature of the student: 4 named inputs -> tuple of the outputs its tasks provide."""
+
+    def __init__(self, student: Student):
+        super().__init__()
+        self.student = student
+        self.tasks = [t for t in TASK_OUTPUTS if t in student.tasks]
+        if "next_item" not in self.tasks:
+            raise ExportError(f"the student has no next_item head (tasks={student.tasks}); nothing to serve")
+        self.output_names = [TASK_OUTPUTS[t] for t in self.tasks]
+
+    def forward(self, history_items, history_ratings, history_length, candidates):
+        out = self.student(history_items, history_ratings, history_length, candidates)
+        return tuple(out[t] for t in self.tasks)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _effective_max_history(student: Student, meta: dict) -> int:
+    """The model's position table holds max_len + 1 slots: never feed it more than max_len items."""
+    requested = int(meta.get("max_history", student.cfg.max_len))
+    return max(1, min(requested, int(student.cfg.max_len)))
+
+
+def _random_inputs(rng: np.random.Generator, n_items: int, batch: int, hist: int, n_cand: int,
+                   lengths: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+    """Left-padded random requests; padding slots hold random ids/ratings (the model must ignore them)."""
+    if lengths is None:
+        lengths = rng.integers(0, hist + 1, size=batch)
+        lengths[0] = 0  # an empty history (all padding)
+        if batch > 1:
+            lengths[-1] = hist  # a full one
+    ratings = rng.integers(0, 6, size=(batch, hist)).astype(np.float32)
+    ratings[rng.random((batch, hist)) < 0.2] += 0.4  # non-integer ratings are rounded by the model
+    return {
+        "history_items": rng.integers(0, n_items, size=(batch, hist)).astype(np.int64),
+        "history_ratings": ratings,
+        "history_length": np.asarray(lengths, dtype=np.int64),
+        "candidates": rng.integers(0, n_items, size=(batch, n_cand)).astype(np.int64),
+    }
+
+
+def parity_points(max_history: int) -> list[tuple[int, int, int]]:
+    """(batch, history length, candidates): the brief's grid, history clipped to what the model accepts."""
+    out = []
+    for b, h in [(1, 1), (2, 7), (3, max_history), (5, 50)]:
+        h = max(1, min(h, max_history))
+        for c in (1, 100):
+            if (b, h, c) not in out:
+                out.append((b, h, c))
+    return out
+
+
+def _dynamic_shapes() -> dict:
+    from torch.export import Dim
+    batch = Dim("batch", min=1)
+    hist = Dim("history", min=1)
+    cand = Dim("candidates", min=1)
+    return {"history_items": {0: batch, 1: hist}, "history_ratings": {0: batch, 1: hist},
+            "history_length": {0: batch}, "candidates": {0: batch, 1: cand}}
+
+
+def _elem_type_name(elem_type: int) -> str:
+    import onnx
+    return onnx.helper.tensor_dtype_to_np_dtype(elem_type).name
+
+
+def verify_graph(model, output_names: list[str], n_items: int) -> None:
+    """Names, dtypes and symbolic dims of the graph's inputs/outputs; raises ExportError."""
+    import onnx
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:  # onnx raises ValidationError / InferenceError
+        raise ExportError(f"onnx.checker rejected the exported graph: {e}") from e
+    ins = {v.name: v for v in model.graph.input}
+    outs = {v.name: v for v in model.graph.output}
+    if list(ins) != list(INPUT_NAMES):
+        raise ExportError(f"graph inputs are {list(ins)}, expected {list(INPUT_NAMES)}")
+    if list(outs) != list(output_names):
+        raise ExportError(f"graph outputs are {list(outs)}, expected {output_names}")
+
+    def dims(v):
+        return [d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else None)
+                for d in v.type.tensor_type.shape.dim]
+
+    for name, v in ins.items():
+        dtype = _elem_type_name(v.type.tensor_type.elem_type)
+        if dtype != INPUT_DTYPES[name]:
+            raise ExportError(f"input {name} has dtype {dtype}, expected {INPUT_DTYPES[name]}")
+        d = dims(v)
+        if len(d) != len(INPUT_AXES[name]) or not all(isinstance(x, str) and x for x in d):
+            raise ExportError(f"input {name} has dims {d}; every axis {INPUT_AXES[name]} must be symbolic "
+                              f"(an example input of size 1 freezes an axis)")
+    if dims(ins["history_items"]) != dims(ins["history_ratings"]):
+        raise ExportError(f"history_items {dims(ins['history_items'])} and history_ratings "
+                          f"{dims(ins['history_ratings'])} must share their symbolic dims")
+    batch_sym = dims(ins["history_items"])[0]
+    cand_sym = dims(ins["candidates"])[1]
+    for name, v in outs.items():
+        dtype = _elem_type_name(v.type.tensor_type.elem_type)
+        if dtype != "float32":
+            raise ExportError(f"output {name} has dtype {dtype}, expected float32")
+        d = dims(v)
+        expected = [batch_sym, n_items] if name == "next_item_scores" else [batch_sym, cand_sym]
+        if d != expected:
+            raise ExportError(f"output {name} has dims {d}, expected {expected}")
+
+
+def check_parity(wrapper: ServingStudent, onnx_path: Path, max_history: int, tol: float, seed: int = 0,
+                 providers: Optional[list] = None, label: Optional[str] = None) -> dict:
+    """Run torch and onnxruntime on fresh random requests; returns the parity record, raises ExportError.
+
+    The record is returned inside the exception too (`err.parity`) so a failure can still be written.
+    """
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(onnx_path), providers=providers or ["CPUExecutionProvider"])
+    rng = np.random.default_rng([seed, 7919])  # not the export example's stream
+    n_items = wrapper.student.n_items
+    names = wrapper.output_names
+    points, worst, scale = [], {n: 0.0 for n in names}, {n: 0.0 for n in names}
+    problems = []
+    for b, h, c in parity_points(max_history):
+        lengths = None
+        if b == 1:  # batch 1: one point with an empty history, the other with a full one
+            lengths = np.array([0 if c == 1 else h])
+        feed = _random_inputs(rng, n_items, b, h, c, lengths)
+        with torch.no_grad():
+            ref = [t.numpy() for t in wrapper(*(torch.from_numpy(feed[k]) for k in INPUT_NAMES))]
+        got = sess.run(names, feed)
+        diffs = {}
+        for name, r, g in zip(names, ref, got):
+            if r.shape != g.shape:
+                problems.append(f"{name}: shape {g.shape} from onnxruntime vs {r.shape} from torch "
+                                f"at batch={b} history={h} candidates={c}")
+                diffs[name] = float("inf")
+                continue
+            for src, arr in (("onnxruntime", g), ("torch", r)):
+                if not np.all(np.isfinite(arr)):
+                    problems.append(f"{name}: non-finite values from {src} at batch={b} history={h} "
+                                    f"candidates={c} lengths={feed['history_length'].tolist()}")
+            d = float(np.max(np.abs(r.astype(np.float64) - g.astype(np.float64)))) if r.size else 0.0
+            diffs[name] = d if np.isfinite(d) else float("inf")
+            worst[name] = max(worst[name], diffs[name])
+            if r.size:
+                scale[name] = max(scale[name], float(np.max(np.abs(r))))
+        points.append({"batch": b, "history": h, "candidates": c,
+                       "history_length": feed["history_length"].tolist(), "max_abs_diff": diffs})
+    for name, d in worst.items():
+        if not d <= tol:
+            problems.append(f"output {name}: max |onnx - torch| = {d:.3g} exceeds parity_tol={tol:g} "
+                            f"(largest |torch output| = {scale[name]:.3g})")
+    record = {"tolerance": tol, "points": points, "max_abs_diff": worst, "max_abs_value": scale,
+              "passed": not problems,
+              "problems": problems, "onnxruntime_version": ort.__version__, "torch_version": torch.__version__,
+              "providers": sess.get_providers(), "seed": seed}
+    if problems:
+        err = ExportError(f"ONNX parity check failed for {label or onnx_path}: " + "; ".join(problems))
+        err.parity = record
+        raise err
+    return record
+
+
+def _export_graph(wrapper: ServingStudent, example: tuple, opset: int, path: Path) -> None:
+    reg_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = reg_log.level
+    reg_log.setLevel(logging.ERROR)  # "torchvision is not installed" x4
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")  # axis-renaming and pytree deprecation chatter
+            prog = torch.onnx.export(wrapper, example, dynamo=True, opset_version=opset,
+                                     dynamic_shapes=_dynamic_shapes(), input_names=list(INPUT_NAMES),
+                                     output_names=wrapper.output_names, external_data=False, optimize=True,
+                                     verbose=False, report=False)
+    except Exception as e:
+        raise ExportError(f"torch.onnx.export (dynamo, opset {opset}) failed on the student: "
+                          f"{type(e).__name__}: {e}") from e
+    finally:
+        reg_log.setLevel(level)
+    if prog is None:
+        raise ExportError("torch.onnx.export returned no program")
+    prog.save(str(path), external_data=False)
+
+
+def _runtime_meta(student: Student, meta: dict, wrapper: ServingStudent, cfg: ExportConfig,
+                  max_history: int, folder: Path) -> dict:
+    item_ids = meta.get("item_ids")
+    if not isinstance(item_ids, list) or len(item_ids) != student.n_items:
+        raise ExportError(f"{folder / 'config.json'} must list item_ids (raw ids, one per internal id: "
+                          f"{student.n_items}); got {type(item_ids).__name__} of length "
+                          f"{len(item_ids) if isinstance(item_ids, list) else 'n/a'}; re-run the student stage")
+    item_ids = [str(x) for x in item_ids]
+    if len(set(item_ids)) != len(item_ids):
+        raise ExportError(f"{folder / 'config.json'}: item_ids contain duplicates")
+    popularity = meta.get("item_popularity")
+    if popularity is None:
+        popularity = [0] * student.n_items
+    if len(popularity) != student.n_items:
+        raise ExportError(f"{folder / 'config.json'}: item_popularity has {len(popularity)} entries, "
+                          f"expected {student.n_items}")
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model_file": "student.onnx",
+        "n_items": student.n_items,
+        "item_ids": item_ids,
+        "item_popularity": [int(x) for x in popularity],
+        "like_threshold": float(meta.get("like_threshold", 4.0)),
+        "max_history": max_history,
+        "top_k": int(cfg.top_k),
+        "tasks": list(wrapper.tasks),
+        "inputs": [{"name": n, "dtype": INPUT_DTYPES[n], "shape": list(INPUT_AXES[n])} for n in INPUT_NAMES],
+        "outputs": list(wrapper.output_names),
+        "rating_range": list(RATING_RANGE),
+        "data_hash": meta.get("data_hash"),
+        "opset": int(cfg.opset),
+        "providers": list(cfg.providers),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- stage
+def export_student(student_dir: Path, onnx_dir: Path, cfg: ExportConfig, seed: int = 0) -> dict:
+    """student/ -> onnx/student.onnx + parity.json + runtime.json. Returns a summary dict."""
+    student_dir, onnx_dir = Path(student_dir), Path(onnx_dir)
+    student = Student.load(student_dir).eval()
+    meta = json.loads((student_dir / "config.json").read_text())
+    student.freeze_item_table()
+    wrapper = ServingStudent(student).eval()
+    max_history = _effective_max_history(student, meta)
+    runtime = _runtime_meta(student, meta, wrapper, cfg, max_history, student_dir)
+
+    # Example: batch >= 2 and distinct batch / L / C sizes (a size-1 example silently freezes an axis).
+    if max_history < 2:
+        raise ExportError(f"max_history={max_history} (student max_len={student.cfg.max_len}): the history axis "
+                          f"cannot be exported as dynamic from a length-1 example; use max_len >= 2")
+    rng = np.random.default_rng(seed)
+    hist = min(max_history, 5)
+    batch = 2 if hist != 2 else 3
+    ex = _random_inputs(rng, student.n_items, batch=batch, hist=hist, n_cand=hist + batch + 1)
+    example = tuple(torch.from_numpy(ex[k]) for k in INPUT_NAMES)
+
+    onnx_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = onnx_dir / "student.onnx"
+    t0 = time.perf_counter()
+    with atomic_path(onnx_path) as tmp:
+        _export_graph(wrapper, example, cfg.opset, tmp)
+        export_s = time.perf_counter() - t0
+        import onnx
+        verify_graph(onnx.load(str(tmp)), wrapper.output_names, student.n_items)
+        try:
+            parity = check_parity(wrapper, tmp, max_history, cfg.parity_tol, seed=seed, label=str(onnx_path))
+        except ExportError as e:
+            rec = getattr(e, "parity", None)
+            if rec is not None:
+                write_json(onnx_dir / "parity.json", {**rec, "opset": cfg.opset})
+            raise
+        parity = {**parity, "opset": cfg.opset}
+        write_json(onnx_dir / "parity.json", parity)
+    write_json(onnx_dir / "runtime.json", runtime)
+    return {
+        "onnx": str(onnx_path),
+        "runtime": str(onnx_dir / "runtime.json"),
+        "parity": str(onnx_dir / "parity.json"),
+        "parity_passed": parity["passed"],
+        "max_abs_diff": parity["max_abs_diff"],
+        "size_bytes": onnx_path.stat().st_size,
+        "outputs": list(wrapper.output_names),
+        "max_history": max_history,
+        "opset": cfg.opset,
+        "export_seconds": round(export_s, 2),
+    }
+
+
+def export_run(run_dir: Path, cfg: ExportConfig, seed: int = 0) -> dict:
+    run_dir = Path(run_dir)
+    return export_student(run_dir / "student", run_dir / "onnx", cfg, seed=seed)

@@ -1,0 +1,196 @@
+"""distill.data: sources, the leave-last-out split of DESIGN.md, and the DataError messages."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from distill.config import DataConfig
+from distill.data import DataError, Split, load_dataset
+
+
+def write_csv(path, text):
+    path.write_text(text.strip() + "\n")
+    return path
+
+
+def csv_cfg(path, **kw):
+    return DataConfig(source="csv", path=str(path), **kw)
+
+
+def raw_items(ds, u):
+    return [ds.item_ids[i] for i in ds.items[u]]
+
+
+# ----------------------------------------------------------------------------- ML-100K
+@pytest.fixture(scope="module")
+def ml100k():
+    try:
+        return load_dataset(DataConfig())
+    except DataError as e:  # the recbole wheel is not installed
+        pytest.skip(str(e))
+
+
+def test_ml100k_stats(ml100k):
+    stats = ml100k.stats()
+    assert (stats["users"], stats["items"], stats["interactions"]) == (943, 1682, 100000)
+    assert ml100k.tasks == ["next_item", "rating", "like"]
+    assert len(Split.leave_last_out(ml100k).eval_users) == 943  # every ML-100K user has >= 20 ratings
+
+
+def test_ml100k_sequences_are_chronological(ml100k):
+    raw = pd.read_csv(ml100k.source_file, sep="\t")
+    raw.columns = [c.split(":")[0] for c in raw.columns]
+    u = 0
+    mine = raw[raw["user_id"].astype(str) == ml100k.user_ids[u]]
+    expected = mine.sort_values("timestamp", kind="stable")["item_id"].astype(str).tolist()
+    assert raw_items(ml100k, u) == expected
+
+
+# ----------------------------------------------------------------------------- the split
+TIES = """
+user_id,item_id,rating,timestamp
+1,10,5,100
+1,11,4,200
+1,12,3,200
+2,20,4,10
+1,13,2,200
+2,21,1,20
+1,14,1,50
+"""
+
+
+def test_leave_last_out_with_timestamp_ties_keeps_file_order(tmp_path):
+    ds = load_dataset(csv_cfg(write_csv(tmp_path / "log.csv", TIES)))
+    u = list(ds.user_ids).index("1")
+    # sorted by time: 14 (50), 10 (100), then the ties at 200 in file order: 11, 12, 13
+    assert raw_items(ds, u) == ["14", "10", "11", "12", "13"]
+    np.testing.assert_array_equal(ds.ratings[u], [1, 5, 4, 3, 2])
+    sp = Split.leave_last_out(ds)
+    item, rating = sp.target(u, "test")
+    assert (ds.item_ids[item], rating) == ("13", 2.0)
+    assert ds.item_ids[sp.target(u, "val")[0]] == "12"
+    assert [ds.item_ids[i] for i in sp.train_items(u)] == ["14", "10", "11"]
+
+
+def test_users_with_fewer_than_3_interactions_have_no_eval_event(tmp_path):
+    ds = load_dataset(csv_cfg(write_csv(tmp_path / "log.csv", TIES)))
+    sp = Split.leave_last_out(ds)
+    u1, u2 = list(ds.user_ids).index("1"), list(ds.user_ids).index("2")
+    assert sp.eval_users.tolist() == [u1]
+    assert sp.n_train[u2] == 2 and len(sp.train_items(u2)) == 2  # everything stays in training
+
+
+def test_history_is_the_last_max_len_and_seen_is_everything(tmp_path):
+    rows = "\n".join(f"7,{100 + k},3,{k}" for k in range(8))
+    ds = load_dataset(csv_cfg(write_csv(tmp_path / "log.csv", "user_id,item_id,rating,timestamp\n" + rows)))
+    sp = Split.leave_last_out(ds)
+    items, ratings = sp.history(0, "test", max_len=3)
+    assert [ds.item_ids[i] for i in items] == ["104", "105", "106"]  # test target is 107
+    assert len(ratings) == 3
+    assert [ds.item_ids[i] for i in sp.history(0, "val", max_len=2)[0]] == ["104", "105"]
+    assert len(sp.history(0, "test")[0]) == 7
+    assert [ds.item_ids[i] for i in sp.seen(0, "test")] == [str(100 + k) for k in range(7)]
+    assert len(sp.seen(0, "val")) == 6
+
+
+def test_train_item_counts_add_val_only_on_request(tmp_path):
+    ds = load_dataset(csv_cfg(write_csv(tmp_path / "log.csv", TIES)))
+    sp = Split.leave_last_out(ds)
+    idx = ds.item_index()
+    counts, with_val = sp.train_item_counts(), sp.train_item_counts(include_val=True)
+    assert counts[idx["12"]] == 0 and with_val[idx["12"]] == 1  # user 1's val item
+    assert counts[idx["13"]] == 0 and with_val[idx["13"]] == 0  # test item never counted
+    assert counts[idx["20"]] == 1  # user 2 (no eval event) is all training
+
+
+# ----------------------------------------------------------------------------- sources
+def test_grouplens_layout(tmp_path):
+    (tmp_path / "u.data").write_text("1\t1\t5\t300\n1\t2\t3\t100\n2\t1\t4\t50\n1\t3\t4\t200\n")
+    (tmp_path / "u.item").write_bytes("1|Toy Story (1995)|01-Jan-1995\n2|Café (1990)|x\n3|Heat (1995)|x\n"
+                                      .encode("latin-1"))
+    ds = load_dataset(DataConfig(source="grouplens", path=str(tmp_path)))
+    assert (ds.n_users, ds.n_items) == (2, 3)
+    assert ds.item_text == ["Toy Story (1995)", "Café (1990)", "Heat (1995)"]
+    assert raw_items(ds, 0) == ["2", "3", "1"]
+
+
+def test_grouplens_without_path_or_file(tmp_path):
+    with pytest.raises(DataError, match="data.path"):
+        load_dataset(DataConfig(source="grouplens"))
+    with pytest.raises(DataError, match="u.data"):
+        load_dataset(DataConfig(source="grouplens", path=str(tmp_path)))
+
+
+CUSTOM = dict(user_col="uid", item_col="iid", rating_col="stars", time_col="ts")
+CUSTOM_FRAME = pd.DataFrame({"uid": ["x", "x", "x", "y"], "iid": ["b", "a", "c", "a"],
+                             "stars": [1.0, 5.0, 4.0, 2.0], "ts": [3, 1, 2, 1]})
+
+
+def check_custom(ds):
+    assert (ds.n_users, ds.n_items) == (2, 3)
+    assert raw_items(ds, 0) == ["a", "c", "b"]
+    np.testing.assert_array_equal(ds.ratings[0], [5, 4, 1])
+    assert ds.tasks == ["next_item", "rating", "like"]
+
+
+def test_generic_csv_with_custom_columns_and_item_text(tmp_path):
+    CUSTOM_FRAME.to_csv(tmp_path / "log.csv", index=False)
+    pd.DataFrame({"id": ["a", "b"], "name": ["Alpha", "Beta"]}).to_csv(tmp_path / "items.csv", index=False)
+    ds = load_dataset(csv_cfg(tmp_path / "log.csv", items_path=str(tmp_path / "items.csv"), item_id_col="id",
+                              item_text_cols=["name"], **CUSTOM))
+    check_custom(ds)
+    assert ds.item_text == ["Alpha", "Beta", "item c"]
+
+
+def test_generic_parquet_with_custom_columns(tmp_path):
+    CUSTOM_FRAME.to_parquet(tmp_path / "log.parquet")
+    check_custom(load_dataset(DataConfig(source="parquet", path=str(tmp_path / "log.parquet"), **CUSTOM)))
+
+
+def test_without_rating_column_only_next_item(tmp_path):
+    CUSTOM_FRAME.drop(columns="stars").to_csv(tmp_path / "log.csv", index=False)
+    ds = load_dataset(csv_cfg(tmp_path / "log.csv", **{**CUSTOM, "rating_col": None}))
+    assert ds.tasks == ["next_item"] and ds.ratings is None and not ds.has_ratings
+    sp = Split.leave_last_out(ds)
+    items, ratings = sp.targets(sp.eval_users, "test")
+    assert ratings is None and ds.item_ids[items[0]] == "b"
+
+
+def test_without_time_column_file_order_is_time(tmp_path):
+    CUSTOM_FRAME.to_csv(tmp_path / "log.csv", index=False)
+    ds = load_dataset(csv_cfg(tmp_path / "log.csv", **{**CUSTOM, "time_col": None}))
+    assert raw_items(ds, 0) == ["b", "a", "c"]
+
+
+# ----------------------------------------------------------------------------- errors
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="nope.csv"):
+        load_dataset(csv_cfg(tmp_path / "nope.csv"))
+
+
+def test_missing_column(tmp_path):
+    CUSTOM_FRAME.to_csv(tmp_path / "log.csv", index=False)
+    with pytest.raises(DataError, match="stars"):
+        load_dataset(csv_cfg(tmp_path / "log.csv", **{**CUSTOM, "rating_col": "stars", "user_col": "user"}))
+    with pytest.raises(DataError, match="'user'"):
+        load_dataset(csv_cfg(tmp_path / "log.csv", **{**CUSTOM, "user_col": "user"}))
+
+
+@pytest.mark.parametrize("content", ["", "user_id,item_id,rating,timestamp\n"])
+def test_empty_file(tmp_path, content):
+    (tmp_path / "log.csv").write_text(content)
+    with pytest.raises(DataError, match="log.csv"):
+        load_dataset(csv_cfg(tmp_path / "log.csv"))
+
+
+def test_non_numeric_rating(tmp_path):
+    write_csv(tmp_path / "log.csv", "uid,iid,stars,ts\nx,a,5,1\nx,b,great,2\n")
+    with pytest.raises(DataError, match="'stars'.*great"):
+        load_dataset(csv_cfg(tmp_path / "log.csv", **CUSTOM))
+
+
+def test_bad_time_and_source(tmp_path):
+    write_csv(tmp_path / "log.csv", "uid,iid,stars,ts\nx,a,5,yesterday-ish\n")
+    with pytest.raises(DataError, match="'ts'"):
+        load_dataset(csv_cfg(tmp_path / "log.csv", **CUSTOM))
+    with pytest.raises(DataError, match="unknown data.source"):
+        load_dataset(DataConfig(source="json"))
