@@ -66,7 +66,8 @@ def stage_data(cfg) -> dict:
 def stage_teacher(cfg) -> dict:
     from .teacher_stage import train_teacher
     rep = train_teacher(cfg)
-    _print_metrics("teacher", rep["metrics"])
+    if "metrics" in rep:  # under torchrun only rank 0 evaluates and reports
+        _print_metrics("teacher", rep["metrics"])
     return rep
 
 

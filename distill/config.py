@@ -81,7 +81,20 @@ class TeacherConfig:
     """Token budget of one inference batch (item vectors, cache, evaluation)."""
     loss_weights: dict = field(default_factory=lambda: {"next_item": 1.0, "rating": 0.5, "like": 0.5})
     weighting: str = "fixed"
-    """Loss weighting strategy: fixed | uncertainty | dwa (distill/weighting.py)."""
+    """Loss weighting strategy: fixed | uncertainty | gradnorm | dwa (distill/weighting.py)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (effective batch = batch_size * grad_accum * world size)."""
+    warmup_frac: float = 0.1
+    """Linear warm-up over this fraction of max_steps, then cosine decay to 0 at max_steps."""
+    val_every: int = 0
+    """Validate every N optimizer steps on the protocol's validation split and keep the best checkpoint
+    (0 = only at the end). Each validation costs val_users x val_history x ~13 tokens of LLM forward."""
+    val_users: Optional[int] = 64
+    val_history: int = 20
+    checkpoint_every: int = 25
+    """Write teacher/checkpoint/last.pt (atomically) every N steps; a killed run resumes from it."""
+    amp: str = "auto"
+    """'auto' = bf16 autocast on CUDA, none on CPU; 'bf16' | 'fp16' | 'none'."""
 
 
 @dataclass

@@ -180,7 +180,7 @@ class TeacherHeads(nn.Module):
     rating / like: MLPs on the target-aware state. Outputs are dicts keyed by task."""
 
     def __init__(self, hidden: int, head_dim: int, item_vectors: torch.Tensor, tasks: list[str],
-                 item_log_pop: Optional[torch.Tensor] = None, rating_mean: float = 3.5):
+                 item_log_pop: Optional[torch.Tensor] = None, rating_mean: float = 3.5, like_logit: float = 0.0):
         super().__init__()
         self.tasks = list(tasks)
         n_items = item_vectors.shape[0]
@@ -189,14 +189,23 @@ class TeacherHeads(nn.Module):
         self.user_proj = nn.Linear(hidden, head_dim)
         self.item_proj = nn.Linear(item_vectors.shape[1], head_dim)
         self.item_emb = nn.Embedding(n_items, head_dim)
-        nn.init.zeros_(self.item_emb.weight)  # starts from the text vectors; learns the collaborative part
+        # Start exactly at the log-popularity prior: the interaction term user . item is zero at init
+        # (item side zero, user side random so gradients reach the item side). A random dot product of
+        # 128 dims would otherwise swamp the prior with noise of std ~4 and a short CPU budget never recovers.
+        nn.init.zeros_(self.item_emb.weight)
+        nn.init.zeros_(self.item_proj.weight)
+        nn.init.zeros_(self.item_proj.bias)
         bias = torch.zeros(n_items) if item_log_pop is None else item_log_pop - item_log_pop.mean()
         self.item_bias = nn.Parameter(bias.float())  # log-popularity prior: a good start for a short CPU budget
-        if "rating" in self.tasks:
+        if "rating" in self.tasks:  # zero last layer: starts at the global mean rating
             self.rating = nn.Sequential(nn.Linear(hidden, head_dim), nn.GELU(), nn.Linear(head_dim, 1))
+            nn.init.zeros_(self.rating[-1].weight)
+            nn.init.zeros_(self.rating[-1].bias)
             self.register_buffer("rating_mean", torch.tensor(float(rating_mean)))
-        if "like" in self.tasks:
+        if "like" in self.tasks:  # starts at the global like rate
             self.like = nn.Sequential(nn.Linear(hidden, head_dim), nn.GELU(), nn.Linear(head_dim, 1))
+            nn.init.zeros_(self.like[-1].weight)
+            nn.init.constant_(self.like[-1].bias, float(like_logit))
 
     def item_table(self) -> torch.Tensor:
         return self.item_proj(self.item_vectors) + self.item_emb.weight

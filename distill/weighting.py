@@ -5,7 +5,8 @@
     strategy.end_epoch(epoch_mean_losses)    # strategies that adapt per epoch (DWA) use it
 
 `weights` is a plain dict of floats for logging. A strategy with learnable parameters (uncertainty)
-exposes them through `parameters()`; add them to the optimizer.
+exposes them through `parameters()`; add them to the optimizer. GradNorm updates its own weights
+(it needs the shared layer whose gradient norms it balances: pass `shared=[params]`).
 """
 from __future__ import annotations
 
@@ -81,10 +82,61 @@ class DynamicWeightAverage(nn.Module):
         self.w = {t: self.base[t] * k * math.exp(r / self.T) / z for t, r in ratios.items()}
 
 
-WEIGHTINGS = {"fixed": FixedWeighting, "uncertainty": UncertaintyWeighting, "dwa": DynamicWeightAverage}
+class GradNorm(nn.Module):
+    """Chen et al. (2018) GradNorm: learn w_t so that the gradient norms G_t = ||d(w_t L_t)/dW|| on the
+    shared layer W follow G_mean * r_t^alpha, r_t = (L_t / L_t(0)) / mean_s(L_s / L_s(0)).
+
+    The weights get their own SGD step from the L1 gap (their gradient comes only from that gap, never
+    from the task losses), then are renormalised to sum to the number of tasks. The returned total
+    uses the weights as constants.
+    """
+
+    def __init__(self, tasks: list[str], weights: dict | None = None, shared: list | None = None,
+                 alpha: float = 1.5, lr: float = 0.025):
+        super().__init__()
+        if not shared:
+            raise ValueError("GradNorm needs the shared layer's parameters: build_weighting('gradnorm', ..., shared=[...])")
+        self.tasks, self.alpha, self.lr = list(tasks), alpha, lr
+        self.shared = [p for p in shared if p.requires_grad]
+        self.base = {t: float((weights or {}).get(t, 1.0)) for t in tasks}
+        self.register_buffer("w", torch.ones(len(tasks)))
+        self.register_buffer("initial", torch.zeros(len(tasks)))
+
+    def forward(self, losses):
+        names = [t for t in self.tasks if t in losses]
+        idx = [self.tasks.index(t) for t in names]
+        L = torch.stack([self.base[t] * losses[t] for t in names])
+        if self.training and torch.is_grad_enabled():
+            if float(self.initial[idx].min()) == 0.0:
+                self.initial[idx] = L.detach().clamp_min(1e-8)
+            w = self.w[idx].clone().requires_grad_(True)
+            norms = []
+            for k in range(len(names)):
+                g = torch.autograd.grad(L[k], self.shared, retain_graph=True, allow_unused=True)
+                norms.append(torch.sqrt(sum((gi ** 2).sum() for gi in g if gi is not None) + 1e-12))
+            G = w * torch.stack(norms).detach()  # ||d(w L)/dW|| = w * ||dL/dW||
+            ratio = L.detach() / self.initial[idx]
+            target = (G.mean() * (ratio / ratio.mean()) ** self.alpha).detach()
+            gap = (G - target).abs().sum()
+            (grad_w,) = torch.autograd.grad(gap, w)
+            with torch.no_grad():
+                new = (self.w[idx] - self.lr * grad_w).clamp_min(1e-3)
+                self.w[idx] = new * len(idx) / new.sum()
+        total = (self.w[idx].detach() * L).sum()
+        return total, {t: float(self.w[i]) * self.base[t] for t, i in zip(names, idx)}
+
+    def end_epoch(self, mean_losses):
+        pass
 
 
-def build_weighting(name: str, tasks: list[str], weights: dict | None = None) -> nn.Module:
+WEIGHTINGS = {"fixed": FixedWeighting, "uncertainty": UncertaintyWeighting, "dwa": DynamicWeightAverage,
+              "gradnorm": GradNorm}
+
+
+def build_weighting(name: str, tasks: list[str], weights: dict | None = None, shared: list | None = None) -> nn.Module:
+    """`shared`: parameters of the last shared layer (used by GradNorm, ignored by the others)."""
     if name not in WEIGHTINGS:
         raise ValueError(f"unknown loss weighting '{name}'; choose one of {sorted(WEIGHTINGS)}")
+    if name == "gradnorm":
+        return GradNorm(tasks, weights, shared=shared)
     return WEIGHTINGS[name](tasks, weights)

@@ -1,0 +1,365 @@
+"""The systems under test, one interface: `forward(request) -> {"next_item": [B, N], "rating": [B, C], "like": [B, C]}`.
+
+request = (history_items int64 [B, L], history_ratings float32 [B, L], history_length int64 [B],
+candidates int64 [B, C]), internal item ids, left padded (serve_bench.workload).
+
+  TeacherTorchSystem   the LLM teacher in PyTorch, LoRA merged into the base weights, inference mode
+  TeacherOnnxSystem    onnx/teacher.onnx (inputs input_ids, attention_mask, before_pos, item_pos) on onnxruntime
+  StudentTorchSystem   the student in PyTorch (item table frozen, inference mode)
+  StudentOnnxSystem    an exported student file through the serving runtime (export.runtime.Recommender)
+
+How the teacher answers a request: it reads the history as text and then ONE candidate's text
+(DESIGN.md: the state before the candidate's text gives the full-catalog next_item scores, the state at
+the end of it gives that candidate's rating / like). Scoring C candidates therefore takes C sequences
+(history + candidate c), run as C rows of one batch: the cost grows linearly in C (no KV-cache sharing).
+The benchmark measures the teacher on `teacher_candidates` candidates per request and says so.
+
+This module imports neither torch nor distill at module level: the RSS probe of an onnxruntime system
+runs in a process that never loads torch.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+SHORT_PROVIDER = {"CPUExecutionProvider": "CPU", "CUDAExecutionProvider": "CUDA",
+                  "TensorrtExecutionProvider": "TensorRT"}
+STUDENT_VARIANTS = {  # variant -> (model file, label)
+    "fp32": ("student.onnx", "student (ONNX)"),
+    "opt": ("student.opt.onnx", "student (ONNX, optimized)"),
+    "int8": ("student.int8.onnx", "student (ONNX, INT8)"),
+    "fp16": ("student.fp16.onnx", "student (ONNX, FP16)"),
+}
+TEACHER_ONNX_FILE = "teacher.onnx"
+
+
+def short_provider(p: str) -> str:
+    return SHORT_PROVIDER.get(p, p.replace("ExecutionProvider", ""))
+
+
+def file_size(path: Path) -> int:
+    """Bytes of a model file plus its external-data files (`<name>.data`, `<name>_data`, ...)."""
+    path = Path(path)
+    total = path.stat().st_size
+    for extra in path.parent.glob(path.name + "*"):
+        if extra != path and extra.is_file() and not extra.name.endswith(".tmp"):
+            total += extra.stat().st_size
+    return total
+
+
+def onnx_param_count(path: Path) -> int:
+    """Elements of every initializer (weights of any precision; an INT8 weight counts once)."""
+    import onnx
+    model = onnx.load(str(path), load_external_data=False)
+    total = 0
+    for init in model.graph.initializer:
+        total += int(np.prod(init.dims)) if len(init.dims) else 1
+    return total
+
+
+def _ort_session(path: Path, providers: Optional[list], intra_op_threads: Optional[int]):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    if intra_op_threads is not None:
+        opts.intra_op_num_threads = intra_op_threads
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
+
+
+class System:
+    name = "system"
+    kind = "student"  # teacher | student
+    runtime = "pytorch"  # pytorch | onnxruntime
+    variant = "fp32"
+    provider = "CPUExecutionProvider"
+    requested_provider = "CPUExecutionProvider"
+    device = "cpu"
+    params = 0
+    size_bytes = 0
+    model_path: Optional[str] = None
+
+    def forward(self, req: tuple) -> dict:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def threads(self, n: Optional[int]):
+        """Within the block the system computes with `n` intra-op threads (None = its default: all cores)."""
+        yield
+
+    @property
+    def fallback(self) -> bool:
+        return self.provider != self.requested_provider
+
+    def meta(self) -> dict:
+        return dict(kind=self.kind, runtime=self.runtime, variant=self.variant, provider=self.provider,
+                    requested_provider=self.requested_provider, fallback=self.fallback, device=self.device,
+                    params=int(self.params), bytes=int(self.size_bytes), model_path=self.model_path)
+
+    def close(self) -> None:
+        pass
+
+
+class _TorchThreads:
+    @contextlib.contextmanager
+    def threads(self, n: Optional[int]):
+        import torch
+        before = torch.get_num_threads()
+        if n is not None:
+            torch.set_num_threads(int(n))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------------ students
+class StudentTorchSystem(_TorchThreads, System):
+    name = "student (PyTorch)"
+    runtime = "pytorch"
+
+    def __init__(self, run: Path, device: str = "cpu"):
+        import torch
+
+        from distill.student import Student
+        self.torch = torch
+        self.model = Student.load(Path(run) / "student").to(device).eval()
+        self.model.freeze_item_table()
+        self.device = device
+        self.provider = self.requested_provider = f"torch-{device}"
+        self.params = sum(p.numel() for p in self.model.parameters())
+        self.model_path = str(Path(run) / "student" / "model.safetensors")
+        self.size_bytes = Path(self.model_path).stat().st_size
+
+    def forward(self, req: tuple) -> dict:
+        torch = self.torch
+        with torch.inference_mode():
+            out = self.model(*(torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in req))
+            return {k: out[k].float().cpu().numpy() for k in ("next_item", "rating", "like") if k in out}
+
+
+class StudentOnnxSystem(System):
+    """One exported student file on one provider, through export.runtime.Recommender (the serving path)."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, onnx_dir: Path, variant: str = "fp32", providers: Optional[list] = None,
+                 label: Optional[str] = None, model_file: Optional[str] = None,
+                 intra_op_threads: Optional[int] = None):
+        from export.runtime import Recommender
+        self.onnx_dir = Path(onnx_dir)
+        self.variant = variant
+        default_file, default_label = STUDENT_VARIANTS.get(variant, (f"student.{variant}.onnx", f"student ({variant})"))
+        self.model_file = model_file or default_file
+        self.providers_arg = list(providers or ["CPUExecutionProvider"])
+        first = self.providers_arg[0]
+        self.requested_provider = first[0] if isinstance(first, (tuple, list)) else str(first)
+        self._Recommender = Recommender
+        self.rt = Recommender(self.onnx_dir, providers=self.providers_arg, model_file=self.model_file,
+                              intra_op_threads=intra_op_threads)
+        self._by_threads = {intra_op_threads: self.rt}
+        self.provider = self.rt.providers[0]
+        self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        self.name = f"{label or default_label} [{short_provider(self.provider)}]"
+        self.model_path = str(self.rt.model_path)
+        self.size_bytes = file_size(self.rt.model_path)
+        self.params = 0  # filled by the caller (onnx_param_count) where onnx is importable
+
+    def forward(self, req: tuple) -> dict:
+        out = self.rt.predict_arrays(*req)
+        res = {"next_item": out["next_item_scores"]}
+        if "rating" in out:
+            res["rating"] = out["rating"]
+        if "like_logit" in out:
+            res["like"] = out["like_logit"]
+        return res
+
+    def session_with_threads(self, n: Optional[int]):
+        if n not in self._by_threads:
+            self._by_threads[n] = self._Recommender(self.onnx_dir, providers=self.providers_arg,
+                                                    model_file=self.model_file, intra_op_threads=n)
+        return self._by_threads[n]
+
+    @contextlib.contextmanager
+    def threads(self, n: Optional[int]):
+        before = self.rt
+        self.rt = self.session_with_threads(n)
+        try:
+            yield
+        finally:
+            self.rt = before
+
+    def close(self) -> None:
+        self._by_threads.clear()
+        self.rt = None
+
+
+# ------------------------------------------------------------------------------------------------ teacher
+def teacher_feed(builder, req: tuple, n_candidates: int) -> dict:
+    """Token ids of B x C sequences (history + candidate c, right padded), with the two read positions.
+
+    Row r = b * C + c. before_pos = the last token before the candidate's text (next_item state),
+    item_pos = the last token of the candidate's text (rating / like state)."""
+    items, ratings, length, cand = req
+    L = items.shape[1]
+    C = max(1, min(n_candidates, cand.shape[1]))
+    seqs, before, item_end = [], [], []
+    for b in range(items.shape[0]):
+        n = int(length[b])
+        hist_i, hist_r = items[b, L - n:], ratings[b, L - n:]
+        for c in range(C):
+            enc = builder.encode(np.append(hist_i, cand[b, c]), np.append(hist_r, 0.0), open_last=True)
+            seqs.append(enc.ids)
+            before.append(enc.before[-1])
+            item_end.append(enc.item_end[-1])
+    T = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), T), builder.pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), T), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = s
+        mask[i, :len(s)] = 1
+    return dict(input_ids=ids, attention_mask=mask, before_pos=np.asarray(before, dtype=np.int64),
+                item_pos=np.asarray(item_end, dtype=np.int64), n_candidates=C)
+
+
+def _teacher_outputs(next_rows: np.ndarray, rating: Optional[np.ndarray], like: Optional[np.ndarray], C: int) -> dict:
+    out = {"next_item": next_rows[::C]}
+    if rating is not None:
+        out["rating"] = np.asarray(rating, dtype=np.float32).reshape(-1, C)
+    if like is not None:
+        out["like"] = np.asarray(like, dtype=np.float32).reshape(-1, C)
+    return out
+
+
+def teacher_size(run: Path, cfg) -> int:
+    """Adapter + heads + the base model's weights (GGUF file or safetensors folder) on disk."""
+    from distill.teacher import resolve_model
+    teacher_dir = Path(run) / "teacher"
+    total = sum(p.stat().st_size for p in teacher_dir.rglob("*.safetensors"))
+    model, gguf = resolve_model(cfg.teacher)
+    base = Path(model)
+    if gguf and (base / gguf).exists():
+        total += (base / gguf).stat().st_size
+    elif base.is_dir():
+        total += sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    return total
+
+
+def teacher_builder(run: Path, cfg, tok):
+    from distill.data import load_dataset
+    from distill.teacher import SequenceBuilder
+    ds = load_dataset(cfg.data)
+    return SequenceBuilder(tok, ds.item_text, cfg.teacher.max_item_tokens, ds.has_ratings)
+
+
+class TeacherTorchSystem(_TorchThreads, System):
+    """The teacher as served in PyTorch: LoRA merged into the base weights, eval + inference mode."""
+
+    name = "teacher (PyTorch, LoRA merged)"
+    kind = "teacher"
+    runtime = "pytorch"
+    variant = "merged"
+
+    def __init__(self, run: Path, cfg, device: str = "cpu", candidates: int = 1):
+        import torch
+
+        from distill.teacher import load_teacher
+        self.torch = torch
+        self.model, tok, self.meta_json = load_teacher(Path(run) / "teacher", merge=True, device=device)
+        self.builder = teacher_builder(run, cfg, tok)
+        self.device = device
+        self.provider = self.requested_provider = f"torch-{device}"
+        self.candidates = candidates
+        self.params = sum(p.numel() for p in self.model.parameters())
+        self.size_bytes = teacher_size(run, cfg)
+        self.model_path = str(Path(run) / "teacher")
+
+    def run_feed(self, feed: dict) -> dict:
+        torch = self.torch
+        dev = self.device
+        with torch.inference_mode():
+            ids = torch.from_numpy(feed["input_ids"]).to(dev)
+            mask = torch.from_numpy(feed["attention_mask"]).to(dev)
+            rows = torch.arange(ids.shape[0], device=dev)
+            before = (rows, torch.from_numpy(feed["before_pos"]).to(dev))
+            item = (rows, torch.from_numpy(feed["item_pos"]).to(dev))
+            out = self.model(ids, mask, before, item)
+            get = lambda k: out[k].float().cpu().numpy() if k in out else None  # noqa: E731
+            return _teacher_outputs(get("next_item"), get("rating"), get("like"), feed["n_candidates"])
+
+    def forward(self, req: tuple) -> dict:
+        return self.run_feed(teacher_feed(self.builder, req, self.candidates))
+
+
+class TeacherOnnxSystem(System):
+    """onnx/teacher.onnx on onnxruntime; tokenization as in PyTorch (the same SequenceBuilder)."""
+
+    kind = "teacher"
+    runtime = "onnxruntime"
+    variant = "merged"
+
+    def __init__(self, path: Path, builder=None, providers: Optional[list] = None, candidates: int = 1,
+                 intra_op_threads: Optional[int] = None):
+        self.path = Path(path)
+        self.builder = builder
+        self.candidates = candidates
+        self.providers_arg = list(providers or ["CPUExecutionProvider"])
+        first = self.providers_arg[0]
+        self.requested_provider = first[0] if isinstance(first, (tuple, list)) else str(first)
+        self.sess = _ort_session(self.path, self.providers_arg, intra_op_threads)
+        self._by_threads = {intra_op_threads: self.sess}
+        self.provider = self.sess.get_providers()[0]
+        self.device = "cuda" if self.provider != "CPUExecutionProvider" else "cpu"
+        self.name = f"teacher (ONNX, LoRA merged) [{short_provider(self.provider)}]"
+        self.model_path = str(self.path)
+        self.size_bytes = file_size(self.path)
+        self.inputs = {i.name: i for i in self.sess.get_inputs()}
+        missing = {"input_ids", "attention_mask", "before_pos", "item_pos"} - set(self.inputs)
+        if missing:
+            raise ValueError(f"{self.path} lacks the teacher inputs {sorted(missing)} (has {sorted(self.inputs)})")
+        self.outputs = [o.name for o in self.sess.get_outputs()]
+        self.params = 0
+
+    def _pick(self, res: dict, *keys) -> Optional[np.ndarray]:
+        for name in self.outputs:
+            low = name.lower()
+            if any(k in low for k in keys) and "vector" not in low:
+                return res[name]
+        return None
+
+    def run_feed(self, feed: dict) -> dict:
+        ins = {}
+        for name in ("input_ids", "attention_mask", "before_pos", "item_pos"):
+            a = feed[name]
+            spec = self.inputs[name]
+            if "int32" in spec.type:
+                a = a.astype(np.int32)
+            if len(spec.shape) == 2 and a.ndim == 1:
+                a = a[:, None]
+            ins[name] = a
+        res = dict(zip(self.outputs, self.sess.run(self.outputs, ins)))
+        nxt = self._pick(res, "next")
+        if nxt is None:
+            raise ValueError(f"{self.path}: no next_item output among {self.outputs}")
+        rating, like = self._pick(res, "rating"), self._pick(res, "like")
+        return _teacher_outputs(np.asarray(nxt, dtype=np.float32).reshape(nxt.shape[0], -1), rating, like,
+                                feed["n_candidates"])
+
+    def forward(self, req: tuple) -> dict:
+        return self.run_feed(teacher_feed(self.builder, req, self.candidates))
+
+    @contextlib.contextmanager
+    def threads(self, n: Optional[int]):
+        if n not in self._by_threads:
+            self._by_threads[n] = _ort_session(self.path, self.providers_arg, n)
+        before = self.sess
+        self.sess = self._by_threads[n]
+        try:
+            yield
+        finally:
+            self.sess = before
+
+    def close(self) -> None:
+        self._by_threads.clear()
+        self.sess = None

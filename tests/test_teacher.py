@@ -1,0 +1,125 @@
+"""The LLM teacher: one-pass sequence layout, windows, LoRA merge/save/load, heads, cache staleness."""
+import numpy as np
+import pytest
+import torch
+
+from distill.config import TeacherConfig
+from distill.teacher import (ByteTokenizer, SequenceBuilder, Teacher, TeacherHeads, add_lora, load_base, pad_batch,
+                             windows)
+
+TINY = TeacherConfig(model="tiny-random", lora_last_layers=None, head_dim=16, lora_dropout=0.0)
+
+
+def test_windows_label_every_position_exactly_once():
+    for n in (1, 5, 16, 17, 100):
+        wins = windows(n, window=16, context=4)
+        labelled = [j for (_, a, b) in wins for j in range(a, b)]
+        assert labelled == list(range(n))
+        for c, a, b in wins:
+            assert c == max(0, a - 4) and b - a <= 16
+
+
+def test_sequence_layout_reads_the_right_tokens():
+    tok = ByteTokenizer()
+    b = SequenceBuilder(tok, ["Alpha", "Beta", "Gamma"], max_item_tokens=50, has_ratings=True)
+    enc = b.encode(np.array([2, 0]), np.array([5.0, 3.0]))
+    text = bytes(i - 3 for i in enc.ids[1:]).decode()  # skip BOS
+    assert text.endswith(" Gamma: 5\n Alpha: 3\n")
+    # before item j: the last token before its text; item_end: the last token of its text (the ':')
+    assert chr(enc.ids[enc.item_end[0]] - 3) == ":" and chr(enc.ids[enc.item_end[1]] - 3) == ":"
+    assert chr(enc.ids[enc.before[1]] - 3) == "\n"  # after item 0's rating
+    assert enc.before[0] == len(b.prefix) - 1
+    # the target's rating is left out when open_last
+    open_enc = b.encode(np.array([2, 0]), np.array([5.0, 0.0]), open_last=True)
+    assert open_enc.ids == enc.ids[: enc.item_end[1] + 1]
+
+
+def test_segments_are_tokenized_separately_and_truncated():
+    b = SequenceBuilder(ByteTokenizer(), ["A very long title indeed"], max_item_tokens=4, has_ratings=False)
+    assert len(b.item_ids[0]) == 4  # no separator without ratings
+
+
+def _tiny_teacher(init_lora_weights=True, seed=0):
+    backbone, tok = load_base(TINY, seed=seed)
+    torch.manual_seed(seed)
+    backbone = add_lora(backbone, TINY, init_lora_weights=init_lora_weights)
+    heads = TeacherHeads(backbone.config.hidden_size, 16, torch.randn(5, backbone.config.hidden_size),
+                         ["next_item", "rating", "like"], torch.log1p(torch.arange(5.0)))
+    with torch.no_grad():  # the heads start at priors (zero interaction terms): randomise so outputs depend on h
+        for prm in heads.parameters():
+            prm.normal_(0, 0.2)
+    return Teacher(backbone, heads).eval(), tok
+
+
+def _batch(tok, seed=0):
+    b = SequenceBuilder(tok, [f"item {i}" for i in range(5)], 8, True)
+    rng = np.random.default_rng(seed)
+    encs = [b.encode(rng.integers(0, 5, n), rng.integers(1, 6, n).astype(float)) for n in (3, 6)]
+    ids, mask = pad_batch([e.ids for e in encs], 0)
+    rows = torch.tensor([0, 1])
+    return ids, mask, (rows, torch.tensor([e.before[-1] for e in encs])), (rows, torch.tensor([e.item_end[-1] for e in encs]))
+
+
+def test_lora_merge_keeps_outputs_and_lora_is_not_a_noop():
+    teacher, tok = _tiny_teacher(init_lora_weights=False)  # random B: LoRA changes the function
+    inputs = _batch(tok)
+    with torch.no_grad():
+        before = teacher(*inputs)
+        with teacher.backbone.disable_adapter():
+            base = teacher(*inputs)
+        teacher.backbone = teacher.backbone.merge_and_unload()
+        merged = teacher(*inputs)
+    for k in ("next_item", "rating", "like"):
+        assert (before[k] - base[k]).abs().max() > 1e-3  # LoRA is active, so the test can fail
+    for k in ("next_item", "rating", "like"):
+        torch.testing.assert_close(merged[k], before[k], atol=1e-5, rtol=1e-5)
+
+
+def test_lora_targets_only_the_last_layers():
+    cfg = TeacherConfig(model="tiny-random", lora_last_layers=1, target_modules=["q_proj", "v_proj"])
+    backbone, _ = load_base(cfg)
+    peft_model = add_lora(backbone, cfg)
+    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert len(names) == 4  # q and v, A and B, in ONE layer
+    assert all(".layers.1." in n for n in names)
+
+
+def test_adapter_save_load_roundtrip(tmp_path):
+    from peft import PeftModel
+    teacher, tok = _tiny_teacher(init_lora_weights=False)
+    inputs = _batch(tok)
+    with torch.no_grad():
+        ref = teacher.hidden(inputs[0], inputs[1])
+    teacher.backbone.save_pretrained(str(tmp_path / "adapter"))
+    base, _ = load_base(TINY)
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        out = loaded(input_ids=inputs[0], attention_mask=inputs[1]).last_hidden_state
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_one_pass_equals_reading_each_prefix_alone():
+    """The cost model's claim: the state read before item j in one pass over the whole history is what a
+    separate prompt holding only the prefix would give (causal attention)."""
+    teacher, tok = _tiny_teacher(init_lora_weights=False)
+    b = SequenceBuilder(tok, [f"movie {i}" for i in range(5)], 8, True)
+    items, ratings = np.array([1, 3, 0, 4]), np.array([4.0, 2.0, 5.0, 1.0])
+    full = b.encode(items, ratings)
+    with torch.no_grad():
+        h = teacher.hidden(torch.tensor([full.ids]), torch.ones(1, len(full.ids), dtype=torch.long))[0]
+        for j in range(1, 4):
+            prefix = b.encode(items[: j + 1], ratings[: j + 1], open_last=True)
+            hp = teacher.hidden(torch.tensor([prefix.ids]), torch.ones(1, len(prefix.ids), dtype=torch.long))[0]
+            torch.testing.assert_close(h[full.before[j]], hp[prefix.before[-1]], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(h[full.item_end[j]], hp[prefix.item_end[-1]], atol=1e-5, rtol=1e-5)
+
+
+def test_heads_start_at_the_popularity_and_mean_priors():
+    heads = TeacherHeads(8, 4, torch.randn(6, 8), ["next_item", "rating", "like"],
+                         torch.log1p(torch.tensor([5.0, 0, 1, 9, 2, 3])), rating_mean=3.6, like_logit=0.2)
+    out = heads(torch.randn(3, 8), torch.randn(3, 8))
+    assert out["next_item"].shape == (3, 6) and out["rating"].shape == (3,) and out["like"].shape == (3,)
+    order = out["next_item"][0].argsort(descending=True).tolist()
+    assert order[:2] == [3, 0]  # most popular first: the interaction term is zero at init
+    torch.testing.assert_close(out["rating"], torch.full((3,), 3.6))
+    torch.testing.assert_close(out["like"], torch.full((3,), 0.2))
