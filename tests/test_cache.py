@@ -1,0 +1,62 @@
+"""Teacher cache: contents follow the contract, and a missing / stale / corrupt cache names the stage to run."""
+import numpy as np
+import pytest
+
+from distill.cache import StaleCacheError, build_cache, load_cache
+from distill.config import load_config
+from distill.teacher_stage import train_teacher
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache")
+    cfg = load_config("configs/tiny.yaml", [f"out_dir={out}", "name=c", "teacher.max_steps=2", "teacher.cache_users=5"])
+    train_teacher(cfg)
+    build_cache(cfg)
+    return cfg
+
+
+def test_cache_contract(run):
+    from distill.data import load_dataset
+    ds = load_dataset(run.data)
+    c = load_cache(run.run_dir, ds.data_hash)
+    R, K = c["next_topk_items"].shape
+    assert K == 50 and R == c["offsets"][-1] and len(c["users"]) == 5
+    # the cached user vectors rebuild the teacher's full-catalog logits; top-K agrees with them
+    full = c["user_vector"].astype(np.float32) @ c["item_table"].T + c["item_bias"]
+    top = np.take_along_axis(full, c["next_topk_items"].astype(np.int64), axis=1)
+    np.testing.assert_allclose(top, c["next_topk_logits"].astype(np.float32), atol=0.05, rtol=0.01)
+    assert (full.max(1) <= c["next_topk_logits"][:, 0].astype(np.float32) + 0.05).all()
+    assert c["item_vectors"].shape[0] == ds.n_items
+    assert np.isfinite(c["rating"]).all() and np.isfinite(c["like_logit"]).all()
+
+
+def test_missing_cache_names_the_stage(tmp_path):
+    with pytest.raises(FileNotFoundError, match="distillrec cache"):
+        load_cache(tmp_path, "x")
+
+
+def test_stale_data_and_teacher_are_detected(run, tmp_path):
+    import shutil
+    from distill.data import load_dataset
+    ds = load_dataset(run.data)
+    with pytest.raises(StaleCacheError, match="distillrec teacher"):
+        load_cache(run.run_dir, "another-hash")
+    copy = tmp_path / "copy"
+    shutil.copytree(run.run_dir, copy)
+    heads = copy / "teacher" / "heads.safetensors"
+    heads.write_bytes(heads.read_bytes()[:-8] + b"\x00" * 8)  # the teacher changed after caching
+    with pytest.raises(StaleCacheError, match="stale.*distillrec cache"):
+        load_cache(copy, ds.data_hash)
+
+
+def test_corrupt_cache_file_is_a_clear_error(run, tmp_path):
+    import shutil
+    from distill.data import load_dataset
+    ds = load_dataset(run.data)
+    copy = tmp_path / "copy"
+    shutil.copytree(run.run_dir, copy)
+    f = copy / "teacher_cache" / "cache.npz"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(StaleCacheError, match="corrupt"):
+        load_cache(copy, ds.data_hash)
