@@ -67,16 +67,19 @@ def stage_teacher(cfg) -> dict:
     from .teacher_stage import train_teacher
     rep = train_teacher(cfg)
     if "metrics" in rep:  # under torchrun only rank 0 evaluates and reports
+        from .teacher_report import write_teacher_report
         _print_metrics("teacher", rep["metrics"])
+        print(f"teacher report: {write_teacher_report(cfg)}")
     return rep
 
 
 def stage_cache(cfg) -> dict:
     from .cache import build_cache
     man = build_cache(cfg)
+    from .teacher_report import write_teacher_report
     lab = man["labelling"]
     print(f"teacher cache: {man['rows']} positions of {man['users']} users, "
-          f"{lab['interactions_per_s']:.0f} interactions/s")
+          f"{lab['interactions_per_s']:.1f} interactions/s; teacher report: {write_teacher_report(cfg)}")
     return man
 
 
@@ -92,7 +95,9 @@ def stage_student(cfg) -> dict:
 
 def stage_export(cfg) -> dict:
     from export.onnx_export import export_run
+    from export.triton import write_run_repository
     summary = export_run(Path(cfg.run_dir), cfg.export, seed=cfg.seed)
+    summary["triton"] = str(write_run_repository(Path(cfg.run_dir), cfg))
     print(json.dumps(summary, indent=2, default=str))
     return summary
 
@@ -131,17 +136,49 @@ def main(argv=None) -> int:
         sp.add_argument("run_dir", nargs="?")
         sp.add_argument("--config", help="(data stage) start a run folder from a config file")
         sp.add_argument("-o", "--override", action="append", default=[])
+    tw = sub.add_parser("teacher-weighting", help="compare loss-weighting strategies for the teacher at one budget")
+    tw.add_argument("run_dir")
+    tw.add_argument("--steps", type=int, help="optimizer steps per strategy (default: the run's teacher.max_steps)")
+    tw.add_argument("--eval-users", type=int, help="test users per strategy (default: the run's teacher.eval_users)")
+    tw.add_argument("--strategies", default="fixed,uncertainty,gradnorm,dwa")
+    tw.add_argument("-o", "--override", action="append", default=[])
     sv = sub.add_parser("serve", help="HTTP service over the exported ONNX model of a run")
     sv.add_argument("run_dir")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--workers", type=int, default=1)
+    sv.add_argument("--providers", nargs="+", help="e.g. tensorrt cuda cpu (what actually serves is logged)")
+    sv.add_argument("--unknown-items", choices=["error", "drop"], default="error")
+    sv.add_argument("--empty-history", choices=["error", "popularity"], default="error")
+    sv.add_argument("--model-file", help="a variant, e.g. student.int8.onnx")
+    tr = sub.add_parser("triton", help="write the Triton model repository runs/<name>/triton")
+    tr.add_argument("run_dir")
+    tr.add_argument("--gpu", action="store_true", default=None, help="KIND_GPU + TensorRT accelerator block")
+    tr.add_argument("--max-batch-size", type=int)
+    tr.add_argument("--instances", type=int)
+    tr.add_argument("--model-file")
     args = p.parse_args(argv)
 
     from .common import apply_threads, set_seed
     if args.cmd == "serve":
         from export.service import serve
-        serve(Path(args.run_dir) / "onnx", host=args.host, port=args.port)
+        serve(Path(args.run_dir) / "onnx", host=args.host, port=args.port, workers=args.workers,
+              providers=args.providers, unknown_items=args.unknown_items, empty_history=args.empty_history,
+              model_file=args.model_file)
         return 0
+    if args.cmd == "triton":
+        from export.triton import write_run_repository
+        opts = {k: v for k, v in dict(gpu=args.gpu, max_batch_size=args.max_batch_size, instances=args.instances,
+                                      model_file=args.model_file).items() if v is not None}
+        print(write_run_repository(Path(args.run_dir), _config_for_run(args.run_dir, []), **opts))
+        return 0
+    if args.cmd == "teacher-weighting":
+        from .teacher_report import compare_weightings
+        cfg = _config_for_run(args.run_dir, args.override)
+        apply_threads(cfg.threads)
+        out = compare_weightings(cfg, args.strategies.split(","), args.steps, args.eval_users)
+        print((Path(cfg.run_dir) / "teacher" / "report.md").read_text())
+        return 0 if out["rows"] else 1
     if args.cmd == "run" or (args.cmd == "data" and args.config):
         from .config import load_config
         cfg = load_config(args.config, args.override)

@@ -1,7 +1,7 @@
 """The multi-task LLM teacher: a causal LM + LoRA (peft) + task heads, reading a whole history in ONE pass.
 
 Sequence of one user (DESIGN.md, cost model):
-    [BOS] prefix | item_1 text + " rated" | " 4\\n" | item_2 text + " rated" | " 5\\n" | ...
+    [BOS] prefix | " Toy Story (1995)" + ":" | "4\\n" | " Fargo (1996)" + ":" | "5\\n" | ...
 Each segment is tokenized on its own and the ids are concatenated (BPE cannot merge across segments,
 so the positions we read are exact). For a target item j:
   * next_item reads the state at the last token BEFORE item j's text (it has seen items < j);
@@ -28,7 +28,7 @@ from torch import nn
 from .config import TeacherConfig
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PREFIX = "A user's movie history, each title followed by their rating out of 5:\n"
+PREFIX = "Movies a user rated (1-5):\n"
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -116,7 +116,7 @@ class SequenceBuilder:
     def __init__(self, tok, item_text: list[str], max_item_tokens: int, has_ratings: bool):
         sep = tok.encode(":") if has_ratings else []
         self.item_ids = [tok.encode(" " + t)[:max_item_tokens] + sep for t in item_text]
-        self.rating_ids = {r: tok.encode(f" {r}\n") for r in range(0, 6)}
+        self.rating_ids = {r: tok.encode(f"{r}\n") for r in range(0, 6)}  # "4\n": 2 tokens (" 4\n" is 3)
         self.no_rating = tok.encode("\n")
         self.prefix = [tok.bos_id] + tok.encode(PREFIX)
         self.pad_id = tok.pad_id

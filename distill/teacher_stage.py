@@ -21,7 +21,7 @@ from .data import Dataset, Split, load_dataset, sample_users
 from .evaluation import evaluate_predictions
 from .io import write_json
 from .teacher import (SequenceBuilder, Teacher, TeacherHeads, add_lora, compute_item_vectors, load_base, lr_lambda,
-                      pad_batch, param_count, save_heads, teacher_meta, token_batches, windows)
+                      pad_batch, param_count, resolve_model, save_heads, teacher_meta, token_batches, windows)
 from .weighting import build_weighting
 
 
@@ -110,6 +110,7 @@ def epoch_batches(n: int, batch_size: int, rng: np.random.Generator):
         epoch += 1
 
 
+_ITEM_VECTORS: dict = {}  # per-process memo of the base LM's item vectors (deterministic, ~30 s on CPU)
 _STEP_SLEEP = float(__import__("os").environ.get("DISTILLREC_STEP_SLEEP", "0"))
 
 
@@ -126,8 +127,14 @@ def _build(cfg: RunConfig, ds: Dataset, split: Split, device, with_item_vectors:
     backbone = backbone.to(device)
     builder = SequenceBuilder(tok, ds.item_text, tc.max_item_tokens, ds.has_ratings)
     hidden = backbone.config.hidden_size
-    item_vecs = compute_item_vectors(backbone, builder, tc.infer_batch_tokens, device) if with_item_vectors \
-        else torch.zeros(ds.n_items, hidden)
+    key = (resolve_model(tc), json.dumps(tc.tiny, sort_keys=True), tc.max_item_tokens, ds.data_hash, cfg.seed)
+    if not with_item_vectors:
+        item_vecs = torch.zeros(ds.n_items, hidden)
+    elif key in _ITEM_VECTORS:  # same base LM + texts in this process (e.g. the weighting comparison)
+        item_vecs = _ITEM_VECTORS[key].clone()
+    else:
+        item_vecs = compute_item_vectors(backbone, builder, tc.infer_batch_tokens, device)
+        _ITEM_VECTORS[key] = item_vecs.clone()
     torch.manual_seed(cfg.seed)  # LoRA/head init independent of what ran before
     backbone = add_lora(backbone, tc)
     counts = split.train_item_counts()

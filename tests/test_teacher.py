@@ -24,7 +24,7 @@ def test_sequence_layout_reads_the_right_tokens():
     b = SequenceBuilder(tok, ["Alpha", "Beta", "Gamma"], max_item_tokens=50, has_ratings=True)
     enc = b.encode(np.array([2, 0]), np.array([5.0, 3.0]))
     text = bytes(i - 3 for i in enc.ids[1:]).decode()  # skip BOS
-    assert text.endswith(" Gamma: 5\n Alpha: 3\n")
+    assert text.endswith(" Gamma:5\n Alpha:3\n")
     # before item j: the last token before its text; item_end: the last token of its text (the ':')
     assert chr(enc.ids[enc.item_end[0]] - 3) == ":" and chr(enc.ids[enc.item_end[1]] - 3) == ":"
     assert chr(enc.ids[enc.before[1]] - 3) == "\n"  # after item 0's rating

@@ -1,0 +1,346 @@
+"""HTTP service (export/service.py): every endpoint through FastAPI's TestClient, answers equal to calling the
+Recommender directly, every bad input a 4xx JSON error naming the problem, and one real uvicorn server.
+
+One tiny seeded student (40 items) is exported once per session (`exported_onnx_dir`, shared with
+tests/test_triton.py through the session's base temp folder).
+"""
+import inspect
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from export.runtime import Recommender, RuntimeArtifactError
+from export.service import create_app
+
+REPO = Path(__file__).resolve().parents[1]
+N_ITEMS, TEXT_DIM, MAX_HISTORY = 40, 16, 10
+ITEM_IDS = [f"m{100 + i}" for i in range(N_ITEMS)]
+POPULARITY = [int(x) for x in np.random.default_rng(3).permutation(N_ITEMS) * 7 + 1]
+
+
+def exported_onnx_dir(tmp_path_factory) -> Path:
+    """A real exported onnx/ folder (student.onnx + runtime.json), built once per pytest session."""
+    root = tmp_path_factory.getbasetemp() / "distillrec_serving_export"
+    onnx_dir = root / "onnx"
+    if (root / "done").is_file():
+        return onnx_dir
+    import torch
+    from distill.config import ExportConfig, StudentConfig
+    from distill.student import Student
+    from export.onnx_export import export_student
+
+    if root.exists():
+        shutil.rmtree(root)
+    torch.manual_seed(0)
+    cfg = StudentConfig(dim=32, layers=1, heads=2, max_len=12, tower_hidden=32)
+    m = Student(cfg, N_ITEMS, ["next_item", "rating", "like"], text_vectors=torch.randn(N_ITEMS, TEXT_DIM))
+    with torch.no_grad():  # move every weight off its init so the scores are not all ties
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    m.eval().save(root / "student", extra=dict(item_ids=ITEM_IDS, like_threshold=4.0, max_history=MAX_HISTORY,
+                                               item_popularity=POPULARITY, data_hash="abc123"))
+    # the plain fp32 model is all the serving tests need: skip the optimized / INT8 / FP16 variants when the
+    # exporter builds them (they take most of the export time)
+    extra = {"variants": ()} if "variants" in inspect.signature(export_student).parameters else {}
+    export_student(root / "student", onnx_dir, ExportConfig(), **extra)
+    (root / "done").write_text("ok")
+    return onnx_dir
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory):
+    return exported_onnx_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def rec(onnx_dir):
+    return Recommender(onnx_dir)
+
+
+@pytest.fixture(scope="module")
+def client(rec):
+    return TestClient(create_app(rec), raise_server_exceptions=False)
+
+
+def _items(pairs):
+    return [{"id": i, "score": s} for i, s in pairs]
+
+
+# ------------------------------------------------------------------------------------------------ endpoints
+def test_health_and_metadata(client, rec):
+    h = client.get("/health")
+    assert h.status_code == 200
+    body = h.json()
+    assert body["status"] == "ok" and body["provider"] == rec.providers[0] == "CPUExecutionProvider"
+    assert body["providers"] == rec.providers and body["model"].endswith("/student.onnx")
+
+    m = client.get("/metadata").json()
+    assert m["n_items"] == N_ITEMS and m["tasks"] == ["next_item", "rating", "like"]
+    assert m["max_history"] == MAX_HISTORY and m["top_k"] == 10 and m["schema_version"] == 1
+    assert m["providers"] == rec.providers and m["data_hash"] == "abc123"
+    assert m["outputs"] == ["next_item_scores", "rating", "like_logit"]
+    assert "item_ids" not in m and "item_popularity" not in m
+    assert len(json.dumps(m)) < 4000  # a summary, not the catalog
+
+
+def test_endpoints_are_sync_so_onnxruntime_runs_in_the_threadpool(client):
+    routes = [r for r in client.app.routes if getattr(r, "path", "") in
+              ("/recommend", "/recommend/batch", "/score", "/score/batch", "/health", "/metadata")]
+    assert len(routes) == 6
+    assert not any(inspect.iscoroutinefunction(r.endpoint) for r in routes)
+
+
+@pytest.mark.parametrize("body,kwargs", [
+    ({"history": ["m105", "m117", "m103"]}, {}),
+    ({"history": ["m105", "m117", "m103"], "ratings": [5, 3.5, 0], "k": 7}, dict(ratings=[5, 3.5, 0], k=7)),
+    ({"history": ["m105", "m117"], "k": 5, "exclude": ["m110", "not-in-catalog"]},
+     dict(k=5, exclude=["m110", "not-in-catalog"])),
+    ({"history": ["m105", "m117"], "k": 100, "exclude_seen": False}, dict(k=100, exclude_seen=False)),
+    ({"history": [ITEM_IDS[i % N_ITEMS] for i in range(25)], "k": 3}, dict(k=3)),  # longer than max_history
+])
+def test_recommend_equals_runtime(client, rec, body, kwargs):
+    r = client.post("/recommend", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["items"] == _items(rec.recommend(body["history"], **kwargs))
+    assert out["provider"] == rec.providers[0] and out["model"].endswith("student.onnx")
+    banned = set() if kwargs.get("exclude_seen") is False else set(body["history"])
+    banned |= set(kwargs.get("exclude") or []) & set(ITEM_IDS)
+    assert len(out["items"]) == min(kwargs.get("k", 10), N_ITEMS - len(banned))
+    assert not banned & {x["id"] for x in out["items"]}
+
+
+def test_int_ids_are_matched_as_strings(tmp_path, onnx_dir):
+    # a catalog of numeric ids (like MovieLens): JSON ints and strings name the same item
+    d = tmp_path / "onnx"
+    shutil.copytree(onnx_dir, d)
+    meta = json.loads((d / "runtime.json").read_text())
+    meta["item_ids"] = [str(1000 + i) for i in range(N_ITEMS)]
+    (d / "runtime.json").write_text(json.dumps(meta))
+    c = TestClient(create_app(d))
+    a = c.post("/recommend", json={"history": [1001, 1002], "k": 4}).json()
+    b = c.post("/recommend", json={"history": ["1001", "1002"], "k": 4}).json()
+    assert a == b and len(a["items"]) == 4 and all(isinstance(x["id"], str) for x in a["items"])
+
+
+def test_recommend_batch_equals_runtime(client, rec):
+    hs = [["m101", "m102"], ["m110", "m111", "m112", "m113", "m114"], ["m139"]]
+    body = {"histories": hs, "ratings": [[5, 4], None, [1]], "k": 4, "exclude": [None, ["m120"], []]}
+    r = client.post("/recommend/batch", json=body)
+    assert r.status_code == 200, r.text
+    want = rec.recommend_batch(hs, ratings=[[5, 4], None, [1]], k=4, exclude=[None, ["m120"], []])
+    assert r.json()["results"] == [{"items": _items(w)} for w in want]
+    assert r.json()["provider"] == rec.providers[0]
+
+
+def test_score_equals_runtime(client, rec):
+    hist, cands = ["m101", "m120", "m133"], ["m101", "m107", "m139"]
+    r = client.post("/score", json={"history": hist, "candidates": cands, "ratings": [4, 5, 2]})
+    assert r.status_code == 200, r.text
+    out, want = r.json(), rec.score(hist, cands, ratings=[4, 5, 2])
+    assert out["candidates"] == cands
+    for key in ("rating", "like", "like_logit"):
+        assert out[key] == [float(x) for x in want[key]]
+    assert 0 < min(out["like"]) and max(out["like"]) < 1
+
+    rb = client.post("/score/batch", json={"histories": [hist, ["m102"]], "candidates": [cands, ["m103"]],
+                                           "ratings": [[4, 5, 2], None]})
+    assert rb.status_code == 200, rb.text
+    want_b = rec.score_batch([hist, ["m102"]], [cands, ["m103"]], ratings=[[4, 5, 2], None])
+    got_b = rb.json()["results"]
+    assert [g["candidates"] for g in got_b] == [cands, ["m103"]]
+    for g, w in zip(got_b, want_b):
+        assert g["rating"] == [float(x) for x in w["rating"]] and g["like"] == [float(x) for x in w["like"]]
+
+
+def test_drop_and_popularity_options(onnx_dir):
+    c = TestClient(create_app(onnx_dir, unknown_items="drop", empty_history="popularity"))
+    ref = Recommender(onnx_dir, unknown_items="drop", empty_history="popularity")
+    a = c.post("/recommend", json={"history": ["m101", "nope", "m102"], "ratings": [5, 1, 3], "k": 5})
+    assert a.status_code == 200 and a.json()["items"] == _items(ref.recommend(["m101", "m102"], [5, 3], k=5))
+    e = c.post("/recommend", json={"history": [], "k": 5})
+    assert e.status_code == 200
+    top = [ITEM_IDS[i] for i in np.argsort(-np.array(POPULARITY), kind="stable")][:5]
+    assert [x["id"] for x in e.json()["items"]] == top
+    m = c.get("/metadata").json()
+    assert m["unknown_items"] == "drop" and m["empty_history"] == "popularity"
+
+
+# ------------------------------------------------------------------------------------------------ errors
+BAD = [
+    # (path, body (dict or raw JSON text), status, substring of "detail")
+    ("/recommend", {"history": ["m101", "nope", "m102"]}, 400, "unknown item id(s) in history: 'nope'"),
+    ("/recommend", {"history": []}, 400, "empty history"),
+    ("/recommend", '{"history": ["m101", "m102"], "ratings": [5, NaN]}', 400, "NaN"),
+    ("/recommend", '{"history": ["m101", "m102"], "ratings": [5, Infinity]}', 400, "NaN/inf"),
+    ("/recommend", {"history": ["m101", "m102"], "ratings": [5, 7]}, 400, "[1, 5]"),
+    ("/recommend", {"history": ["m101", "m102"], "ratings": [5]}, 400, "1 ratings for 2 history items"),
+    ("/recommend", {"history": ["m101"], "k": 0}, 400, "k must be a positive int"),
+    ("/recommend", {"history": ["m101"], "k": -3}, 400, "k must be a positive int"),
+    ("/recommend", {"history": ["m101"], "k": "3"}, 422, "k: Input should be a valid integer"),
+    ("/recommend", {"history": ["m101"], "k": 2.5}, 422, "k: Input should be a valid integer"),
+    ("/recommend", {"history": "m101"}, 422, "history: Input should be a valid list"),
+    ("/recommend", {"history": [1.5]}, 422, "history[0]"),
+    ("/recommend", {"history": [True]}, 422, "history[0]"),
+    ("/recommend", '{"history": [NaN]}', 422, "history[0]"),  # a NaN echoed back must not crash the encoder
+    ("/recommend", {"history": ["m101"], "ratings": ["5"]}, 422, "ratings[0]"),
+    ("/recommend", {"history": ["m101"], "ratings": [None]}, 422, "ratings[0]"),
+    ("/recommend", {"history": ["m101"], "exclude_seen": "no"}, 422, "exclude_seen"),
+    ("/recommend", {"history": ["m101"], "user": 3}, 422, "user: Extra inputs are not permitted"),
+    ("/recommend", {}, 422, "history: Field required"),
+    ("/recommend", "{not json", 422, "not valid JSON"),
+    ("/recommend", "[1, 2]", 422, "invalid request"),
+    ("/recommend/batch", {"histories": []}, 400, "histories is empty"),
+    ("/recommend/batch", {"histories": [["m101"], ["m102"]], "ratings": [[5]]}, 400, "1 rating lists for 2"),
+    ("/recommend/batch", {"histories": [["m101"], ["zzz"]]}, 400, "history[1]: 'zzz'"),
+    ("/recommend/batch", {"histories": [["m101"]], "exclude": [["m1"], ["m2"]]}, 400, "one id list per history"),
+    ("/recommend/batch", {"histories": ["m101"]}, 422, "histories[0]: Input should be a valid list"),
+    ("/score", {"history": ["m101"], "candidates": ["m102", "zzz"]}, 400, "in candidates: 'zzz'"),
+    ("/score", {"history": ["m101"], "candidates": []}, 400, "candidates is empty"),
+    ("/score", {"history": [], "candidates": ["m102"]}, 400, "empty history"),
+    ("/score", {"history": ["m101"]}, 422, "candidates: Field required"),
+    ("/score/batch", {"histories": [["m101"]], "candidates": [["m1"], ["m2"]]}, 400, "one id list per history"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,match", BAD, ids=[f"{b[0]}:{b[3][:30]}" for b in BAD])
+def test_bad_input_is_a_json_4xx_naming_the_problem(client, path, body, status, match):
+    if isinstance(body, str):
+        r = client.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = client.post(path, json=body)
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and match in detail, detail
+    if status == 422:
+        assert r.json()["errors"] and detail.startswith("invalid request")
+
+
+def test_batch_limit_and_missing_heads(tmp_path, onnx_dir, rec):
+    c = TestClient(create_app(rec, max_batch=2))
+    r = c.post("/recommend/batch", json={"histories": [["m101"]] * 3})
+    assert r.status_code == 400 and "at most max_batch=2" in r.json()["detail"]
+    r = c.post("/score/batch", json={"histories": [["m101"]] * 3, "candidates": [["m102"]] * 3})
+    assert r.status_code == 400 and "at most max_batch=2" in r.json()["detail"]
+    # a model without rating/like heads (a dataset without ratings): /score is a 400 that says so
+    d = tmp_path / "onnx"
+    shutil.copytree(onnx_dir, d)
+    meta = json.loads((d / "runtime.json").read_text())
+    (d / "runtime.json").write_text(json.dumps({**meta, "tasks": ["next_item"]}))
+    c2 = TestClient(create_app(d))
+    r = c2.post("/score", json={"history": ["m101"], "candidates": ["m102"]})
+    assert r.status_code == 400 and "no rating/like head" in r.json()["detail"]
+    assert c2.post("/recommend", json={"history": ["m101"]}).status_code == 200
+
+
+def test_broken_folder_fails_before_serving(tmp_path, onnx_dir):
+    with pytest.raises(RuntimeArtifactError, match="distillrec export"):
+        create_app(tmp_path / "nothing-here")
+    d = tmp_path / "onnx"
+    shutil.copytree(onnx_dir, d)
+    (d / "student.onnx").write_bytes(b"garbage" * 10)
+    with pytest.raises(RuntimeArtifactError, match="cannot be loaded"):
+        create_app(d)
+    with pytest.raises(ValueError, match="max_batch"):
+        create_app(onnx_dir, max_batch=0)
+
+
+def test_a_failing_session_is_503_on_health_and_a_json_500_elsewhere(rec):
+    class Broken(Recommender):  # the same loaded model, with a session that fails at run time
+        def predict_arrays(self, *a, **k):
+            raise RuntimeError("CUDA error: device lost")
+
+    broken = object.__new__(Broken)
+    broken.__dict__.update(rec.__dict__)
+    c = TestClient(create_app(broken), raise_server_exceptions=False)
+    h = c.get("/health")
+    assert h.status_code == 503 and h.json()["status"] == "error" and "device lost" in h.json()["detail"]
+    r = c.post("/recommend", json={"history": ["m101"]})
+    assert r.status_code == 500 and "device lost" in r.json()["detail"]  # a server fault, not the client's
+    assert c.post("/recommend", json={"history": ["nope"]}).status_code == 400  # input checks still come first
+
+
+# ------------------------------------------------------------------------------------------------ processes
+def test_service_imports_without_torch(onnx_dir):
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+        "from fastapi.testclient import TestClient\n"
+        "from export.service import create_app\n"
+        f"c = TestClient(create_app({str(onnx_dir)!r}))\n"
+        "assert c.get('/health').json()['status'] == 'ok'\n"
+        "assert c.post('/recommend', json={'history': ['m101'], 'k': 2}).status_code == 200\n"
+        "assert not [m for m, v in sys.modules.items() if v is not None and m.split('.')[0] in ('torch', 'distill')]\n"
+        "print('OK')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "OK" in p.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_real_uvicorn_server(onnx_dir, rec):
+    port = _free_port()
+    code = f"from export.service import serve; serve({str(onnx_dir)!r}, host='127.0.0.1', port={port}, " \
+           f"log_level='warning')"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline, up = time.monotonic() + 45, False
+        with httpx.Client(base_url=base, timeout=5.0) as http:
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    break
+                try:
+                    up = http.get("/health").status_code == 200
+                except httpx.TransportError:
+                    up = False
+                if up:
+                    break
+                time.sleep(0.2)
+            assert up, f"server did not come up (exit {proc.poll()})"
+            assert http.get("/health").json()["provider"] == "CPUExecutionProvider"
+            # concurrent requests against the one shared session give the serial answers
+            hs = [[ITEM_IDS[(7 * j + t) % N_ITEMS] for t in range(1 + j % 6)] for j in range(16)]
+            with ThreadPoolExecutor(8) as pool:
+                got = list(pool.map(lambda h: http.post("/recommend", json={"history": h, "k": 5}), hs))
+            assert all(g.status_code == 200 for g in got)
+            assert [g.json()["items"] for g in got] == [_items(rec.recommend(h, k=5)) for h in hs]
+            bad = http.post("/recommend", json={"history": ["nope"]})
+            assert bad.status_code == 400 and "'nope'" in bad.json()["detail"]
+            assert http.post("/score", json={"history": ["m101"], "candidates": ["m102"]}).status_code == 200
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+    assert proc.returncode is not None
+
+
+def test_scores_are_json_safe():
+    from export.service import _finite, _safe
+    assert _finite(np.float32(1.5)) == 1.5 and _finite(float("nan")) is None and _finite(-math.inf) is None
+    assert _safe({"input": [float("nan"), 1.0], "ctx": {"error": ValueError("x")}}) == \
+        {"input": ["nan", 1.0], "ctx": {"error": "x"}}
