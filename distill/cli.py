@@ -130,6 +130,7 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="run every stage from a config file")
     r.add_argument("--config", required=True)
     r.add_argument("--from-stage", choices=STAGES, default="data", help="skip the stages before this one")
+    r.add_argument("--to-stage", choices=STAGES, default="bench", help="stop after this stage")
     r.add_argument("-o", "--override", action="append", default=[])
     for s in STAGES:
         sp = sub.add_parser(s, help=f"run the {s} stage on an existing run folder")
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
         from .config import load_config
         cfg = load_config(args.config, args.override)
         _write_run_config(cfg)
-        stages = STAGES[STAGES.index(args.from_stage):] if args.cmd == "run" else ["data"]
+        stages = STAGES[STAGES.index(args.from_stage):STAGES.index(args.to_stage) + 1] if args.cmd == "run" else ["data"]
     else:
         if not args.run_dir:
             raise SystemExit(f"error: `distillrec {args.cmd}` needs a run folder (e.g. runs/cpu-default)")

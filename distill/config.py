@@ -43,6 +43,9 @@ class TeacherConfig:
     'tiny-random' = a random Llama built from `tiny` (tests)."""
     gguf_file: Optional[str] = None
     """GGUF file name inside `model` (a folder); set automatically for 'default'."""
+    random_init: bool = False
+    """Build `model`'s architecture from its config.json with RANDOM weights (GPU latency runs on machines the
+    98 MB default weights cannot travel to; quality numbers of such a run are meaningless)."""
     tiny: dict = field(default_factory=lambda: dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                                     num_attention_heads=4, num_key_value_heads=2,
                                                     max_position_embeddings=4096))
@@ -100,15 +103,26 @@ class TeacherConfig:
 @dataclass
 class StudentConfig:
     dim: int = 64
+    """Width of the item representation, the sequence encoder and the MTL block."""
     layers: int = 2
+    """Causal transformer blocks over the history."""
     heads: int = 2
+    """Attention heads (dim must be divisible by heads)."""
     ffn_mult: int = 4
+    """Feed-forward width = ffn_mult * dim."""
     dropout: float = 0.1
     max_len: int = 50
+    """History fed to the student (the protocol's last <= 50 interactions); also the training window."""
     mtl: str = "shared_bottom"
     """shared_bottom | mmoe | ple"""
     n_experts: int = 4
+    """MMoE: the number of (shared) experts. PLE: experts PER TASK in every level."""
+    n_shared_experts: int = 2
+    """PLE only: shared experts per level (every task gate has width n_experts + n_shared_experts)."""
+    ple_levels: int = 1
+    """PLE only: stacked extraction levels (every level but the last also has a shared gate)."""
     tower_hidden: int = 64
+    """Hidden width of the experts and of the rating/like late-interaction towers."""
     use_text_vectors: bool = True
     """Item representation = ID embedding + projection of the frozen teacher item vector."""
     epochs: int = 30
@@ -117,13 +131,50 @@ class StudentConfig:
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.01
+    max_steps_per_epoch: Optional[int] = None
+    """Cap on optimizer steps per epoch (None = one pass over every training window); a smoke-test knob."""
     kd_alpha: float = 0.5
     """Mixing weight: task loss = (1 - alpha) * hard + alpha * KD, on positions that have teacher labels."""
     temperature: float = 2.0
     """KD temperature T; the KL term is multiplied by T^2 so its gradient scale does not shrink with T."""
+    kd_next_item: float = 1.0
+    """Weight of the next_item KL inside the next_item KD term (0 switches it off)."""
+    kd_scope: str = "auto"
+    """next_item KL over 'topk' (the cached top-K logits), 'catalog' (user_vector @ item_table.T + item_bias,
+    the teacher's full-catalog logits) or 'auto' (catalog when the cache holds user vectors and the item table)."""
+    kd_listwise: float = 0.5
+    """Weight of the listwise (ListMLE / Plackett-Luce) loss on the teacher's top-k order (0 = off)."""
+    listwise_top_k: int = 10
+    """Length of the teacher ranking the listwise loss reproduces (the first k of the cached top-K)."""
+    kd_rating: float = 1.0
+    """Weight of rating KD (MSE to the teacher's rating) inside the rating KD term (0 = off)."""
+    kd_like: float = 1.0
+    """Weight of like KD (BCE to the teacher's like probability) inside the like KD term (0 = off)."""
+    kd_align: float = 0.1
+    """Weight of representation alignment (projector(student state) vs teacher user vector), added to the
+    weighted total outside the task weighting (0 = off)."""
+    align_loss: str = "cosine"
+    """cosine (1 - cos) | mse (mean squared error per dimension)."""
     loss_weights: dict = field(default_factory=lambda: {"next_item": 1.0, "rating": 0.5, "like": 0.5})
     weighting: str = "fixed"
+    """Loss weighting strategy (distill/weighting.py; the same objects as the teacher's)."""
     time_budget_s: float = 300.0
+    """Wall-clock cap of one student training (checked after every epoch)."""
+    ablation_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """`distillrec ablate`: every ablation model is trained once per seed (mean +- std over seeds)."""
+    ablation_epochs: int = 12
+    """`distillrec ablate`: epoch cap of every ablation model (early stopping still applies)."""
+    ablation_time_budget_s: float = 60.0
+    """`distillrec ablate`: wall-clock cap per ablation model (2 CPU cores: ~11 models x 3 seeds)."""
+    ablation_variants: Optional[list[str]] = None
+    """`distillrec ablate`: the rows to train (None = all of distill.ablation.VARIANTS)."""
+    ablation_n_boot: int = 1000
+    """Bootstrap resamples of the ablation's confidence intervals."""
+    cold_item_fraction: float = 0.05
+    """`distillrec ablate` cold-start rows: the seeded share of items whose events are dropped from student
+    training (inputs and labels); the main student stage always trains on every item."""
+    cold_item_seed: int = 0
+    """Seed of the cold-start item slice (the same slice for every ablation seed)."""
 
 
 @dataclass
@@ -137,16 +188,57 @@ class ExportConfig:
 
 @dataclass
 class BenchConfig:
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32, 128])
+    """Requests per call of the main grid (natural-length histories, both workloads, all threads)."""
     n_requests: int = 256
-    """Distinct test-user requests drawn for the workload."""
+    """Distinct test-user requests drawn for the workload (per request set)."""
     warmup: int = 5
+    """Untimed calls before each point."""
     min_samples: int = 200
     min_seconds: float = 2.0
+    """Each point is repeated until it has min_samples calls AND min_seconds of wall time."""
+    max_seconds: float = 30.0
+    """Hard cap on one student point's timed wall time: a stalled system cannot hold the run (the point
+    records stopped_by='max_seconds')."""
     teacher_max_samples: int = 8
     """The teacher takes ~0.7 s per 500-token request on 2 CPU cores: cap its repetitions (stated in the report)."""
     teacher_max_seconds: float = 60.0
+    teacher_batch_sizes: Optional[list[int]] = None
+    """Batch sizes the teacher forms run (None = all of batch_sizes). Larger ones are skipped and said so."""
+    teacher_candidates: int = 1
+    """Candidates the teacher scores per request in the candidate workload: each costs one LLM pass over
+    history + candidate text, so C candidates = C passes (the report says how many were measured)."""
     n_candidates: int = 100
+    """Candidates per request in the candidate workload: the test item + seeded random unseen items."""
+    top_k: int = 10
+    """K of the full-catalog top-K workload (the top-K selection is timed with the model)."""
+    fixed_history: int = 50
+    """History length of the fixed-length request set (users with at least that many earlier events)."""
+    fixed_batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    """Batch sizes of the fixed-length request set (both workloads, all threads)."""
+    single_thread_batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    """Batch sizes of the single-thread setting (fixed-length set, top-K; students only)."""
+    concurrency: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    """Threads sharing ONE onnxruntime session (1 intra-op thread each), batch-1 top-K requests."""
+    variants: list[str] = field(default_factory=lambda: ["fp32", "opt", "int8", "fp16"])
+    """Student ONNX variants benchmarked when their file exists (fp16 only on a GPU provider)."""
+    gpu_providers: list[str] = field(default_factory=lambda: ["CUDAExecutionProvider", "TensorrtExecutionProvider"])
+    """GPU providers tried when onnxruntime lists them; a row is kept only if the provider really serves."""
+    teacher_onnx: bool = True
+    """Benchmark onnx/teacher.onnx (teacher on onnxruntime) when the export wrote it."""
+    teacher_onnx_quality: bool = True
+    """Evaluate the ONNX teacher on the teacher's evaluation users (one LLM pass per user)."""
+    rss: bool = True
+    """Peak RSS of every system, each measured in a process of its own."""
+    rss_batch: int = 8
+    rss_calls: int = 5
+    floor: bool = True
+    """Roofline floor (trivial-graph overhead, matmul rate, FLOPs) and the onnxruntime operator profile."""
+    profile_calls: int = 200
+    loadtest: bool = False
+    """Load-test the HTTP service (export.service) on 127.0.0.1 and put the result in the report."""
+    loadtest_clients: int = 8
+    loadtest_seconds: float = 10.0
 
 
 @dataclass

@@ -67,7 +67,7 @@ def resolve_model(cfg: TeacherConfig) -> tuple[str, Optional[str]]:
 
 
 @functools.lru_cache(maxsize=2)
-def _load_base_cached(model: str, gguf: Optional[str], tiny_json: str, seed: int):
+def _load_base_cached(model: str, gguf: Optional[str], tiny_json: str, seed: int, random_init: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaModel
     if model == "tiny-random":
         torch.manual_seed(seed)
@@ -76,7 +76,12 @@ def _load_base_cached(model: str, gguf: Optional[str], tiny_json: str, seed: int
         return LlamaModel(cfg).eval(), ByteTokenizer()
     kw = {"gguf_file": gguf} if gguf else {}
     tok = AutoTokenizer.from_pretrained(model, **kw)
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, **kw)
+    if random_init:
+        from transformers import AutoConfig
+        torch.manual_seed(seed)
+        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model, **kw), dtype=torch.float32)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, **kw)
     backbone = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
     return backbone.eval(), HFTokenizer(tok)
 
@@ -84,7 +89,7 @@ def _load_base_cached(model: str, gguf: Optional[str], tiny_json: str, seed: int
 def load_base(cfg: TeacherConfig, seed: int = 0):
     """(decoder backbone without the LM head, tokenizer). Cached per process; callers get a private copy."""
     model, gguf = resolve_model(cfg)
-    backbone, tok = _load_base_cached(model, gguf, json.dumps(cfg.tiny, sort_keys=True), seed)
+    backbone, tok = _load_base_cached(model, gguf, json.dumps(cfg.tiny, sort_keys=True), seed, cfg.random_init)
     return copy.deepcopy(backbone), tok
 
 

