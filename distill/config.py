@@ -184,6 +184,16 @@ class ExportConfig:
     parity_tol: float = 1e-4
     top_k: int = 10
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+    """Execution providers in preference order (tensorrt / cuda / cpu or full ORT names); what actually
+    serves is read back from the session and recorded."""
+    variants: list[str] = field(default_factory=lambda: ["opt", "int8", "fp16"])
+    """ORT-optimized graph, INT8 dynamic quantization, FP16 with fp32 I/O (GPU-only at serving time)."""
+    int8_include_catalog_matmul: bool = False
+    """Quantizing the catalog-scoring MatMul costs top-K agreement; excluded by default."""
+    strict_variants: bool = False
+    """A variant failing its parity check fails the export (default: warn and leave it out)."""
+    teacher: bool = True
+    """Also export the teacher (LoRA merged, with heads) to onnx/teacher.onnx for the benchmark."""
 
 
 @dataclass

@@ -7,6 +7,10 @@ Artifacts written to `runs/<name>/onnx/` (DESIGN.md, "Artifacts"):
 
 student.onnx and runtime.json are only (re)placed once the graph check and the parity check pass;
 parity.json is written either way so a failure can be inspected.
+
+Variants (export/optimize.py) are built from the placed student.onnx: student.opt.onnx, student.int8.onnx,
+student.fp16.onnx, each with its own parity in parity.json["variants"]; runtime.json["variants"] lists the
+ones that passed.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -85,14 +89,42 @@ def _random_inputs(rng: np.random.Generator, n_items: int, batch: int, hist: int
 
 
 def parity_points(max_history: int) -> list[tuple[int, int, int]]:
-    """(batch, history length, candidates): the brief's grid, history clipped to what the model accepts."""
+    """(batch, history length, candidates): batch 1 and 2 (and larger), history 1, 2, 50 and the model's
+    max, candidates 1 and 100; history clipped to what the model accepts (duplicates dropped)."""
     out = []
-    for b, h in [(1, 1), (2, 7), (3, max_history), (5, 50)]:
+    for b, h in [(1, 1), (2, 2), (1, 50), (2, 50), (1, max_history), (2, max_history), (3, max_history), (5, 50)]:
         h = max(1, min(h, max_history))
         for c in (1, 100):
             if (b, h, c) not in out:
                 out.append((b, h, c))
     return out
+
+
+def parity_feeds(n_items: int, max_history: int, seed: int = 0) -> list[tuple[tuple[int, int, int], dict]]:
+    """The parity requests: one per parity point, fresh (not the export example's random stream).
+
+    Batch 1 holds an empty history (all padding) at candidates=1 and a full one at candidates=100; larger
+    batches mix an empty row, a full row and random lengths."""
+    rng = np.random.default_rng([seed, 7919])
+    out = []
+    for b, h, c in parity_points(max_history):
+        lengths = None
+        if b == 1:
+            lengths = np.array([0 if c == 1 else h])
+        out.append(((b, h, c), _random_inputs(rng, n_items, b, h, c, lengths)))
+    return out
+
+
+def reference_outputs(wrapper: ServingStudent, max_history: int, seed: int = 0) -> list[dict]:
+    """PyTorch outputs on the parity requests: [{"point", "feed", "out": {output name: array}}]."""
+    refs = []
+    for (b, h, c), feed in parity_feeds(wrapper.student.n_items, max_history, seed):
+        with torch.no_grad():
+            ref = [t.numpy() for t in wrapper(*(torch.from_numpy(feed[k]) for k in INPUT_NAMES))]
+        refs.append({"point": {"batch": b, "history": h, "candidates": c,
+                               "history_length": feed["history_length"].tolist()},
+                     "feed": feed, "out": dict(zip(wrapper.output_names, ref))})
+    return refs
 
 
 def _dynamic_shapes() -> dict:
@@ -102,6 +134,33 @@ def _dynamic_shapes() -> dict:
     cand = Dim("candidates", min=1)
     return {"history_items": {0: batch, 1: hist}, "history_ratings": {0: batch, 1: hist},
             "history_length": {0: batch}, "candidates": {0: batch, 1: cand}}
+
+
+# ONNX ops the export must not contain. opset 23's fused `Attention` op broke on onnxruntime's CPU provider
+# with padding masks; the student writes attention as plain MatMul/Softmax (distill/student.Block) and is
+# exported at opset 20, where torch's scaled_dot_product_attention also decomposes. A graph that still
+# gets `Attention` (a model switched to SDPA and exported at opset >= 23) is refused here.
+FORBIDDEN_OPS = {("", "Attention"): "opset 23's Attention op broke on onnxruntime CPU with padding masks; "
+                                    "export at opset 20 (ExportConfig.opset) so attention is decomposed"}
+
+
+def graph_op_types(model) -> dict[str, int]:
+    """op type (domain-qualified when not the default domain) -> count, over the main graph."""
+    out: dict[str, int] = {}
+    for n in model.graph.node:
+        key = f"{n.domain}.{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def check_op_set(model, allow: tuple = ()) -> None:
+    """Raise ExportError when the graph contains an op of FORBIDDEN_OPS (unless its name is in `allow`)."""
+    for n in model.graph.node:
+        key = ("" if n.domain in ("", "ai.onnx") else n.domain, n.op_type)
+        if key in FORBIDDEN_OPS and n.op_type not in allow:
+            raise ExportError(f"the exported graph contains the ONNX op {n.op_type!r} (node {n.name}, opset "
+                              f"{max((o.version for o in model.opset_import if o.domain in ('', 'ai.onnx')), default='?')}): "
+                              f"{FORBIDDEN_OPS[key]}")
 
 
 def _elem_type_name(elem_type: int) -> str:
@@ -116,6 +175,7 @@ def verify_graph(model, output_names: list[str], n_items: int) -> None:
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:  # onnx raises ValidationError / InferenceError
         raise ExportError(f"onnx.checker rejected the exported graph: {e}") from e
+    check_op_set(model)
     ins = {v.name: v for v in model.graph.input}
     outs = {v.name: v for v in model.graph.output}
     if list(ins) != list(INPUT_NAMES):
@@ -151,32 +211,30 @@ def verify_graph(model, output_names: list[str], n_items: int) -> None:
 
 
 def check_parity(wrapper: ServingStudent, onnx_path: Path, max_history: int, tol: float, seed: int = 0,
-                 providers: Optional[list] = None, label: Optional[str] = None) -> dict:
+                 providers: Optional[list] = None, label: Optional[str] = None,
+                 references: Optional[list[dict]] = None) -> dict:
     """Run torch and onnxruntime on fresh random requests; returns the parity record, raises ExportError.
 
     The record is returned inside the exception too (`err.parity`) so a failure can still be written.
     """
     import onnxruntime as ort
     sess = ort.InferenceSession(str(onnx_path), providers=providers or ["CPUExecutionProvider"])
-    rng = np.random.default_rng([seed, 7919])  # not the export example's stream
-    n_items = wrapper.student.n_items
+    refs = references if references is not None else reference_outputs(wrapper, max_history, seed)
     names = wrapper.output_names
     points, worst, scale = [], {n: 0.0 for n in names}, {n: 0.0 for n in names}
     problems = []
-    for b, h, c in parity_points(max_history):
-        lengths = None
-        if b == 1:  # batch 1: one point with an empty history, the other with a full one
-            lengths = np.array([0 if c == 1 else h])
-        feed = _random_inputs(rng, n_items, b, h, c, lengths)
-        with torch.no_grad():
-            ref = [t.numpy() for t in wrapper(*(torch.from_numpy(feed[k]) for k in INPUT_NAMES))]
+    for ref in refs:
+        feed, pt = ref["feed"], ref["point"]
+        b, h, c = pt["batch"], pt["history"], pt["candidates"]
         got = sess.run(names, feed)
         diffs = {}
-        for name, r, g in zip(names, ref, got):
+        for name, g in zip(names, got):
+            r = ref["out"][name]
             if r.shape != g.shape:
                 problems.append(f"{name}: shape {g.shape} from onnxruntime vs {r.shape} from torch "
                                 f"at batch={b} history={h} candidates={c}")
                 diffs[name] = float("inf")
+                worst[name] = float("inf")
                 continue
             for src, arr in (("onnxruntime", g), ("torch", r)):
                 if not np.all(np.isfinite(arr)):
@@ -187,13 +245,14 @@ def check_parity(wrapper: ServingStudent, onnx_path: Path, max_history: int, tol
             worst[name] = max(worst[name], diffs[name])
             if r.size:
                 scale[name] = max(scale[name], float(np.max(np.abs(r))))
-        points.append({"batch": b, "history": h, "candidates": c,
-                       "history_length": feed["history_length"].tolist(), "max_abs_diff": diffs})
+        points.append({**pt, "max_abs_diff": diffs})
     for name, d in worst.items():
         if not d <= tol:
             problems.append(f"output {name}: max |onnx - torch| = {d:.3g} exceeds parity_tol={tol:g} "
                             f"(largest |torch output| = {scale[name]:.3g})")
     record = {"tolerance": tol, "points": points, "max_abs_diff": worst, "max_abs_value": scale,
+              "batch_sizes": sorted({p["batch"] for p in points}),
+              "history_lengths": sorted({p["history"] for p in points}),
               "passed": not problems,
               "problems": problems, "onnxruntime_version": ort.__version__, "torch_version": torch.__version__,
               "providers": sess.get_providers(), "seed": seed}
@@ -261,8 +320,26 @@ def _runtime_meta(student: Student, meta: dict, wrapper: ServingStudent, cfg: Ex
 
 
 # ---------------------------------------------------------------------------------------------- stage
-def export_student(student_dir: Path, onnx_dir: Path, cfg: ExportConfig, seed: int = 0) -> dict:
-    """student/ -> onnx/student.onnx + parity.json + runtime.json. Returns a summary dict."""
+def _opt(cfg, name, value, default):
+    """kwarg > ExportConfig field (once the config has it) > default."""
+    if value is not None:
+        return value
+    return getattr(cfg, name, default)
+
+
+def export_student(student_dir: Path, onnx_dir: Path, cfg: ExportConfig, seed: int = 0,
+                   variants: Optional[Sequence[str]] = None, int8_include_catalog_matmul: Optional[bool] = None,
+                   strict_variants: Optional[bool] = None) -> dict:
+    """student/ -> onnx/student.onnx (+ variants) + parity.json + runtime.json. Returns a summary dict.
+
+    variants: any of "opt", "int8", "fp16" (default: all; export/optimize.py); each is checked against the
+    PyTorch student on the parity inputs and only placed when it meets its tolerance. strict_variants=True
+    makes a failing variant fail the export instead of being left out with a warning.
+    """
+    from export.optimize import DEFAULT_VARIANTS, build_variants
+    variants = tuple(_opt(cfg, "variants", variants, DEFAULT_VARIANTS))
+    include_catalog = bool(_opt(cfg, "int8_include_catalog_matmul", int8_include_catalog_matmul, False))
+    strict = bool(_opt(cfg, "strict_variants", strict_variants, False))
     student_dir, onnx_dir = Path(student_dir), Path(onnx_dir)
     student = Student.load(student_dir).eval()
     meta = json.loads((student_dir / "config.json").read_text())
@@ -283,22 +360,42 @@ def export_student(student_dir: Path, onnx_dir: Path, cfg: ExportConfig, seed: i
 
     onnx_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = onnx_dir / "student.onnx"
+    refs = reference_outputs(wrapper, max_history, seed)
     t0 = time.perf_counter()
+    import onnx
     with atomic_path(onnx_path) as tmp:
         _export_graph(wrapper, example, cfg.opset, tmp)
         export_s = time.perf_counter() - t0
-        import onnx
-        verify_graph(onnx.load(str(tmp)), wrapper.output_names, student.n_items)
+        graph = onnx.load(str(tmp))
+        verify_graph(graph, wrapper.output_names, student.n_items)
         try:
-            parity = check_parity(wrapper, tmp, max_history, cfg.parity_tol, seed=seed, label=str(onnx_path))
+            parity = check_parity(wrapper, tmp, max_history, cfg.parity_tol, seed=seed, label=str(onnx_path),
+                                  references=refs)
         except ExportError as e:
             rec = getattr(e, "parity", None)
             if rec is not None:
                 write_json(onnx_dir / "parity.json", {**rec, "opset": cfg.opset})
             raise
-        parity = {**parity, "opset": cfg.opset}
-        write_json(onnx_dir / "parity.json", parity)
+    parity = {**parity, "opset": cfg.opset, "op_types": graph_op_types(graph)}
+
+    t1 = time.perf_counter()
+    var = build_variants(onnx_path, onnx_dir, refs, wrapper.output_names, variants=variants,
+                         parity_tol=cfg.parity_tol, include_catalog_matmul=include_catalog,
+                         n_items=student.n_items, strict=strict)
+    variants_s = time.perf_counter() - t1
+    parity["variants"] = var
+    write_json(onnx_dir / "parity.json", parity)
+    runtime["variants"] = {"fp32": {"file": "student.onnx", "precision": "fp32", "gpu_only": False}}
+    for kind, rec in var.items():
+        if rec.get("passed"):
+            runtime["variants"][kind] = {"file": rec["file"], "precision": rec["precision"],
+                                         "gpu_only": rec["gpu_only"]}
     write_json(onnx_dir / "runtime.json", runtime)
+
+    def _short(rec):
+        return {k: rec.get(k) for k in ("file", "passed", "size_bytes", "max_abs_diff", "max_rel_diff",
+                                        "top10_overlap_mean", "problems")}
+
     return {
         "onnx": str(onnx_path),
         "runtime": str(onnx_dir / "runtime.json"),
@@ -310,9 +407,26 @@ def export_student(student_dir: Path, onnx_dir: Path, cfg: ExportConfig, seed: i
         "max_history": max_history,
         "opset": cfg.opset,
         "export_seconds": round(export_s, 2),
+        "variants_seconds": round(variants_s, 2),
+        "variants": {k: _short(r) for k, r in var.items()},
     }
 
 
-def export_run(run_dir: Path, cfg: ExportConfig, seed: int = 0) -> dict:
+def export_run(run_dir: Path, cfg: ExportConfig, seed: int = 0, variants: Optional[Sequence[str]] = None,
+               int8_include_catalog_matmul: Optional[bool] = None, strict_variants: Optional[bool] = None,
+               teacher: Optional[bool] = None) -> dict:
+    """The export stage: runs/<name>/student -> runs/<name>/onnx (student.onnx + variants, parity, runtime).
+
+    teacher=True (or ExportConfig.teacher once the config has it) also exports the teacher
+    (export/teacher_export.py: onnx/teacher.onnx + teacher_parity.json) when runs/<name>/teacher exists."""
     run_dir = Path(run_dir)
-    return export_student(run_dir / "student", run_dir / "onnx", cfg, seed=seed)
+    summary = export_student(run_dir / "student", run_dir / "onnx", cfg, seed=seed, variants=variants,
+                             int8_include_catalog_matmul=int8_include_catalog_matmul,
+                             strict_variants=strict_variants)
+    if bool(_opt(cfg, "teacher", teacher, False)):
+        if not (run_dir / "teacher" / "config.json").exists():
+            raise ExportError(f"{run_dir / 'teacher'} is missing: run the teacher stage first, or export "
+                              f"without the teacher")
+        from export.teacher_export import export_teacher
+        summary["teacher"] = export_teacher(run_dir, opset=cfg.opset, seed=seed)
+    return summary

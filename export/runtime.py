@@ -11,6 +11,8 @@ item of the full history counts as seen for `exclude_seen`.
 
 One InferenceSession is shared; `InferenceSession.run` is thread-safe and this object holds no mutable
 state after construction, so a Recommender can serve concurrent requests.
+
+Providers and variants: see the Recommender docstring and docs/export.md.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from typing import Optional, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from export.providers import CPU, ProviderFallbackWarning, build_providers, create_session  # noqa: F401
+
 SCHEMA_VERSION = 1
 INPUT_NAMES = ("history_items", "history_ratings", "history_length", "candidates")
 _FIX = "run `distillrec export <run>`"
@@ -30,6 +34,11 @@ _REQUIRED = ("item_ids", "max_history", "tasks", "outputs", "n_items")
 
 class RuntimeArtifactError(RuntimeError):
     """The runtime folder (runtime.json / model file) is missing, corrupt or from another schema."""
+
+
+class UnsupportedProviderError(RuntimeError):
+    """The model cannot be served by the provider onnxruntime would use (FP16 on CPU), or a required provider
+    does not serve (strict_providers=True)."""
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -41,15 +50,32 @@ def _provider_name(p) -> str:
 
 
 class Recommender:
+    """Raw-id recommender over one exported model file of a runtime folder (runs/<name>/onnx).
+
+    providers: names in any order, e.g. ["tensorrt", "cuda", "cpu"] (default: runtime.json "providers");
+      they are put in TensorRT -> CUDA -> CPU order, filtered to this onnxruntime build, and CPU is always the
+      last resort. TensorRT gets FP16, engine + timing caches in <folder>/trt_cache and min/opt/max profile
+      shapes for every input (`trt_profile` overrides them, see export.providers.DEFAULT_PROFILE).
+      `.requested_providers` is what was asked for, `.providers` what the session really runs (read back from
+      onnxruntime); when they differ a ProviderFallbackWarning is emitted (and logged), or, with
+      strict_providers=True, UnsupportedProviderError is raised.
+    variant / model_file: which model of the folder to serve: a variant name of runtime.json "variants"
+      ("fp32", "opt", "int8", "fp16") or a file name. The FP16 variant is GPU-only: loading it where
+      onnxruntime would run it on the CPU provider raises UnsupportedProviderError.
+    """
+
     def __init__(self, folder, providers: Optional[list] = None, unknown_items: str = "error",
                  empty_history: str = "error", intra_op_threads: Optional[int] = None,
-                 model_file: Optional[str] = None):
+                 model_file: Optional[str] = None, variant: Optional[str] = None, strict_providers: bool = False,
+                 trt_profile: Optional[dict] = None):
         if unknown_items not in ("error", "drop"):
             raise ValueError(f"unknown_items must be 'error' or 'drop', got {unknown_items!r}")
         if empty_history not in ("error", "popularity"):
             raise ValueError(f"empty_history must be 'error' or 'popularity', got {empty_history!r}")
         if intra_op_threads is not None and (not isinstance(intra_op_threads, int) or intra_op_threads < 0):
             raise ValueError(f"intra_op_threads must be a non-negative int or None, got {intra_op_threads!r}")
+        if model_file is not None and variant is not None:
+            raise ValueError("pass either model_file or variant, not both")
         self.folder = Path(folder)
         self.unknown_items, self.empty_history = unknown_items, empty_history
         self.meta = self._load_meta(self.folder / "runtime.json")
@@ -68,11 +94,40 @@ class Recommender:
             raise RuntimeArtifactError(f"{self.folder / 'runtime.json'}: item_popularity has {pop.shape[0]} "
                                        f"entries for {self.n_items} items; {_FIX}")
         self.item_popularity = pop
-        self.model_path = self.folder / (model_file or m.get("model_file", "student.onnx"))
-        self.session = self._make_session(providers, intra_op_threads)
-        self.providers: list[str] = self.session.get_providers()
+        self.variant, self.precision, file_name = self._pick_model(model_file, variant)
+        self.model_path = self.folder / file_name
+        self.session, self.provider_record = self._make_session(providers, intra_op_threads, strict_providers,
+                                                                trt_profile)
+        self.providers: list[str] = list(self.session.get_providers())
+        self.requested_providers: list[str] = list(self.provider_record["requested"])
 
     # ------------------------------------------------------------------------------------------ loading
+    @property
+    def variants(self) -> dict:
+        """runtime.json "variants": {name: {"file", "precision", "gpu_only"}} (fp32 only for older exports)."""
+        v = self.meta.get("variants")
+        if isinstance(v, dict) and v:
+            return v
+        return {"fp32": {"file": self.meta.get("model_file", "student.onnx"), "precision": "fp32", "gpu_only": False}}
+
+    def _pick_model(self, model_file, variant) -> tuple[Optional[str], Optional[str], str]:
+        """-> (variant name or None, precision or None, file name)."""
+        variants = self.variants
+        if variant is not None:
+            if variant not in variants:
+                raise RuntimeArtifactError(f"variant {variant!r} is not in {self.folder / 'runtime.json'} "
+                                           f"(available: {sorted(variants)}); a variant that failed its parity "
+                                           f"check is not listed, see parity.json; {_FIX}")
+            v = variants[variant]
+            return variant, v.get("precision"), str(v["file"])
+        name = model_file or self.meta.get("model_file", "student.onnx")
+        if Path(name).name != name:
+            raise ValueError(f"model_file must be a file name inside {self.folder}, got {name!r}")
+        for k, v in variants.items():
+            if v.get("file") == name:
+                return k, v.get("precision"), name
+        return None, None, name
+
     @staticmethod
     def _load_meta(path: Path) -> dict:
         if not path.is_file():
@@ -89,37 +144,51 @@ class Recommender:
         missing = [k for k in _REQUIRED if k not in meta]
         if missing:
             raise RuntimeArtifactError(f"{path} lacks {missing}; {_FIX}")
-        if len(meta["item_ids"]) != meta["n_items"] or "next_item_scores" not in meta["outputs"]:
+        if not isinstance(meta["item_ids"], list) or len(meta["item_ids"]) != meta["n_items"] \
+                or "next_item_scores" not in meta["outputs"]:
             raise RuntimeArtifactError(f"{path} is inconsistent (item_ids vs n_items, or no next_item_scores "
                                        f"output); {_FIX}")
         return meta
 
-    def _make_session(self, providers, intra_op_threads) -> ort.InferenceSession:
+    def _fp16_refusal(self, where: str, record: dict) -> UnsupportedProviderError:
+        return UnsupportedProviderError(
+            f"{self.model_path.name} is the FP16 variant, which is GPU-only, but onnxruntime {where} "
+            f"CPUExecutionProvider (requested {record.get('requested')}, available in this build "
+            f"{record.get('available')}). Fused FP16 graphs have crashed onnxruntime's CPU provider, so the "
+            f"runtime refuses it: on CPU serve student.onnx, student.opt.onnx or student.int8.onnx "
+            f"(variant='fp32' / 'opt' / 'int8'); for FP16 use providers=['tensorrt', 'cuda'] with "
+            f"onnxruntime-gpu on a machine with a working GPU.")
+
+    def _make_session(self, providers, intra_op_threads, strict: bool, trt_profile):
         path = self.model_path
         if not path.is_file():
             raise RuntimeArtifactError(f"{path} is missing; {_FIX}")
-        available = set(ort.get_available_providers())
-        wanted = list(providers or self.meta.get("providers") or ["CPUExecutionProvider"])
-        chosen = [p for p in wanted if _provider_name(p) in available]
-        if providers and not chosen:
-            raise ValueError(f"none of the providers {[_provider_name(p) for p in wanted]} is available in this "
-                             f"onnxruntime build (available: {sorted(available)})")
-        if "CPUExecutionProvider" not in [_provider_name(p) for p in chosen]:
-            chosen.append("CPUExecutionProvider")  # the fallback every build has
+        wanted = list(providers or self.meta.get("providers") or [CPU])
+        chosen, record = build_providers(wanted, cache_dir=self.folder / "trt_cache", max_history=self.max_history,
+                                         profile=trt_profile)
+        if self.precision == "fp16" and [_provider_name(p) for p in chosen] == [CPU]:
+            raise self._fp16_refusal("can only run it on", record)
         opts = ort.SessionOptions()
         if intra_op_threads is not None:
             opts.intra_op_num_threads = intra_op_threads
         try:
-            sess = ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
+            sess, record = create_session(path, chosen, record, sess_options=opts, what=str(path))
         except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
             raise RuntimeArtifactError(f"{path} cannot be loaded by onnxruntime {ort.__version__} "
                                        f"({type(e).__name__}: {str(e).strip()[:300]}); {_FIX}") from e
+        if self.precision is None:  # a file runtime.json does not list: the export stamps its precision
+            meta = sess.get_modelmeta().custom_metadata_map or {}
+            self.precision = meta.get("distillrec.precision")
+        if self.precision == "fp16" and record["actual"][0] == CPU:
+            raise self._fp16_refusal("fell back to", record)
+        if strict and record["fallback"]:
+            raise UnsupportedProviderError(record["fallback_warning"])
         ins = [i.name for i in sess.get_inputs()]
         outs = [o.name for o in sess.get_outputs()]
         if ins != list(INPUT_NAMES) or outs != self.output_names:
             raise RuntimeArtifactError(f"{path} has inputs {ins} / outputs {outs}; runtime.json expects "
                                        f"{list(INPUT_NAMES)} / {self.output_names}; {_FIX}")
-        return sess
+        return sess, record
 
     # ------------------------------------------------------------------------------------------ encoding
     def _check_history(self, history, what: str = "history") -> list:
@@ -230,11 +299,24 @@ class Recommender:
         return arr_i, arr_r, length
 
     # ------------------------------------------------------------------------------------------ low level
+    @staticmethod
+    def _int_array(x, name: str) -> np.ndarray:
+        a = np.asarray(x)
+        if a.dtype.kind not in "iu":
+            raise ValueError(f"{name} must hold integers (int64 ids / lengths), got dtype {a.dtype}")
+        return np.ascontiguousarray(a, dtype=np.int64)
+
     def predict_arrays(self, history_items, history_ratings, history_length, candidates=None) -> dict:
-        """One session call on internal, already padded arrays -> {output name: array}."""
-        items = np.ascontiguousarray(history_items, dtype=np.int64)
-        rates = np.ascontiguousarray(history_ratings, dtype=np.float32)
-        length = np.ascontiguousarray(history_length, dtype=np.int64)
+        """One session call on internal, already LEFT-padded arrays -> {output name: array}.
+
+        A history axis longer than max_history keeps its last max_history columns (the most recent items) and
+        lengths are capped accordingly, as the model's position table holds max_history slots."""
+        items = self._int_array(history_items, "history_items")
+        length = self._int_array(history_length, "history_length")
+        r = np.asarray(history_ratings)
+        if r.dtype.kind not in "iuf":
+            raise ValueError(f"history_ratings must be numeric, got dtype {r.dtype}")
+        rates = np.ascontiguousarray(r, dtype=np.float32)
         if items.ndim != 2 or rates.shape != items.shape or length.shape != (items.shape[0],):
             raise ValueError(f"expected history_items/history_ratings [B, L] and history_length [B]; got "
                              f"{items.shape}, {rates.shape}, {length.shape}")
@@ -242,9 +324,11 @@ class Recommender:
         if b < 1 or L < 1:
             raise ValueError(f"batch and history axes must be >= 1 (pad an empty history to length 1 with "
                              f"history_length 0); got {items.shape}")
+        if not np.all(np.isfinite(rates)):
+            raise ValueError("history_ratings contain NaN/inf")
         if candidates is None:
             candidates = np.zeros((b, 1), dtype=np.int64)
-        cand = np.ascontiguousarray(candidates, dtype=np.int64)
+        cand = self._int_array(candidates, "candidates")
         if cand.ndim != 2 or cand.shape[0] != b or cand.shape[1] < 1:
             raise ValueError(f"candidates must be [B={b}, C>=1], got {cand.shape}")
         if length.min() < 0 or length.max() > L:
@@ -252,6 +336,10 @@ class Recommender:
         for name, a in (("history_items", items), ("candidates", cand)):
             if a.min() < 0 or a.max() >= self.n_items:
                 raise ValueError(f"{name} holds ids outside [0, {self.n_items})")
+        if L > self.max_history:
+            items = np.ascontiguousarray(items[:, -self.max_history:])
+            rates = np.ascontiguousarray(rates[:, -self.max_history:])
+            length = np.minimum(length, self.max_history)
         feed = {"history_items": items, "history_ratings": rates, "history_length": length, "candidates": cand}
         return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
 

@@ -19,8 +19,18 @@ import torch
 
 from distill.config import ExportConfig, StudentConfig
 from distill.student import Student
-from export.onnx_export import (INPUT_NAMES, ExportError, ServingStudent, check_parity, export_run,
-                                export_student, verify_graph)
+from export.onnx_export import (
+    INPUT_NAMES,
+    ExportError,
+    ServingStudent,
+    check_op_set,
+    check_parity,
+    export_run,
+    export_student,
+    graph_op_types,
+    parity_points,
+    verify_graph,
+)
 from export.runtime import Recommender, RuntimeArtifactError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,9 +110,103 @@ def test_parity_json_and_summary(exported):
     lengths = [x for p in pts for x in p["history_length"]]
     assert 0 in lengths and any(x == p["history"] for p in pts for x in p["history_length"] if p["batch"] > 1)
     assert parity["onnxruntime_version"] == ort.__version__ and parity["torch_version"] == torch.__version__
+    assert {1, 2} <= set(parity["batch_sizes"]) and {1, 2, MAX_HISTORY} <= set(parity["history_lengths"])
     s = exported["summary"]
     assert s["parity_passed"] and s["size_bytes"] == (exported["onnx"] / "student.onnx").stat().st_size > 0
     assert s["max_abs_diff"] == parity["max_abs_diff"]
+
+
+def test_parity_points_cover_batch_1_2_history_50_and_max():
+    pts = parity_points(60)
+    by_batch = {b: {h for bb, h, _ in pts if bb == b} for b in (1, 2)}
+    assert {1, 50, 60} <= by_batch[1] and {2, 50, 60} <= by_batch[2]
+    assert {c for _, _, c in pts} == {1, 100}
+    assert max(p[1] for p in parity_points(10)) == 10  # 50 is clipped to what the model accepts
+
+
+# ------------------------------------------------------------------------------ opset 23 / Attention op
+ALLOWED_OPS = {  # what the opset-20 student graph is made of: plain ai.onnx ops, attention decomposed
+    "Add", "And", "Cast", "Clip", "Concat", "Div", "Equal", "Expand", "Gather", "GatherND", "Gelu", "Gemm",
+    "GreaterOrEqual", "LayerNormalization", "MatMul", "Mul", "Not", "Or", "Range", "Relu", "Reshape", "Round",
+    "Shape", "Slice", "Softmax", "Squeeze", "Sub", "Transpose", "Unsqueeze", "Where", "Sigmoid", "Tanh", "Max",
+    "Min", "ReduceSum", "ReduceMean", "Pow", "Sqrt", "Neg", "Exp", "Less", "Greater", "LessOrEqual", "Split",
+    "Constant", "ConstantOfShape", "Identity", "Erf", "IsNaN", "Abs", "Einsum",
+}
+
+
+def test_opset20_graph_has_no_attention_op(exported):
+    model = onnx.load(str(exported["onnx"] / "student.onnx"))
+    ops = graph_op_types(model)
+    assert "Attention" not in ops and "Softmax" in ops and "MatMul" in ops  # attention is decomposed
+    assert set(ops) <= ALLOWED_OPS, set(ops) - ALLOWED_OPS  # no contrib / fused op slipped into the export
+    assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 20
+    parity = json.loads((exported["onnx"] / "parity.json").read_text())
+    assert parity["op_types"] == ops
+    check_op_set(model)
+
+
+class _SdpaEncoder(torch.nn.Module):
+    """A student-like block written with F.scaled_dot_product_attention and a left-padding mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.qkv = torch.nn.Embedding(N_ITEMS, 16), torch.nn.Linear(16, 48)
+
+    def forward(self, items, length):
+        b, L = items.shape
+        q, k, v = self.qkv(self.emb(items)).view(b, L, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        idx = torch.arange(L).unsqueeze(0)
+        allowed = ((idx.transpose(0, 1) >= idx).unsqueeze(0) & (idx >= (L - length).unsqueeze(1)).unsqueeze(1)) \
+            | torch.eye(L, dtype=torch.bool)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1))[:, :, -1]
+
+
+def _export_sdpa(model, opset, path):
+    import warnings
+
+    from torch.export import Dim
+    ex = (torch.randint(0, N_ITEMS, (2, 5)), torch.tensor([3, 5]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(model, ex, dynamo=True, opset_version=opset, input_names=["items", "length"],
+                                 dynamic_shapes=({0: Dim("b", min=1), 1: Dim("L", min=1)}, {0: Dim("b", min=1)}))
+    prog.save(str(path))
+    return onnx.load(str(path))
+
+
+def test_attention_op_from_opset23_is_refused_and_opset20_is_padding_safe(tmp_path):
+    """The regression guard for 'opset 23's Attention broke on onnxruntime CPU with padding masks': a model
+    that uses SDPA gets the fused Attention op at opset 23 -> the export check refuses it; at opset 20 the
+    same model decomposes and matches torch on padded and all-padding rows."""
+    torch.manual_seed(0)
+    model = _SdpaEncoder().eval()
+    g23 = _export_sdpa(model, 23, tmp_path / "sdpa23.onnx")
+    assert "Attention" in graph_op_types(g23)
+    with pytest.raises(ExportError, match="Attention.*opset 20"):
+        check_op_set(g23)
+    g20 = _export_sdpa(model, 20, tmp_path / "sdpa20.onnx")
+    assert "Attention" not in graph_op_types(g20)
+    check_op_set(g20)
+    sess = ort.InferenceSession(str(tmp_path / "sdpa20.onnx"), providers=["CPUExecutionProvider"])
+    items = torch.randint(0, N_ITEMS, (4, 7))
+    length = torch.tensor([0, 2, 7, 1])
+    got = sess.run(None, {"items": items.numpy(), "length": length.numpy()})[0]
+    with torch.no_grad():
+        ref = model(items, length).numpy()
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_student_at_opset23_has_no_attention_and_keeps_parity(exported, tmp_path):
+    """The student writes attention as MatMul/Softmax, so even opset 23 yields no Attention op; the padding
+    parity points (empty and partial histories) still pass. The config stays at 20 (ExportConfig.opset)."""
+    s = export_student(exported["run"] / "student", tmp_path / "onnx23", ExportConfig(opset=23), variants=())
+    assert s["parity_passed"] and s["opset"] == 23
+    parity = json.loads((tmp_path / "onnx23" / "parity.json").read_text())
+    assert "Attention" not in parity["op_types"]
+    assert any(0 in p["history_length"] for p in parity["points"])
+    assert ExportConfig().opset == 20
 
 
 def test_runtime_json(exported):
@@ -288,11 +392,36 @@ def test_input_validation(rec, kwargs, match):
         rec.recommend(**kwargs)
 
 
+def test_predict_arrays_dtype_nan_and_long_history(exported, rec):
+    items, ratings = np.array([[1, 2, 3]]), np.array([[5, 4, 3]], np.float32)
+    with pytest.raises(ValueError, match="history_items must hold integers"):
+        rec.predict_arrays(items.astype(np.float64), ratings, np.array([3]))
+    with pytest.raises(ValueError, match="history_length must hold integers"):
+        rec.predict_arrays(items, ratings, np.array([3.0]))
+    with pytest.raises(ValueError, match="candidates must hold integers"):
+        rec.predict_arrays(items, ratings, np.array([3]), np.array([["a"]]))
+    with pytest.raises(ValueError, match="history_ratings must be numeric"):
+        rec.predict_arrays(items, np.array([["5", "4", "3"]]), np.array([3]))
+    with pytest.raises(ValueError, match="NaN"):
+        rec.predict_arrays(items, np.array([[5, np.nan, 3]], np.float32), np.array([3]))
+    with pytest.raises(ValueError, match="history_length must lie in"):
+        rec.predict_arrays(items, ratings, np.array([4]))
+    with pytest.raises(ValueError, match=r"\[B, L\]"):
+        rec.predict_arrays(items[0], ratings[0], np.array([3]))
+    # a history axis longer than max_history keeps the most recent max_history columns
+    rng = np.random.default_rng(0)
+    long_items = rng.integers(0, N_ITEMS, (2, 25)).astype(np.int64)
+    long_r = rng.integers(1, 6, (2, 25)).astype(np.float32)
+    out = rec.predict_arrays(long_items, long_r, np.array([25, 12]))
+    tail = rec.predict_arrays(long_items[:, -MAX_HISTORY:], long_r[:, -MAX_HISTORY:], np.array([10, 10]))
+    np.testing.assert_allclose(out["next_item_scores"], tail["next_item_scores"], atol=1e-6)
+
+
 def test_predict_arrays_validation(rec):
     with pytest.raises(ValueError, match="outside"):
         rec.predict_arrays(np.array([[N_ITEMS]]), np.zeros((1, 1)), np.array([1]))
     with pytest.raises(ValueError, match=">= 1"):
-        rec.predict_arrays(np.zeros((1, 0)), np.zeros((1, 0)), np.array([0]))
+        rec.predict_arrays(np.zeros((1, 0), np.int64), np.zeros((1, 0)), np.array([0]))
 
 
 def _broken_copy(exported, tmp_path):
