@@ -143,6 +143,10 @@ def main(argv=None) -> int:
     tw.add_argument("--eval-users", type=int, help="test users per strategy (default: the run's teacher.eval_users)")
     tw.add_argument("--strategies", default="fixed,uncertainty,gradnorm,dwa")
     tw.add_argument("-o", "--override", action="append", default=[])
+    lt = sub.add_parser("loadtest", help="bounded load test of the HTTP service on 127.0.0.1")
+    lt.add_argument("run_dir")
+    lt.add_argument("--clients", type=int, default=8)
+    lt.add_argument("--seconds", type=float, default=10.0)
     sv = sub.add_parser("serve", help="HTTP service over the exported ONNX model of a run")
     sv.add_argument("run_dir")
     sv.add_argument("--host", default="127.0.0.1")
@@ -166,6 +170,10 @@ def main(argv=None) -> int:
         serve(Path(args.run_dir) / "onnx", host=args.host, port=args.port, workers=args.workers,
               providers=args.providers, unknown_items=args.unknown_items, empty_history=args.empty_history,
               model_file=args.model_file)
+        return 0
+    if args.cmd == "loadtest":
+        from serve_bench.loadtest import run_loadtest
+        print(json.dumps(run_loadtest(Path(args.run_dir), clients=args.clients, seconds=args.seconds), indent=2))
         return 0
     if args.cmd == "triton":
         from export.triton import write_run_repository

@@ -4,9 +4,10 @@
 
 The child imports only what the system's serving path needs (an onnxruntime student never imports
 torch), records its RSS after those imports (`baseline_rss_mb`), loads the system, runs `calls` requests
-of the top-K workload, and reports the peak: `ru_maxrss` of the process (`peak_rss_mb`, the kernel's
-high-water mark, which includes the interpreter and the libraries) and the largest RSS psutil saw after a
-call. `model_rss_mb` = peak - baseline: what loading and running the model added.
+of the top-K workload, and reports the peak: the process's high-water mark (`peak_rss_mb`, which includes
+the interpreter and the libraries) and the largest RSS seen after a
+call. `model_rss_mb` = peak - baseline: what loading and running the model added. The peak is VmHWM
+(/proc/self/status: the high-water mark of this process image), falling back to ru_maxrss elsewhere.
 
 spec: {"kind": "student_onnx" | "student_torch" | "teacher_torch" | "teacher_onnx", "requests": npz of a
 RequestSet (or, for teacher_onnx, "feeds": npz of pre-tokenized teacher inputs), "batch", "calls",
@@ -29,16 +30,36 @@ from typing import Optional
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _maxrss_mb() -> float:
+def _proc_status_mb(key: str) -> Optional[float]:
+    """VmHWM / VmRSS of this process from /proc (Linux), in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _peak_mb() -> float:
+    """Peak RSS of THIS process image. VmHWM first: it belongs to the address space created by exec, whereas
+    Linux carries ru_maxrss over from the forking parent (a child of a big process would report the parent's
+    peak)."""
+    hwm = _proc_status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024  # bytes on macOS, KiB on Linux
 
 
 def _rss_mb() -> Optional[float]:
+    cur = _proc_status_mb("VmRSS")
+    if cur is not None:
+        return cur
     try:
         import psutil
         return psutil.Process().memory_info().rss / 2 ** 20
-    except ImportError:  # psutil is optional here: ru_maxrss is the measurement
+    except ImportError:
         return None
 
 
@@ -51,7 +72,7 @@ def _child(spec: dict) -> dict:
     else:
         import onnxruntime  # noqa: F401
     baseline = _rss_mb()
-    baseline_max = _maxrss_mb()
+    baseline_max = _peak_mb()
     from serve_bench.workload import RequestSet, top_k_unseen
     if kind == "teacher_onnx":
         from serve_bench.systems import TeacherOnnxSystem
@@ -93,10 +114,10 @@ def _child(spec: dict) -> dict:
         r = _rss_mb()
         if r is not None:
             seen.append(r)
-    peak = _maxrss_mb()
+    peak = _peak_mb()
     return dict(kind=kind, pid=os.getpid(), peak_rss_mb=peak, baseline_rss_mb=baseline if baseline is not None
                 else baseline_max, model_rss_mb=peak - (baseline if baseline is not None else baseline_max),
-                psutil_peak_rss_mb=max(seen) if seen else None, after_load_rss_mb=loaded,
+                sampled_peak_rss_mb=max(seen) if seen else None, after_load_rss_mb=loaded,
                 batch=int(spec.get("batch", 1)), calls=int(spec.get("calls", 5)),
                 provider=getattr(system, "provider", None), seconds=time.perf_counter() - t0)
 

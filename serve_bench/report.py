@@ -1,65 +1,362 @@
-"""bench/report.md + bench/latency.png from the report dict."""
+"""bench/report.md + bench/latency.png + bench/quality_latency.png from the report dict (serve_bench.bench).
+
+Everything here reads the report dict only, so a synthetic dict renders too (tests/test_bench.py).
+"""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from distill.io import atomic_path, atomic_write_text
 from distill.metrics import format_metrics_table
 
 
-def _fmt_bytes(n: int) -> str:
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "–"
+    n = float(n)
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} GB"
 
 
-def latency_table(report: dict) -> str:
-    batches = report["workload"]["batch_sizes"]
-    head = "| system | " + " | ".join(f"b={b} p50 ms | b={b} p99 ms | b={b} req/s | b={b} speed-up" for b in batches) + " |"
-    sep = "|---|" + "---|" * (4 * len(batches))
-    lines = [head, sep]
-    for name, rows in report["latency"].items():
+def _ms(v) -> str:
+    if v is None:
+        return "–"
+    if v >= 100:
+        return f"{v:,.0f}"
+    if v >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+def _x(v) -> str:
+    if v is None:
+        return "–"
+    return f"{v:,.0f}x" if v >= 10 else f"{v:.2f}x"
+
+
+def _num(v, fmt="{:.4f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def _find(points, system, requests, workload, batch, threads="all") -> Optional[dict]:
+    return next((p for p in points if p["system"] == system and p["requests"] == requests
+                 and p["workload"] == workload and p["batch"] == batch and p["threads"] == threads), None)
+
+
+def _provider(s: dict) -> str:
+    return f"{s.get('runtime', '?')} · {s.get('provider', '?')}"
+
+
+# ---------------------------------------------------------------------------------------------- tables
+def headline_table(report: dict) -> str:
+    pts, systems, w = report["points"], report["systems"], report["workload"]
+    fixed = w.get("fixed_set")
+    b_big = max(w["batch_sizes"])
+    b_mid = 32 if 32 in w["batch_sizes"] else b_big
+    ref = next((s.get("ndcg10_all_users") for s in systems.values()
+                if s.get("kind") == "student" and s.get("runtime") == "onnxruntime" and s.get("variant") == "fp32"
+                and s.get("provider") == "CPUExecutionProvider"), None)
+    h = f"h{w.get('fixed_history', 50)}"
+    lines = [f"| system | runtime · provider | params | size | peak RSS | p50 b=1 {h} ms | p99 b=1 {h} ms | "
+             f"p50 b={b_mid} ms | req/s b={b_big} | speed-up b=1 {h} (vs fastest teacher) | NDCG@10 teacher users | "
+             f"NDCG@10 all users | ΔNDCG@10 vs ONNX FP32 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in systems.items():
+        p1 = _find(pts, name, fixed, "topk", 1) if fixed else None
+        pm = _find(pts, name, "natural", "topk", b_mid)
+        pb = _find(pts, name, "natural", "topk", b_big)
+        nd = s.get("ndcg10_all_users")
+        delta = "–" if nd is None or not ref else f"{100 * (nd - ref) / ref:+.2f}%"
+        rss = s.get("peak_rss_mb")
+        rss_cell = "–" if rss is None else f"{rss:,.0f} MB"
+        rps_cell = "–" if not pb else f"{pb['throughput_rps']:,.1f}"
+        lines.append(f"| {name} | {_provider(s)} | {s['params']:,} | {_fmt_bytes(s['bytes'])} | "
+                     f"{rss_cell} | {_ms(p1 and p1['p50_ms'])} | "
+                     f"{_ms(p1 and p1['p99_ms'])} | {_ms(pm and pm['p50_ms'])} | "
+                     f"{rps_cell} | "
+                     f"{_x(p1 and p1.get('speedup_p50_vs_fastest_teacher'))} | "
+                     f"{_num(s.get('ndcg10_teacher_users'))} | {_num(nd)} | {delta} |")
+    return "\n".join(lines)
+
+
+def targets_table(report: dict) -> str:
+    lines = ["| target | measured | met? |", "|---|---|---|"]
+    for t in report.get("targets", []):
+        met = {True: "**yes**", False: "**NO**", None: "not measured"}[t["met"]]
+        lines.append(f"| {t['target']} | {t['measured']} | {met} |")
+    return "\n".join(lines)
+
+
+def grid_table(report: dict, requests: str, workload: str, threads="all", batches=None) -> str:
+    """Rows = systems, one cell per batch: p50 / p90 / p99 per call (ms) and the speed-up vs the teacher."""
+    pts = [p for p in report["points"] if p["requests"] == requests and p["workload"] == workload
+           and p["threads"] == threads]
+    if not pts:
+        return "_(no points)_"
+    batches = batches or sorted({p["batch"] for p in pts})
+    head = "| system | " + " | ".join(f"b={b}: p50 / p90 / p99 ms (speed-up)" for b in batches) + " |"
+    lines = [head, "|---|" + "---|" * len(batches)]
+    for name in dict.fromkeys(p["system"] for p in pts):
         cells = []
         for b in batches:
-            st = rows[str(b)]
-            cells += [f"{st['p50_ms']:.3f}", f"{st['p99_ms']:.3f}", f"{st['throughput_rps']:.1f}",
-                      f"{st['speedup_p50_vs_teacher']:.0f}x"]
+            p = _find(pts, name, requests, workload, b, threads)
+            if p is None:
+                cells.append("not run")
+                continue
+            sp = p.get("speedup_p50_vs_fastest_teacher")
+            est = "*" if p.get("p50_ms_all_candidates_est") else ""
+            cells.append(f"{_ms(p['p50_ms'])} / {_ms(p['p90_ms'])} / {_ms(p['p99_ms'])}{est} ({_x(sp)})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def size_table(report: dict) -> str:
-    lines = ["| system | parameters | size on disk |", "|---|---|---|"]
-    for name, s in report["sizes"].items():
-        lines.append(f"| {name} | {s['params']:,} | {_fmt_bytes(s['bytes'])} |")
+def per_request_table(report: dict, requests: str = "natural", workload: str = "topk") -> str:
+    pts = [p for p in report["points"] if p["requests"] == requests and p["workload"] == workload
+           and p["threads"] == "all"]
+    if not pts:
+        return "_(no points)_"
+    batches = sorted({p["batch"] for p in pts})
+    lines = ["| system | " + " | ".join(f"b={b}: per-request p50 / p99 ms · req/s" for b in batches) + " |",
+             "|---|" + "---|" * len(batches)]
+    for name in dict.fromkeys(p["system"] for p in pts):
+        cells = []
+        for b in batches:
+            p = _find(pts, name, requests, workload, b)
+            cells.append("not run" if p is None else f"{_ms(p['per_request_p50_ms'])} / {_ms(p['per_request_p99_ms'])}"
+                                                     f" · {p['throughput_rps']:,.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_report(report: dict, out: Path) -> None:
-    w, t, m = report["workload"], report["teacher"], report["machine"]
-    samples = {name: {b: st["samples"] for b, st in rows.items()} for name, rows in report["latency"].items()}
+def single_thread_table(report: dict) -> str:
+    fixed = report["workload"].get("fixed_set")
+    pts = [p for p in report["points"] if p["requests"] == fixed and p["workload"] == "topk" and p["threads"] == 1]
+    if not pts:
+        return "_(no single-thread points)_"
+    batches = sorted({p["batch"] for p in pts})
+    lines = ["| system | " + " | ".join(f"b={b}: p50 ms 1 thread / all threads (ratio)" for b in batches) + " |",
+             "|---|" + "---|" * len(batches)]
+    for name in dict.fromkeys(p["system"] for p in pts):
+        cells = []
+        for b in batches:
+            p1, pa = _find(pts, name, fixed, "topk", b, 1), _find(report["points"], name, fixed, "topk", b)
+            if p1 is None:
+                cells.append("not run")
+                continue
+            ratio = f" ({p1['p50_ms'] / pa['p50_ms']:.2f})" if pa else ""
+            cells.append(f"{_ms(p1['p50_ms'])} / {_ms(pa and pa['p50_ms'])}{ratio}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def concurrency_table(report: dict) -> str:
+    rows = report.get("concurrency") or []
+    if not rows:
+        return "_(no concurrency points)_"
+    lines = ["| system | threads sharing the session | p50 ms | p90 ms | p99 ms | req/s | calls |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['system']} | {r['threads']} | {_ms(r['p50_ms'])} | {_ms(r['p90_ms'])} | {_ms(r['p99_ms'])}"
+                     f" | {r['throughput_rps']:,.1f} | {r['samples']} |")
+    return "\n".join(lines)
+
+
+def size_table(report: dict) -> str:
+    lines = ["| system | parameters | size on disk | peak RSS (own process) | RSS after imports | added by the model |",
+             "|---|---|---|---|---|---|"]
+    rss = report.get("rss") or {}
+    for name, s in report["systems"].items():
+        r = rss.get(name) or {}
+        if "error" in r:
+            cells = [r["error"][:120], "–", "–"]
+        elif r:
+            cells = [f"{r['peak_rss_mb']:,.1f} MB (batch {r['batch']})", f"{r['baseline_rss_mb']:,.1f} MB",
+                     f"{r['model_rss_mb']:,.1f} MB"]
+        else:
+            cells = ["not measured", "–", "–"]
+        lines.append(f"| {name} | {s['params']:,} | {_fmt_bytes(s['bytes'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def floor_section(report: dict) -> str:
+    fl = report.get("floor") or {}
+    if not fl.get("points"):
+        return f"_(floor not computed: {fl.get('skipped', 'no data')})_"
+    mm = fl["matmul"]
+    lines = [f"Single-thread matmul rate: {mm['gflops']:.1f} GFLOP/s (onnxruntime MatMul {mm['m']}x{mm['k']} · "
+             f"{mm['k']}x{mm['n']}, float32, p50). Per-call overhead: a trivial graph with the student's inputs and "
+             f"outputs through the same runtime path and top-K step, one thread (bare `session.run` beside it). "
+             f"floor = max(overhead, MatMul FLOPs / rate). Request set: {fl.get('requests')}.", "",
+             "| workload | batch | MatMul FLOPs per call | compute at that rate ms | overhead ms (bare run) | floor ms | "
+             "bound | student variants: p50 / floor (1 thread; all threads) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in fl["points"]:
+        vs = []
+        for name, v in r["variants"].items():
+            one, allt = v.get("threads_1"), v.get("threads_all")
+            vs.append(f"{name}: {_x(one and one['x_floor'])}; {_x(allt and allt['x_floor'])}")
+        lines.append(f"| {r['workload']} | {r['batch']} | {r['flops_per_call'] / 1e6:,.2f} M | {_ms(r['compute_ms'])} | "
+                     f"{_ms(r['overhead_ms'])} ({_ms(r['session_run_ms'])}) | {_ms(r['floor_ms'])} | {r['bound']} | "
+                     f"{'<br>'.join(vs) or '–'} |")
+    return "\n".join(lines)
+
+
+def profile_section(report: dict) -> str:
+    prof = report.get("profile") or {}
+    if not prof:
+        return "_(no profile)_"
+    out = []
+    for name, p in prof.items():
+        if "error" in p:
+            out.append(f"**{name}**: {p['error']}")
+            continue
+        out.append(f"**{name}** — {p['calls']} profiled calls (batch 1, one thread): {_ms(p['run_ms_per_call'])} ms "
+                   f"per run under the profiler, {_ms(p['kernel_ms_per_call'])} ms in kernels; "
+                   f"{100 * (p['outside_kernels_share'] or 0):.0f}% of a run is outside kernels (scheduling, "
+                   f"allocation, input/output copies, profiler).\n")
+        out.append("| operator | ms per call | nodes per call | share of the run |\n|---|---|---|---|")
+        for o in p["top_ops"]:
+            share = o.get("share_of_call")
+            out.append(f"| {o['op']} | {o['ms_per_call']:.4f} | {o['nodes_per_call']:.0f} | "
+                       f"{'–' if share is None else f'{100 * share:.1f}%'} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def loadtest_section(report: dict) -> str:
+    lt = report.get("loadtest")
+    if not lt:
+        return "_(not run: set `bench.loadtest: true`, or `python -m serve_bench.loadtest <run>`)_"
+    if "errors" not in lt:
+        return f"_(not measured: {lt.get('error') or lt.get('skipped')})_"
+    lines = [f"{lt['clients']} concurrent keep-alive clients for {lt['seconds']} s against {lt.get('service', 'the service')}"
+             f" on {lt['host']} (POST {lt['path']}, requests from {lt.get('requests_from', '?')}).", "",
+             "| requests | ok | errors | req/s | p50 ms | p90 ms | p99 ms |", "|---|---|---|---|---|---|---|",
+             f"| {lt['requests']} | {lt['ok']} | {lt['errors']} | {lt['throughput_rps']:,.1f} | {_ms(lt.get('p50_ms'))} | "
+             f"{_ms(lt.get('p90_ms'))} | {_ms(lt.get('p99_ms'))} |"]
+    if lt.get("error_examples"):
+        lines += ["", "Errors seen: " + "; ".join(f"`{e}`" for e in lt["error_examples"])]
+    return "\n".join(lines)
+
+
+def _budget(report: dict) -> str:
+    t, s = report.get("teacher") or {}, report.get("student") or {}
+    b, c, p = t.get("budget") or {}, t.get("cost") or {}, t.get("params") or {}
+    parts = []
+    if b:
+        parts.append(f"Teacher: {b.get('train_users')} training users, {b.get('steps')} LoRA steps (stopped by "
+                     f"{b.get('stop_reason')}; max {b.get('max_steps')} steps / {b.get('time_budget_s')} s), evaluated on "
+                     f"{b.get('eval_users')} test users with history <= {b.get('eval_history')}"
+                     + (f"; {p['total']:,} parameters ({p.get('lora_trainable', 0):,} LoRA-trainable)" if p.get("total") else "")
+                     + ".")
+    if c.get("llm_tokens_per_dataset_token") is not None:
+        parts.append(f"LLM tokens per dataset token: {c['llm_tokens_per_dataset_token']:.2f}; training "
+                     f"{c.get('train_tokens_per_s', 0):.0f} tokens/s; evaluation {c.get('eval_users_per_s', 0):.1f} users/s.")
+    if s.get("params") is not None:
+        parts.append(f"Student: {s['params']:,} parameters, trained {s.get('train_seconds') or 0:.0f} s (best epoch "
+                     f"{s.get('best_epoch')}, stop: {s.get('stop_reason')}); teacher soft labels cover "
+                     f"{100 * (s.get('teacher_coverage') or 0):.1f}% of its training positions.")
+    par = report.get("parity") or {}
+    parts.append(f"ONNX parity (max |diff| vs PyTorch): {par.get('max_abs_diff')} (passed: {par.get('passed')}).")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- markdown
+def render_markdown(report: dict) -> str:
+    m, w, th = report["machine"], report["workload"], report.get("threads") or {}
     qs, qa = report["quality_teacher_subset"], report["quality_all_users"]
+    fixed = w.get("fixed_set")
+    skipped = "\n".join(f"- {s['system']}: {s['reason']}" for s in report.get("skipped", [])) or "- none"
+    notes = "\n".join(f"- {n}" for n in report.get("notes", []))
+    tc, nc = w.get("teacher_candidates", 1), w.get("candidates", 100)
+    teacher_bs = w.get("teacher_batch_sizes") or w["batch_sizes"]
     md = f"""# distillrec benchmark report
 
-Machine: {m.get('platform')} · {m.get('cpu_count')} CPUs · torch {m.get('torch')} ({m.get('torch_threads')} threads)
-{'· GPU ' + m['gpu'] if m.get('gpu') else ''} · device for PyTorch systems: {report['device']} · seed {report['seed']}
+Machine: {m.get('cpu_model', m.get('processor') or '?')} · {m.get('cpu_count')} logical CPUs
+({m.get('physical_cores', '?')} physical, {m.get('affinity_cpus', '?')} usable) · {m.get('memory_gb', '?')} GB ·
+{m.get('platform')}{' · GPU ' + m['gpu'] if m.get('gpu') else ''}.
+Versions: Python {m.get('python')}, torch {m.get('torch')}, onnxruntime {m.get('onnxruntime')}, numpy {m.get('numpy')}.
+Threads: PyTorch all = {th.get('torch_all_threads')}; onnxruntime all = {th.get('ort_all_threads')}; single-thread
+setting = 1 (torch.set_num_threads / intra_op_num_threads). PyTorch device: {report['device']}. Seed {report['seed']}.
+Bench wall time: {report.get('bench_seconds', 0):.0f} s.
 
-## Latency (same requests, same process, warm-up excluded)
+## Headline
 
-Requests: {w['requests']} protocol test users, {w['history']} (mean {w['mean_history']:.1f}), {w['candidates']} candidate;
-each call returns full-catalog next_item scores + rating + like. Speed-up = teacher p50 / system p50 at the
-same batch size. Calls per point: {samples} (students: >= {w['min_samples']} calls and >= {w['min_seconds']} s;
-teacher capped at {w['teacher_max_samples']} calls / {w['teacher_max_seconds']} s — it takes seconds per batch on a CPU).
+Request: one protocol test user's real history (last <= 50 events before the test event) → full-catalog
+top-{w.get('top_k', 10)} of unseen items. `h{w.get('fixed_history')}` = the fixed-length set (every history exactly
+{w.get('fixed_history')} events, {w.get('fixed_requests')} users). Speed-ups are p50 ratios measured in this run.
 
-{latency_table(report)}
+{headline_table(report)}
 
-![latency](latency.png)
+## Targets
+
+{targets_table(report)}
+
+The student ONNX row the targets are read on is the fastest CPU variant at batch 1 whose NDCG@10 stays within 1%
+of ONNX FP32 (a variant that lost quality cannot claim the latency).
+
+## Latency per call: top-K over the catalog, natural-length histories, all threads
+
+{w['requests']} requests (mean history {w['mean_history']:.1f}); each batch is padded to its longest history.
+Cells: p50 / p90 / p99 per call in ms (speed-up of p50 vs the teacher's fastest form at the same batch).
+The teacher runs batch sizes {teacher_bs} only, capped at {w['teacher_max_samples']} calls / {w['teacher_max_seconds']} s
+per point (it takes seconds per batch on a CPU); the other systems: >= {w['min_samples']} calls and >= {w['min_seconds']} s,
+after {w['warmup']} warm-up calls.
+
+{grid_table(report, 'natural', 'topk')}
+
+![latency vs batch size](latency.png)
+
+### Scoring {nc} candidates per request (rating + like), natural-length histories
+
+The students score all {nc} candidates in one pass (the graph also returns the catalog scores). The teacher reads
+each candidate's text after the history, so {nc} candidates cost {nc} sequence passes; it was measured on
+{tc} candidate(s) per request and its cells marked * show p50 / p90 / p99 of that measurement — its speed-ups use
+the linear estimate for {nc} candidates (measured p50 × {nc}/{tc}).
+
+{grid_table(report, 'natural', 'candidates')}
+
+### Fixed-length histories ({w.get('fixed_history')} events, no padding)
+
+{grid_table(report, fixed, 'topk') if fixed else '_(no user has that much history)_'}
+
+{grid_table(report, fixed, 'candidates') if fixed else ''}
+
+### Per request and throughput (top-K, natural-length)
+
+Per-request latency = call latency / batch size (the amortised cost of one request); req/s = requests / busy time.
+
+{per_request_table(report)}
+
+### One thread vs all threads (fixed-length, top-K)
+
+{single_thread_table(report)}
+
+### Concurrency: N threads sharing one onnxruntime session (batch 1, one intra-op thread per call)
+
+{concurrency_table(report)}
+
+## Floor (roofline) and where the student's time goes
+
+{floor_section(report)}
+
+{profile_section(report)}
+
+## Size and memory
+
+Peak RSS is measured in a separate process per system (`python -m serve_bench.probe`): it imports what that system's
+serving path needs (torch only for PyTorch systems), loads the model and runs requests of the top-K workload;
+peak = the process's high-water mark VmHWM (interpreter and libraries included), "added by the model" = peak - RSS after imports.
 
 {size_table(report)}
 
 ## Quality on the teacher's evaluation users ({qs['users']} users; protocol test split, 95% bootstrap CIs over users)
+
+Every system on the same users; the ONNX rows are computed through their own runtime session.
 
 {format_metrics_table(qs['rows'])}
 
@@ -67,38 +364,85 @@ teacher capped at {w['teacher_max_samples']} calls / {w['teacher_max_seconds']} 
 
 {format_metrics_table(qa['rows'])}
 
+![quality vs latency](quality_latency.png)
+
+## Load test of the HTTP service
+
+{loadtest_section(report)}
+
+## Systems not measured
+
+{skipped}
+{notes}
+
 ## Budget
 
-Teacher: {t['budget']['train_users']} training users, {t['budget']['steps']} LoRA steps (stopped by {t['budget']['stop_reason']};
-max {t['budget']['max_steps']} steps / {t['budget']['time_budget_s']} s), evaluated on {t['budget']['eval_users']} test users with
-history <= {t['budget']['eval_history']}; {t['params']['total']:,} parameters ({t['params']['lora_trainable']:,} LoRA-trainable).
-LLM tokens per dataset token: {t['cost']['llm_tokens_per_dataset_token']:.2f}; training {t['cost']['train_tokens_per_s']:.0f} tokens/s;
-evaluation {t['cost']['eval_users_per_s']:.1f} users/s.
-Student: {report['student']['params']:,} parameters, trained {report['student']['train_seconds']:.0f} s
-(best epoch {report['student']['best_epoch']}, stop: {report['student']['stop_reason']}); teacher soft labels cover
-{100 * report['student']['teacher_coverage']:.1f}% of the student's training positions.
-ONNX parity (max |diff| vs PyTorch): {report['parity']['max_abs_diff']} (passed: {report['parity']['passed']}).
+{_budget(report)}
 """
-    atomic_write_text(out / "report.md", md)
-    _plot(report, out / "latency.png")
+    return md
 
 
-def _plot(report: dict, path: Path) -> None:
+def write_report(report: dict, out: Path) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "report.md", render_markdown(report))
+    plot_latency(report, out / "latency.png")
+    plot_quality_latency(report, out / "quality_latency.png")
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_latency(report: dict, path: Path) -> None:
+    """p50 per call vs batch size, one line per system, log-log; top-K and candidate workloads side by side."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, rows in report["latency"].items():
-        bs = sorted(int(b) for b in rows)
-        ax.plot(bs, [rows[str(b)]["p50_ms"] for b in bs], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("batch size (requests per call)")
-    ax.set_ylabel("p50 latency per call (ms)")
-    ax.set_title("Latency per call vs batch size")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, wl in zip(axes, ("topk", "candidates")):
+        pts = [p for p in report["points"] if p["requests"] == "natural" and p["workload"] == wl and p["threads"] == "all"]
+        for name in dict.fromkeys(p["system"] for p in pts):
+            mine = sorted((p for p in pts if p["system"] == name), key=lambda p: p["batch"])
+            style = "--" if report["systems"].get(name, {}).get("kind") == "teacher" else "-"
+            ax.plot([p["batch"] for p in mine], [p["p50_ms"] for p in mine], style, marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size (requests per call)")
+        ax.set_title("full-catalog top-K" if wl == "topk" else
+                     f"{report['workload'].get('candidates', 100)} candidates (teacher: "
+                     f"{report['workload'].get('teacher_candidates', 1)} measured)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("p50 latency per call (ms)")
+    axes[0].legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_quality_latency(report: dict, path: Path) -> None:
+    """NDCG@10 on the teacher's evaluation users (all systems have it) vs p50 at batch 1."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fixed = report["workload"].get("fixed_set")
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for name, s in report["systems"].items():
+        y = s.get("ndcg10_teacher_users")
+        p = (_find(report["points"], name, fixed, "topk", 1) if fixed else None) or \
+            _find(report["points"], name, "natural", "topk", 1)
+        if y is None or p is None:
+            continue
+        ax.scatter([p["p50_ms"]], [y], s=45, marker="s" if s.get("kind") == "teacher" else "o", label=name,
+                   alpha=0.85)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"p50 latency, batch 1, top-K ({'history ' + str(report['workload'].get('fixed_history')) if fixed else 'natural histories'}), ms")
+    ax.set_ylabel("NDCG@10 on the teacher's evaluation users")
+    ax.set_title("Quality vs latency (up and to the left is better)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    if ax.collections:
+        ax.legend(fontsize=7, loc="best")
+    _save(fig, path)

@@ -223,6 +223,18 @@ def teacher_feed(builder, req: tuple, n_candidates: int) -> dict:
                 item_pos=np.asarray(item_end, dtype=np.int64), n_candidates=C)
 
 
+def row_chunks(n_rows: int, seq_len: int, budget_tokens: Optional[int]) -> list[slice]:
+    """Consecutive row slices with rows * seq_len <= budget (at least one row each); None = one chunk."""
+    if not budget_tokens or n_rows * seq_len <= budget_tokens:
+        return [slice(0, n_rows)]
+    step = max(1, budget_tokens // max(1, seq_len))
+    return [slice(i, min(n_rows, i + step)) for i in range(0, n_rows, step)]
+
+
+def _concat(parts: list[dict]) -> dict:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def _teacher_outputs(next_rows: np.ndarray, rating: Optional[np.ndarray], like: Optional[np.ndarray], C: int) -> dict:
     out = {"next_item": next_rows[::C]}
     if rating is not None:
@@ -263,6 +275,7 @@ class TeacherTorchSystem(_TorchThreads, System):
 
     def __init__(self, run: Path, cfg, device: str = "cpu", candidates: int = 1):
         import torch
+        self.budget_tokens = cfg.teacher.infer_batch_tokens
 
         from distill.teacher import load_teacher
         self.torch = torch
@@ -275,18 +288,23 @@ class TeacherTorchSystem(_TorchThreads, System):
         self.size_bytes = teacher_size(run, cfg)
         self.model_path = str(Path(run) / "teacher")
 
-    def run_feed(self, feed: dict) -> dict:
+    def _rows(self, feed: dict, sl: slice) -> dict:
         torch = self.torch
         dev = self.device
-        with torch.inference_mode():
-            ids = torch.from_numpy(feed["input_ids"]).to(dev)
-            mask = torch.from_numpy(feed["attention_mask"]).to(dev)
-            rows = torch.arange(ids.shape[0], device=dev)
-            before = (rows, torch.from_numpy(feed["before_pos"]).to(dev))
-            item = (rows, torch.from_numpy(feed["item_pos"]).to(dev))
-            out = self.model(ids, mask, before, item)
-            get = lambda k: out[k].float().cpu().numpy() if k in out else None  # noqa: E731
-            return _teacher_outputs(get("next_item"), get("rating"), get("like"), feed["n_candidates"])
+        ids = torch.from_numpy(feed["input_ids"][sl]).to(dev)
+        mask = torch.from_numpy(feed["attention_mask"][sl]).to(dev)
+        rows = torch.arange(ids.shape[0], device=dev)
+        before = (rows, torch.from_numpy(feed["before_pos"][sl]).to(dev))
+        item = (rows, torch.from_numpy(feed["item_pos"][sl]).to(dev))
+        out = self.model(ids, mask, before, item)
+        return {k: out[k].float().cpu().numpy() for k in ("next_item", "rating", "like") if k in out}
+
+    def run_feed(self, feed: dict) -> dict:
+        """One forward of the B x C sequences, in chunks of at most `budget_tokens` tokens."""
+        with self.torch.inference_mode():
+            n, T = feed["input_ids"].shape
+            res = _concat([self._rows(feed, sl) for sl in row_chunks(n, T, self.budget_tokens)])
+        return _teacher_outputs(res["next_item"], res.get("rating"), res.get("like"), feed["n_candidates"])
 
     def forward(self, req: tuple) -> dict:
         return self.run_feed(teacher_feed(self.builder, req, self.candidates))
@@ -300,8 +318,9 @@ class TeacherOnnxSystem(System):
     variant = "merged"
 
     def __init__(self, path: Path, builder=None, providers: Optional[list] = None, candidates: int = 1,
-                 intra_op_threads: Optional[int] = None):
+                 intra_op_threads: Optional[int] = None, budget_tokens: Optional[int] = None):
         self.path = Path(path)
+        self.budget_tokens = budget_tokens
         self.builder = builder
         self.candidates = candidates
         self.providers_arg = list(providers or ["CPUExecutionProvider"])
@@ -328,17 +347,22 @@ class TeacherOnnxSystem(System):
                 return res[name]
         return None
 
-    def run_feed(self, feed: dict) -> dict:
+    def _rows(self, feed: dict, sl: slice) -> dict:
         ins = {}
         for name in ("input_ids", "attention_mask", "before_pos", "item_pos"):
-            a = feed[name]
+            a = feed[name][sl]
             spec = self.inputs[name]
             if "int32" in spec.type:
                 a = a.astype(np.int32)
             if len(spec.shape) == 2 and a.ndim == 1:
                 a = a[:, None]
             ins[name] = a
-        res = dict(zip(self.outputs, self.sess.run(self.outputs, ins)))
+        return dict(zip(self.outputs, self.sess.run(self.outputs, ins)))
+
+    def run_feed(self, feed: dict) -> dict:
+        """One onnxruntime run per chunk of at most `budget_tokens` tokens."""
+        n, T = feed["input_ids"].shape
+        res = _concat([self._rows(feed, sl) for sl in row_chunks(n, T, self.budget_tokens)])
         nxt = self._pick(res, "next")
         if nxt is None:
             raise ValueError(f"{self.path}: no next_item output among {self.outputs}")
