@@ -52,17 +52,17 @@ def compare_weightings(cfg: RunConfig, strategies=STRATEGIES, steps: Optional[in
 def _weighting_table(w: dict) -> str:
     lines = ["| strategy | NDCG@10 | HR@10 | RMSE | AUC | final weights (next_item / rating / like) | train s |",
              "|---|---|---|---|---|---|---|"]
+    def cell(m, task, key):
+        if task not in m:
+            return "–"
+        v = m[task][key]
+        return f"{v['value']:.4f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]"
+
     for name, r in w["rows"].items():
         m = r["metrics"]
-
-        def cell(task, key):
-            if task not in m:
-                return "–"
-            v = m[task][key]
-            return f"{v['value']:.4f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]"
         weights = " / ".join(f"{r['final_weights'].get(t, float('nan')):.2f}" for t in ("next_item", "rating", "like"))
-        lines.append(f"| {name} | {cell('next_item', 'NDCG@10')} | {cell('next_item', 'HR@10')} | "
-                     f"{cell('rating', 'RMSE')} | {cell('like', 'AUC')} | {weights} | {r['train_seconds']:.0f} |")
+        lines.append(f"| {name} | {cell(m, 'next_item', 'NDCG@10')} | {cell(m, 'next_item', 'HR@10')} | "
+                     f"{cell(m, 'rating', 'RMSE')} | {cell(m, 'like', 'AUC')} | {weights} | {r['train_seconds']:.0f} |")
     return "\n".join(lines)
 
 

@@ -425,8 +425,11 @@ def export_run(run_dir: Path, cfg: ExportConfig, seed: int = 0, variants: Option
                              strict_variants=strict_variants)
     if bool(_opt(cfg, "teacher", teacher, False)):
         if not (run_dir / "teacher" / "config.json").exists():
-            raise ExportError(f"{run_dir / 'teacher'} is missing: run the teacher stage first, or export "
-                              f"without the teacher")
+            if teacher:  # asked for explicitly: an error; from the config default: a note
+                raise ExportError(f"{run_dir / 'teacher'} is missing: run the teacher stage first, or export "
+                                  f"without the teacher")
+            logging.getLogger("distillrec.export").warning("no teacher in %s: onnx/teacher.onnx not exported", run_dir)
+            return summary
         from export.teacher_export import export_teacher
         summary["teacher"] = export_teacher(run_dir, opset=cfg.opset, seed=seed)
     return summary

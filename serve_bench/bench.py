@@ -448,8 +448,8 @@ def evaluate_targets(report: dict) -> list[dict]:
     cands = []
     for n in cpu_students:
         p = find_point(pts, n, fixed, "topk", 1)
-        l = loss(n)
-        if p and (n == fp32 or (l is not None and l <= TARGET_INT8_NDCG_LOSS)):
+        lost = loss(n)
+        if p and (n == fp32 or (lost is not None and lost <= TARGET_INT8_NDCG_LOSS)):
             cands.append((p["p50_ms"], n, p))
     chosen = min(cands)[1:] if cands else (None, None)
     name, p = chosen
@@ -487,13 +487,13 @@ def evaluate_targets(report: dict) -> list[dict]:
     b32 = [b for b in report["workload"]["batch_sizes"] if b == 32]
     if fp32 and int8 and b32:
         pf, pi = find_point(pts, fp32, "natural", "topk", 32), find_point(pts, int8, "natural", "topk", 32)
-        l = loss(int8)
-        if pf and pi and l is not None:
+        lost = loss(int8)
+        if pf and pi and lost is not None:
             sp = pf["p50_ms"] / pi["p50_ms"]
             out.append(dict(target=f"INT8 >= {TARGET_INT8_SPEEDUP}x faster than FP32 on CPU at batch 32, <= 1% "
                                    f"relative NDCG@10 loss",
-                            measured=f"{sp:.2f}x faster, NDCG@10 loss {100 * l:+.2f}% (all test users)",
-                            value=sp, met=sp >= TARGET_INT8_SPEEDUP and l <= TARGET_INT8_NDCG_LOSS))
+                            measured=f"{sp:.2f}x faster, NDCG@10 loss {100 * lost:+.2f}% (all test users)",
+                            value=sp, met=sp >= TARGET_INT8_SPEEDUP and lost <= TARGET_INT8_NDCG_LOSS))
     if len(out) < 4:
         out.append(dict(target=f"INT8 >= {TARGET_INT8_SPEEDUP}x faster than FP32 on CPU at batch 32, <= 1% relative "
                                f"NDCG@10 loss", measured="not measured (no INT8 variant or no batch-32 point)",
@@ -554,7 +554,7 @@ def run_bench(cfg: RunConfig) -> dict:
     quality_sub.update({k: evaluate_predictions(subset(v, t_users), split, "test", seed=seed)
                         for k, v in preds_all.items()})
     quality_sub.update(evaluate_baselines(split, "test", t_users, seed=seed))
-    for name, s in B.systems.items():
+    for s in B.systems.values():
         k = s.get("quality_key")
         s["ndcg10_all_users"] = _ndcg(quality_all.get(k)) if k else None
         s["ndcg10_teacher_users"] = _ndcg(quality_sub.get(k)) if k else None

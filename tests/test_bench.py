@@ -284,7 +284,7 @@ def _q(ndcg):
 
 
 def synthetic_report():
-    T, S, O, Q = "teacher (PyTorch, LoRA merged)", "student (PyTorch)", "student (ONNX) [CPU]", "student (ONNX, INT8) [CPU]"
+    T, S, O, Q = "teacher (PyTorch, LoRA merged)", "student (PyTorch)", "student (ONNX) [CPU]", "student (ONNX, INT8) [CPU]"  # noqa: E741
     systems = {
         T: dict(kind="teacher", runtime="pytorch", variant="merged", provider="torch-cpu", params=135_000_000,
                 bytes=100 * 2 ** 20, quality_key="teacher", peak_rss_mb=900.0),
@@ -309,7 +309,7 @@ def synthetic_report():
     add_speedups(points, systems, 100)
     q_all = {"student": _q(0.10), O: _q(0.10), Q: _q(0.0995), "popularity": _q(0.05)}
     q_sub = {"teacher": _q(0.12), **q_all}
-    for name, s in systems.items():
+    for s in systems.values():
         s["ndcg10_all_users"] = q_all.get(s["quality_key"], {}).get("next_item", {}).get("NDCG@10", {}).get("value")
         s["ndcg10_teacher_users"] = q_sub[s["quality_key"]]["next_item"]["NDCG@10"]["value"]
     rep = dict(

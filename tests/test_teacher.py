@@ -1,6 +1,5 @@
 """The LLM teacher: one-pass sequence layout, windows, LoRA merge/save/load, heads, cache staleness."""
 import numpy as np
-import pytest
 import torch
 
 from distill.config import TeacherConfig
