@@ -85,7 +85,8 @@ class Student(nn.Module):
         self.bos = nn.Parameter(torch.zeros(d))
         self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.ffn_mult, cfg.dropout) for _ in range(cfg.layers))
         self.ln_f = nn.LayerNorm(d)
-        self.mtl = build_mtl(cfg.mtl, self.tasks, d, cfg.tower_hidden, cfg.dropout, cfg.n_experts)
+        self.mtl = build_mtl(cfg.mtl, self.tasks, d, cfg.tower_hidden, cfg.dropout, cfg.n_experts,
+                             n_shared_experts=cfg.n_shared_experts, levels=cfg.ple_levels)
         self.next_proj = nn.Linear(d, d)
         self.item_bias = nn.Parameter(torch.zeros(n_items))
         if "rating" in self.tasks:
@@ -153,14 +154,28 @@ class Student(nn.Module):
         states = self.encode(history_items, history_ratings, history_length, table)
         return self.heads(states[:, -1], table, candidates)
 
-    def forward_positions(self, items, ratings, length):
+    def forward_positions(self, items, ratings, length, select: Optional[torch.Tensor] = None):
         """Training: the state before each slot j predicts item j; rating/like are for item j itself.
 
-        Returns per-position outputs [B, L, ...]; positions j < L - length are padding.
+        Returns per-position outputs [B, L, ...] (next_item [B, L, N], rating/like [B, L, 1]) plus
+        "state" [B, L, d], the encoder state before item j (what representation alignment reads);
+        positions j < L - length are padding. With `select` (bool [B, L]) only the selected positions
+        are scored and every output is flat [P, ...] in row-major order of `select` (training scores
+        only its labelled positions: the [*, N] catalog logits dominate the cost).
         """
         table = self.item_table()
         states = self.encode(items, ratings, length, table)[:, :-1]
-        return self.heads(states, table, items.unsqueeze(-1))
+        if select is not None:
+            states, items = states[select], items[select]
+        out = self.heads(states, table, items.unsqueeze(-1))
+        out["state"] = states
+        return out
+
+    def param_counts(self) -> dict:
+        """Trainable parameters, and the frozen buffers (the text-vector table) that ship with the model."""
+        params = sum(p.numel() for p in self.parameters())
+        buffers = sum(b.numel() for b in self.buffers())
+        return dict(params=params, buffers=buffers, total=params + buffers)
 
     # ------------------------------------------------------------------ persistence
     def config_dict(self) -> dict:

@@ -1,14 +1,13 @@
 """Student stage: train the multi-head student on hard labels + the cached teacher outputs.
 
-Conventions (logged per step, unweighted, plus the weighted total):
-  next_item  hard = softmax CE over the whole catalog;
-             kd   = T^2 * KL(softmax(teacher top-K logits / T) || softmax(student logits on the same K / T)).
-             The T^2 factor (Hinton et al. 2015) keeps the soft-target gradients on the scale of the hard
-             ones when T changes.
-  rating     hard = MSE to the true rating;   kd = MSE to the teacher's rating.
-  like       hard = BCE to rating >= 4;       kd = BCE to sigmoid(teacher like logit).
-  Per position: task loss = (1 - alpha) * hard + alpha * kd where the teacher labelled the position,
-  hard alone elsewhere (teacher coverage is reported). alpha = 0 is the no-KD baseline.
+The objective is distill.losses.DistillationObjective (conventions in its module docstring and in
+docs/distillation.md): per labelled position and task (1 - alpha*h) * hard + alpha*h * KD, h = the
+position has teacher labels; KD_next_item = T^2-scaled KL (top-K or full catalog) + ListMLE on the
+teacher's top-k order; rating/like KD = MSE / BCE to the teacher; plus representation alignment.
+Task losses go through the shared loss-weighting strategy (distill.weighting). Every component is
+logged unweighted per step in train_log.jsonl, next to the task weights and the weighted total.
+Early stopping on validation NDCG@10 (patience), capped by epochs and a wall-clock budget.
+
 Writes runs/<name>/student/ (or student_nokd/): model.safetensors, config.json, metrics.json,
 train_log.jsonl, test_predictions.npz.
 """
@@ -16,12 +15,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import metrics as M
@@ -31,17 +30,27 @@ from .config import RunConfig, StudentConfig
 from .data import Split, load_dataset
 from .evaluation import evaluate_predictions, history_arrays
 from .io import write_json
+from .losses import DistillationObjective
 from .student import Student
 from .teacher_stage import epoch_batches
 from .weighting import build_weighting
 
 
-def student_windows(split: Split, max_len: int, stride: int):
-    """Windows over every user's training part: (user, start, end, first labelled) with each position
-    labelled exactly once and, after the first window, at least max_len - stride positions of context."""
+# ----------------------------------------------------------------------------- training data
+def cold_item_slice(n_items: int, fraction: float, seed: int) -> np.ndarray:
+    """A seeded, sorted slice of round(fraction * n_items) item ids (the cold-start hold-out)."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"student.cold_item_fraction must be in [0, 1), got {fraction}")
+    n = int(round(fraction * n_items))
+    return np.sort(np.random.default_rng(seed).choice(n_items, size=n, replace=False)) if n else np.zeros(0, np.int64)
+
+
+def student_windows(lengths, max_len: int, stride: int):
+    """Windows over every user's (training) sequence: (user, start, end, first labelled), each position
+    labelled exactly once and, after a user's first window, with >= max_len - stride positions of context."""
     out = []
-    for u in range(split.ds.n_users):
-        n = int(split.n_train[u])
+    for u, n in enumerate(lengths):
+        n = int(n)
         if n == 0:
             continue
         end = min(n, max_len)
@@ -53,10 +62,19 @@ def student_windows(split: Split, max_len: int, stride: int):
     return out
 
 
-def build_training_arrays(split: Split, max_len: int, cache: dict | None):
-    """Left-padded window arrays + per-position label mask + per-position teacher cache row (-1 = none)."""
+def build_training_arrays(split: Split, max_len: int, cache: dict | None, exclude_items=None):
+    """Left-padded window arrays over the training parts + a per-position label mask + the teacher
+    cache row of every position (-1 = no teacher labels).
+
+    `exclude_items`: events on these items are dropped from the training sequences (as inputs AND as
+    labels); the remaining events keep their own cache rows (the cache is indexed by original position).
+    """
     ds = split.ds
-    wins = student_windows(split, max_len, max(1, max_len // 2))
+    drop = np.zeros(ds.n_items, dtype=bool)
+    if exclude_items is not None and len(exclude_items):
+        drop[np.asarray(exclude_items, dtype=np.int64)] = True
+    keep = [np.flatnonzero(~drop[split.train_items(u)]) for u in range(ds.n_users)]
+    wins = student_windows([len(k) for k in keep], max_len, max(1, max_len // 2))
     W = len(wins)
     items = np.zeros((W, max_len), dtype=np.int64)
     ratings = np.zeros((W, max_len), dtype=np.float32)
@@ -67,55 +85,35 @@ def build_training_arrays(split: Split, max_len: int, cache: dict | None):
     if cache is not None:
         row_of = {int(u): int(o) for u, o in zip(cache["users"], cache["offsets"][:-1])}
     for w, (u, s, e, first) in enumerate(wins):
+        pos = keep[u][s:e]  # original positions in u's training part
         n = e - s
         off = max_len - n
-        items[w, off:] = ds.items[u][s:e]
+        items[w, off:] = ds.items[u][pos]
         if ds.ratings is not None:
-            ratings[w, off:] = ds.ratings[u][s:e]
+            ratings[w, off:] = ds.ratings[u][pos]
         length[w] = n
         labelled[w, off + (first - s):] = True
         if u in row_of:
-            rows[w, off:] = row_of[u] + np.arange(s, e)
+            rows[w, off:] = row_of[u] + pos
     return dict(items=items, ratings=ratings, length=length, labelled=labelled, rows=rows)
 
 
-def kd_next_item(student_logits, t_items, t_logits, T: float):
-    """T^2 * KL(p_teacher || p_student) over the teacher's top-K items, per position."""
-    s = torch.gather(student_logits, -1, t_items) / T
-    p_t = torch.softmax(t_logits / T, dim=-1)
-    return (T * T) * (p_t * (torch.log(p_t.clamp_min(1e-12)) - torch.log_softmax(s, dim=-1))).sum(-1)
+def _to_batch(arrays: dict, idx, cache, device, user_vectors: bool) -> dict:
+    b = {k: torch.from_numpy(v[idx]).to(device) for k, v in arrays.items() if k != "rows"}
+    rows = arrays["rows"][idx]
+    b["has_teacher"] = torch.from_numpy(rows >= 0).to(device)
+    if cache is not None:
+        r = np.maximum(rows, 0)
+        b["t_items"] = torch.from_numpy(cache["next_topk_items"][r].astype(np.int64)).to(device)
+        b["t_logits"] = torch.from_numpy(cache["next_topk_logits"][r].astype(np.float32)).to(device)
+        b["t_rating"] = torch.from_numpy(cache["rating"][r]).to(device)
+        b["t_like"] = torch.from_numpy(cache["like_logit"][r]).to(device)
+        if user_vectors:
+            b["t_user"] = torch.from_numpy(cache["user_vector"][r].astype(np.float32)).to(device)
+    return b
 
 
-def position_losses(out: dict, batch: dict, tasks, cfg: StudentConfig, like_threshold: float):
-    """Unweighted per-task losses (mixed hard/KD) and each hard/KD term for the log."""
-    m = batch["labelled"]
-    has_t = batch["has_teacher"][m].float()
-    alpha = cfg.kd_alpha
-    target = batch["items"][m]
-    logits = out["next_item"][m]
-    terms = {"next_item/hard": F.cross_entropy(logits, target, reduction="none")}
-    if has_t.sum() > 0:
-        terms["next_item/kd"] = kd_next_item(logits, batch["t_items"][m], batch["t_logits"][m], cfg.temperature)
-    if "rating" in tasks:
-        r_pred, r_true = out["rating"][..., 0][m], batch["ratings"][m]
-        l_pred = out["like"][..., 0][m]
-        terms["rating/hard"] = (r_pred - r_true) ** 2
-        terms["like/hard"] = F.binary_cross_entropy_with_logits(l_pred, (r_true >= like_threshold).float(), reduction="none")
-        if has_t.sum() > 0:
-            terms["rating/kd"] = (r_pred - batch["t_rating"][m]) ** 2
-            terms["like/kd"] = F.binary_cross_entropy_with_logits(l_pred, torch.sigmoid(batch["t_like"][m]), reduction="none")
-    losses, logged = {}, {}
-    for t in tasks:
-        hard = terms[f"{t}/hard"]
-        kd = terms.get(f"{t}/kd")
-        mix = hard if kd is None or alpha == 0 else hard * (1 - alpha * has_t) + alpha * has_t * kd
-        losses[t] = mix.mean()
-        logged[f"{t}/hard"] = hard.detach().mean().item()
-        if kd is not None and has_t.sum() > 0:
-            logged[f"{t}/kd"] = ((kd * has_t).sum() / has_t.sum()).item()
-    return losses, logged
-
-
+# ----------------------------------------------------------------------------- prediction
 @torch.no_grad()
 def student_predict(student: Student, split: Split, users, stage: str, batch_size: int = 256, device="cpu") -> dict:
     student.eval()
@@ -134,68 +132,95 @@ def student_predict(student: Student, split: Split, users, stage: str, batch_siz
     return dict(users=np.asarray(users), scores=scores, rating=rating, like_logit=like)
 
 
-def _to_batch(arrays: dict, idx, cache, device) -> dict:
-    b = {k: torch.from_numpy(v[idx]).to(device) for k, v in arrays.items() if k != "rows"}
-    rows = arrays["rows"][idx]
-    b["has_teacher"] = torch.from_numpy(rows >= 0).to(device)
-    if cache is not None:
-        r = np.maximum(rows, 0)
-        b["t_items"] = torch.from_numpy(cache["next_topk_items"][r].astype(np.int64)).to(device)
-        b["t_logits"] = torch.from_numpy(cache["next_topk_logits"][r].astype(np.float32)).to(device)
-        b["t_rating"] = torch.from_numpy(cache["rating"][r]).to(device)
-        b["t_like"] = torch.from_numpy(cache["like_logit"][r]).to(device)
-    return b
+def val_ndcg10(student: Student, split: Split, device="cpu") -> float:
+    users = split.eval_users
+    val = student_predict(student, split, users, "val", device=device)
+    return float(M.ranking_metrics(val["scores"], split.targets(users, "val")[0],
+                                   [split.seen(u, "val") for u in users], ks=(10,))["NDCG@10"].mean())
 
 
-def train_student(cfg: RunConfig, kd: bool = True) -> dict:
-    """Train one student; kd=False trains the no-KD baseline (same architecture, hard labels only)."""
-    run = Path(cfg.run_dir)
-    name = "student" if kd else "student_nokd"
-    out_dir = stage_dir(run, name)
-    device = pick_device(cfg.device)
-    set_seed(cfg.seed)
-    ds = load_dataset(cfg.data)
-    split = Split.leave_last_out(ds)
-    sc = cfg.student if kd else replace(cfg.student, kd_alpha=0.0)
-    cache = load_cache(run, ds.data_hash)  # text vectors come from the teacher in both cases
+# ----------------------------------------------------------------------------- training
+@dataclass
+class FitResult:
+    student: Student
+    best_epoch: int
+    best_val_ndcg10: float
+    stop_reason: str
+    train_seconds: float
+    teacher_coverage: float
+    windows: int
+    components: dict
+    history: list = field(default_factory=list)
+
+
+def fit_student(sc: StudentConfig, split: Split, cache: dict | None, *, use_teacher: bool, seed: int,
+                device: str = "cpu", exclude_items=None, log_path: Optional[Path] = None,
+                desc: str = "student") -> FitResult:
+    """Train one student (best validation state restored). `cache` supplies the frozen text vectors
+    (when sc.use_text_vectors) and, with use_teacher, the soft labels; `exclude_items` are held out of
+    training entirely (cold-start measurement)."""
+    ds = split.ds
+    set_seed(seed)
+    if sc.use_text_vectors and cache is None:
+        raise ValueError("student.use_text_vectors needs the teacher cache's item_vectors")
     text = torch.from_numpy(cache["item_vectors"]) if sc.use_text_vectors else None
     rating_mean = float(np.mean(np.concatenate([split.train_ratings(u) for u in range(ds.n_users)]))) \
         if ds.has_ratings else 0.0
     student = Student(sc, ds.n_items, ds.tasks, text_vectors=text, rating_mean=rating_mean).to(device)
-    arrays = build_training_arrays(split, sc.max_len, cache if kd else None)
+    teacher = cache if use_teacher and (sc.kd_alpha > 0 or sc.kd_align > 0) else None
+    exclude = None
+    if exclude_items is not None and len(exclude_items):
+        exclude = torch.zeros(ds.n_items, dtype=torch.bool)
+        exclude[torch.as_tensor(np.asarray(exclude_items, dtype=np.int64))] = True
+    has_uv = teacher is not None and all(k in teacher for k in ("user_vector", "item_table", "item_bias"))
+    objective = DistillationObjective(
+        sc, ds.tasks, sc.dim, like_threshold=ds.like_threshold, use_teacher=teacher is not None,
+        teacher_dim=int(teacher["user_vector"].shape[1]) if has_uv else None,
+        item_table=torch.from_numpy(teacher["item_table"]) if has_uv else None,
+        item_bias=torch.from_numpy(teacher["item_bias"]) if has_uv else None,
+        exclude_items=exclude).to(device)
+    arrays = build_training_arrays(split, sc.max_len, teacher, exclude_items=exclude_items)
     coverage = float((arrays["rows"][arrays["labelled"]] >= 0).mean())
     weighting = build_weighting(sc.weighting, ds.tasks, sc.loss_weights).to(device)
-    opt = torch.optim.AdamW(list(student.parameters()) + list(weighting.parameters()), lr=sc.lr,
-                            weight_decay=sc.weight_decay)
-    val_users = split.eval_users
-    steps_per_epoch = int(np.ceil(len(arrays["items"]) / sc.batch_size))
-    rng = np.random.default_rng(cfg.seed)
-    log_f = open(out_dir / "train_log.jsonl", "w")
+    opt = torch.optim.AdamW(list(student.parameters()) + list(objective.parameters()) + list(weighting.parameters()),
+                            lr=sc.lr, weight_decay=sc.weight_decay)
+    n_win = len(arrays["items"])
+    steps_per_epoch = int(np.ceil(n_win / sc.batch_size))
+    if sc.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, int(sc.max_steps_per_epoch))
+    rng = np.random.default_rng(seed)
+    log_f = open(log_path, "w") if log_path else None
     best, best_state, best_epoch, bad, history = -1.0, None, -1, 0, []
     t0 = time.perf_counter()
     stop_reason = "epochs"
-    batches = epoch_batches(len(arrays["items"]), sc.batch_size, rng)
-    bar = tqdm(range(sc.epochs), desc=f"{name} epochs")
+    batches = epoch_batches(n_win, sc.batch_size, rng)
+    bar = tqdm(range(sc.epochs), desc=f"{desc} epochs")
+    step = 0
     for epoch in bar:
         student.train()
         sums: dict[str, list[float]] = {}
         for _ in range(steps_per_epoch):
             _, idx = next(batches)
-            batch = _to_batch(arrays, idx, cache if kd else None, device)
-            out = student.forward_positions(batch["items"], batch["ratings"], batch["length"])
-            losses, logged = position_losses(out, batch, ds.tasks, sc, ds.like_threshold)
+            batch = _to_batch(arrays, idx, teacher, device, objective.needs_user_vectors)
+            out = student.forward_positions(batch["items"], batch["ratings"], batch["length"], select=batch["labelled"])
+            losses, align, logged = objective(out, batch)
             total, weights = weighting(losses)
+            if align is not None:
+                total = total + align
             opt.zero_grad(set_to_none=True)
             total.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             opt.step()
-            for k, v in {**{t: v.item() for t, v in losses.items()}, **logged}.items():
+            step += 1
+            task_vals = {t: v.item() for t, v in losses.items()}
+            for k, v in {**task_vals, **logged}.items():
                 sums.setdefault(k, []).append(v)
-            log_f.write(json.dumps({"epoch": epoch, "total": total.item(), "terms": logged, "weights": weights}) + "\n")
+            if log_f:
+                log_f.write(json.dumps({"epoch": epoch, "step": step, "total": total.item(), "losses": task_vals,
+                                        "terms": logged, "weights": weights,
+                                        "align_weight": objective.w["align"] if align is not None else 0.0}) + "\n")
         weighting.end_epoch({t: float(np.mean(sums[t])) for t in ds.tasks})
-        val = student_predict(student, split, val_users, "val", device=device)
-        ndcg = float(M.ranking_metrics(val["scores"], split.targets(val_users, "val")[0],
-                                       [split.seen(u, "val") for u in val_users], ks=(10,))["NDCG@10"].mean())
+        ndcg = val_ndcg10(student, split, device=device)
         history.append({"epoch": epoch, "val_ndcg@10": ndcg, **{k: float(np.mean(v)) for k, v in sums.items()},
                         "seconds": time.perf_counter() - t0})
         bar.set_postfix(val_ndcg=f"{ndcg:.4f}", loss=f"{np.mean(sums['next_item']):.3f}")
@@ -210,10 +235,29 @@ def train_student(cfg: RunConfig, kd: bool = True) -> dict:
         if time.perf_counter() - t0 > sc.time_budget_s:
             stop_reason = "time_budget"
             break
-    log_f.close()
+    if log_f:
+        log_f.close()
     train_seconds = time.perf_counter() - t0
     student.load_state_dict(best_state)
     student.eval()
+    return FitResult(student=student, best_epoch=best_epoch, best_val_ndcg10=best, stop_reason=stop_reason,
+                     train_seconds=train_seconds, teacher_coverage=coverage, windows=n_win,
+                     components=objective.components(), history=history)
+
+
+def train_student(cfg: RunConfig, kd: bool = True) -> dict:
+    """Train one student; kd=False trains the no-KD baseline (same architecture, hard labels only)."""
+    run = Path(cfg.run_dir)
+    name = "student" if kd else "student_nokd"
+    out_dir = stage_dir(run, name)
+    device = pick_device(cfg.device)
+    ds = load_dataset(cfg.data)
+    split = Split.leave_last_out(ds)
+    sc = cfg.student if kd else replace(cfg.student, kd_alpha=0.0, kd_align=0.0)
+    cache = load_cache(run, ds.data_hash)  # text vectors come from the teacher in both cases
+    fit = fit_student(sc, split, cache, use_teacher=kd, seed=cfg.seed, device=device,
+                      log_path=out_dir / "train_log.jsonl", desc=name)
+    student = fit.student
     pred = student_predict(student, split, split.eval_users, "test", device=device)
     metrics = evaluate_predictions(pred, split, "test", seed=cfg.seed)
     extra = dict(item_ids=[str(i) for i in ds.item_ids], like_threshold=ds.like_threshold,
@@ -221,11 +265,14 @@ def train_student(cfg: RunConfig, kd: bool = True) -> dict:
                  data_hash=ds.data_hash, kd=kd)
     student.cpu().save(out_dir, extra=extra)
     np.savez(out_dir / "test_predictions.npz", **{k: v for k, v in pred.items()})
+    counts = student.param_counts()
     report = dict(metrics=metrics, stage="test", eval_users=len(split.eval_users), seed=cfg.seed, device=device,
-                  kd=kd, kd_alpha=sc.kd_alpha, temperature=sc.temperature, teacher_coverage=coverage,
-                  best_epoch=best_epoch, best_val_ndcg10=best, stop_reason=stop_reason, epochs_run=len(history),
-                  train_seconds=train_seconds, windows=int(len(arrays["items"])),
-                  params=sum(p.numel() for p in student.parameters()),
-                  buffers=sum(b.numel() for b in student.buffers()), history=history)
+                  torch_threads=torch.get_num_threads(),
+                  kd=kd, kd_alpha=sc.kd_alpha, temperature=sc.temperature, kd_components=fit.components,
+                  teacher_coverage=fit.teacher_coverage, best_epoch=fit.best_epoch,
+                  best_val_ndcg10=fit.best_val_ndcg10, stop_reason=fit.stop_reason, epochs_run=len(fit.history),
+                  train_seconds=fit.train_seconds, windows=fit.windows,
+                  params=counts["params"], buffers=counts["buffers"], student_config=asdict(sc),
+                  history=fit.history)
     write_json(out_dir / "metrics.json", report)
     return report

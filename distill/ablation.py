@@ -1,0 +1,369 @@
+"""Distillation ablation: what each KD component, the teacher and the text vectors add (issue 4).
+
+`run_ablation(cfg)` trains, on the run's cached teacher (teacher_cache/), for every seed of
+`student.ablation_seeds`, with the ablation budget (student.ablation_epochs / ablation_time_budget_s
+per model, early stopping as usual):
+
+  kd_full        the student with every KD component of the config on
+  no_<c>         the same with one component switched off (next_item KL, listwise, rating KD, like KD,
+                 alignment)
+  no_kd          no teacher labels (alpha = 0, no alignment); same architecture, text vectors kept
+  no_teacher     no teacher at all: no KD and no text vectors (ID embeddings only)
+  cold_text      kd_full trained with a seeded slice of items held out entirely (their events dropped
+                 from the training sequences, masked out of every softmax)
+  cold_id_only   the same without text vectors: a held-out item has only its untrained ID embedding
+
+Every protocol metric with its 95% bootstrap CI (distill.evaluation.evaluate_predictions) on all test
+users, as mean +- std over seeds, with the CI of the first seed; the same on the teacher's evaluation
+users next to the teacher; cold-start quality on the test events whose target is a held-out item; the
+baselines; parameter counts vs the teacher; training time. Writes student/report.json + report.md.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics as M
+from .baselines import evaluate_baselines
+from .cache import load_cache
+from .common import machine_info, pick_device
+from .config import RunConfig
+from .data import Split, load_dataset
+from .evaluation import evaluate_predictions, subset
+from .io import atomic_write_text, read_json, write_json
+from .student_stage import cold_item_slice, fit_student, student_predict
+
+# key -> (label, StudentConfig overrides, use_teacher, cold-start hold-out)
+VARIANTS: dict[str, tuple[str, dict, bool, bool]] = {
+    "kd_full": ("student (KD, all components)", {}, True, False),
+    "no_kl": ("- next_item KL", {"kd_next_item": 0.0}, True, False),
+    "no_listwise": ("- listwise (ListMLE)", {"kd_listwise": 0.0}, True, False),
+    "no_rating_kd": ("- rating KD", {"kd_rating": 0.0}, True, False),
+    "no_like_kd": ("- like KD", {"kd_like": 0.0}, True, False),
+    "no_align": ("- representation alignment", {"kd_align": 0.0}, True, False),
+    "no_kd": ("student without KD (hard labels, text vectors)", {"kd_alpha": 0.0, "kd_align": 0.0}, False, False),
+    "no_teacher": ("student without the teacher (no KD, no text vectors)",
+                   {"kd_alpha": 0.0, "kd_align": 0.0, "use_text_vectors": False}, False, False),
+    "cold_text": ("cold start: KD student, text vectors", {}, True, True),
+    "cold_id_only": ("cold start: KD student, ID embeddings only", {"use_text_vectors": False}, True, True),
+}
+TARGET_METRICS = (("next_item", "NDCG@10", +1), ("like", "AUC", +1), ("rating", "RMSE", -1))
+"""The issue's 'student >= teacher' metrics with their direction (+1 higher is better)."""
+
+
+# ----------------------------------------------------------------------------- aggregation
+def _flat(metrics: dict):
+    for task in M.TASKS:
+        for name, entry in (metrics.get(task) or {}).items():
+            if isinstance(entry, dict) and "value" in entry:
+                yield task, name, entry
+
+
+def aggregate_seeds(per_seed: list[dict]) -> dict:
+    """{task: {metric: {value: mean, std, seeds: [...], ci: first seed's CI, ci_value: first seed's value}}}."""
+    out: dict = {}
+    for task, name, first in _flat(per_seed[0]):
+        vals = [float(m[task][name]["value"]) for m in per_seed]
+        std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        out.setdefault(task, {})[name] = dict(value=float(np.mean(vals)), std=std, seeds=vals,
+                                              ci=list(first["ci"]), ci_value=float(first["value"]))
+    out["n_users"] = per_seed[0].get("n_users")
+    return out
+
+
+def _cell(entry) -> str:
+    if entry is None:
+        return "–"
+    text = f"{entry['value']:.4f}"
+    if "std" in entry:
+        text += f" ± {entry['std']:.4f}"
+    ci = entry.get("ci")
+    if ci is not None and all(isinstance(c, (int, float)) and math.isfinite(c) for c in ci):
+        text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return text
+
+
+def metrics_table(rows: dict[str, dict]) -> str:
+    """Markdown: one row per system, one 'task/metric' column per protocol metric; cells
+    'mean ± std [CI]' (seed-averaged rows) or 'value [CI]' (single runs)."""
+    cols: list[tuple[str, str]] = []
+    for metrics in rows.values():
+        for task, name, _ in _flat(metrics):
+            if (task, name) not in cols:
+                cols.append((task, name))
+    cols.sort(key=lambda c: M.TASKS.index(c[0]))
+    lines = ["| system | " + " | ".join(f"{t}/{m}" for t, m in cols) + " |", "| --- |" + " --- |" * len(cols)]
+    for name, metrics in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_cell((metrics.get(t) or {}).get(m)) for t, m in cols) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- paired comparison
+def _target_stats(pred: dict, split: Split):
+    """Weight-form statistics (metrics.bootstrap_ci convention) of the target metrics for `pred`'s users."""
+    users = pred["users"]
+    targets, true_r = split.targets(users, "test")
+    per_user = M.ranking_metrics(pred["scores"], targets, [split.seen(u, "test") for u in users], ks=(10,))
+    fns = {("next_item", "NDCG@10"): M.mean_stat(per_user["NDCG@10"])}
+    if true_r is not None and "rating" in pred:
+        sq = M.mean_stat((np.asarray(pred["rating"], np.float64) - true_r) ** 2)
+        fns[("rating", "RMSE")] = lambda w: np.sqrt(sq(w))
+        z, y = np.asarray(pred["like_logit"], np.float64), true_r >= split.ds.like_threshold
+        fns[("like", "AUC")] = lambda w: M._auc_weighted(z, y, w)
+    return fns
+
+
+def paired_difference(pred_a: dict, pred_b: dict, split: Split, n_boot: int = 1000, seed: int = 0) -> dict:
+    """a - b on the same users with ONE shared resampling of users: {task: {metric: {value, ci}}}."""
+    if not np.array_equal(pred_a["users"], pred_b["users"]):
+        raise ValueError("paired comparison needs the same users in the same order")
+    fa, fb = _target_stats(pred_a, split), _target_stats(pred_b, split)
+    n = len(pred_a["users"])
+    out: dict = {}
+    for key in fa.keys() & fb.keys():
+        fn = (lambda f1, f2: (lambda w: f1(w) - f2(w)))(fa[key], fb[key])
+        value = float(fn(np.ones((1, n)))[0])
+        out.setdefault(key[0], {})[key[1]] = dict(value=value, ci=list(M.bootstrap_ci(fn, n, n_boot=n_boot, seed=seed)))
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+def _variant_config(cfg: RunConfig, overrides: dict):
+    sc = cfg.student
+    return replace(sc, epochs=sc.ablation_epochs, time_budget_s=sc.ablation_time_budget_s, **overrides)
+
+
+def _selected_variants(cfg: RunConfig) -> list[str]:
+    keys = list(cfg.student.ablation_variants or VARIANTS)
+    unknown = [k for k in keys if k not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown student.ablation_variants {unknown}; choose from {list(VARIANTS)}")
+    if "kd_full" not in keys:
+        keys.insert(0, "kd_full")  # every comparison is against it
+    return keys
+
+
+def run_ablation(cfg: RunConfig, log=print) -> dict:
+    """Train and evaluate every ablation variant over the configured seeds; write student/report.{json,md}."""
+    run = Path(cfg.run_dir)
+    sc = cfg.student
+    seeds = [int(s) for s in sc.ablation_seeds]
+    if not seeds:
+        raise ValueError("student.ablation_seeds is empty")
+    device = pick_device(cfg.device)
+    ds = load_dataset(cfg.data)
+    split = Split.leave_last_out(ds)
+    cache = load_cache(run, ds.data_hash)
+    t_meta = read_json(run / "teacher" / "metrics.json", f"the teacher stage (`distillrec teacher {run}`)")
+    t_pred_path = run / "teacher" / "test_predictions.npz"
+    if not t_pred_path.exists():
+        raise FileNotFoundError(f"{t_pred_path} is missing; run `distillrec teacher {run}`")
+    with np.load(t_pred_path) as z:
+        t_pred = {k: z[k] for k in z.files}
+    t_users = t_pred["users"]
+    users = split.eval_users
+    n_boot = int(sc.ablation_n_boot)
+    cold_items = cold_item_slice(ds.n_items, sc.cold_item_fraction, sc.cold_item_seed)
+    test_targets, _ = split.targets(users, "test")
+    cold_users = users[np.isin(test_targets, cold_items)]
+    keys = _selected_variants(cfg)
+    if not len(cold_items):
+        keys = [k for k in keys if not VARIANTS[k][3]]
+
+    variants, preds0, t0 = {}, {}, time.perf_counter()
+    for key in keys:
+        label, overrides, use_teacher, cold = VARIANTS[key]
+        vsc = _variant_config(cfg, overrides)
+        entry = dict(label=label, overrides=overrides, use_teacher=use_teacher, cold_start=cold, runs=[],
+                     all_users=[], teacher_subset=[], cold_subset=[])
+        skip = key.startswith("no_") and key not in ("no_kd", "no_teacher") and \
+            all(getattr(sc, k) == v for k, v in overrides.items())
+        if skip:
+            entry["skipped"] = "the component is already off in the config (identical to kd_full)"
+            variants[key] = entry
+            log(f"[ablation] {key}: skipped ({entry['skipped']})")
+            continue
+        for seed in seeds:
+            fit = fit_student(vsc, split, cache, use_teacher=use_teacher, seed=seed, device=device,
+                              exclude_items=cold_items if cold else None, desc=f"ablation {key} seed {seed}")
+            pred = student_predict(fit.student, split, users, "test", device=device)
+            entry["all_users"].append(evaluate_predictions(pred, split, "test", n_boot=n_boot, seed=seed))
+            entry["teacher_subset"].append(evaluate_predictions(subset(pred, t_users), split, "test",
+                                                                n_boot=n_boot, seed=seed))
+            if len(cold_users) and (cold or key == "kd_full"):
+                entry["cold_subset"].append(_safe_eval(subset(pred, cold_users), split, n_boot, seed))
+            entry["runs"].append(dict(seed=seed, train_seconds=fit.train_seconds, epochs_run=len(fit.history),
+                                      best_epoch=fit.best_epoch, best_val_ndcg10=fit.best_val_ndcg10,
+                                      stop_reason=fit.stop_reason, teacher_coverage=fit.teacher_coverage,
+                                      seconds_per_epoch=fit.train_seconds / max(1, len(fit.history))))
+            entry["components"] = fit.components
+            entry["params"] = fit.student.param_counts()
+            if seed == seeds[0]:
+                preds0[key] = pred
+            log(f"[ablation] {key} seed {seed}: NDCG@10 {entry['all_users'][-1]['next_item']['NDCG@10']['value']:.4f} "
+                f"({fit.train_seconds:.0f} s, {len(fit.history)} epochs, {fit.stop_reason})")
+        variants[key] = entry
+    total_seconds = time.perf_counter() - t0
+
+    trained = [k for k in keys if variants[k]["runs"]]
+    all_rows = {variants[k]["label"]: aggregate_seeds(variants[k]["all_users"]) for k in trained
+                if not VARIANTS[k][3]}
+    all_rows.update(evaluate_baselines(split, "test", users, n_boot=n_boot, seed=seeds[0]))
+    sub_rows = {"teacher": evaluate_predictions(t_pred, split, "test", n_boot=n_boot, seed=seeds[0])}
+    sub_rows.update({variants[k]["label"]: aggregate_seeds(variants[k]["teacher_subset"]) for k in trained
+                     if not VARIANTS[k][3]})
+    sub_rows.update(evaluate_baselines(split, "test", t_users, n_boot=n_boot, seed=seeds[0]))
+    cold_rows = {}
+    for k in ("cold_text", "cold_id_only", "kd_full"):
+        if k in variants and variants[k]["cold_subset"]:
+            label = variants[k]["label"] + (" (reference: trained on every item)" if k == "kd_full" else "")
+            cold_rows[label] = aggregate_seeds(variants[k]["cold_subset"])
+    if len(cold_users):
+        pop = evaluate_baselines(split, "test", cold_users, n_boot=n_boot, seed=seeds[0])["popularity"]
+        cold_rows["popularity"] = pop
+
+    teacher_params = int(t_meta["params"]["total"])
+    s_params = variants["kd_full"]["params"]
+    params = dict(teacher_total=teacher_params, teacher_lora_trainable=t_meta["params"].get("lora_trainable"),
+                  student_params=s_params["params"], student_buffers=s_params["buffers"],
+                  student_total=s_params["total"],
+                  ratio_params=s_params["params"] / teacher_params, ratio_total=s_params["total"] / teacher_params,
+                  per_variant={variants[k]["label"]: variants[k]["params"] for k in trained})
+    full_runs = variants["kd_full"]["runs"]
+    timing = dict(per_model_budget=dict(epochs=sc.ablation_epochs, time_budget_s=sc.ablation_time_budget_s,
+                                        max_steps_per_epoch=sc.max_steps_per_epoch, patience=sc.patience),
+                  kd_full_train_seconds=[r["train_seconds"] for r in full_runs],
+                  kd_full_seconds_per_epoch=float(np.mean([r["seconds_per_epoch"] for r in full_runs])),
+                  kd_full_epochs_run=[r["epochs_run"] for r in full_runs],
+                  estimated_seconds_for_config_epochs=float(np.mean([r["seconds_per_epoch"] for r in full_runs]))
+                  * sc.epochs,
+                  config_epochs=sc.epochs, config_time_budget_s=sc.time_budget_s,
+                  ablation_total_seconds=total_seconds)
+    stage_metrics = run / "student" / "metrics.json"
+    if stage_metrics.exists():
+        sm = read_json(stage_metrics, "the student stage")
+        timing["student_stage"] = {k: sm.get(k) for k in ("train_seconds", "epochs_run", "best_epoch", "stop_reason",
+                                                           "windows", "device", "torch_threads")}
+    targets = _targets(variants, preds0, t_pred, split, params, n_boot, seeds[0])
+    report = dict(
+        run=str(run), command=f"distillrec ablate {run}", data_hash=ds.data_hash, seeds=seeds, device=device,
+        machine=machine_info(), n_boot=n_boot, cache=dict(users=int(len(cache["users"])),
+                                                          rows=int(cache["offsets"][-1]),
+                                                          top_k=int(cache["next_topk_items"].shape[1])),
+        student_config=asdict(sc),
+        variants={k: {kk: vv for kk, vv in v.items() if kk not in ("all_users", "teacher_subset", "cold_subset")}
+                  for k, v in variants.items()},
+        all_users=dict(users=int(len(users)), rows=all_rows),
+        teacher_subset=dict(users=int(len(t_users)), teacher_budget=t_meta.get("budget"), rows=sub_rows),
+        cold_start=dict(fraction=sc.cold_item_fraction, seed=sc.cold_item_seed, items=int(len(cold_items)),
+                        test_events=int(len(cold_users)), rows=cold_rows),
+        params=params, training_time=timing, targets=targets)
+    out = run / "student"
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", render_markdown(report))
+    return report
+
+
+def _safe_eval(pred: dict, split: Split, n_boot: int, seed: int) -> dict:
+    """evaluate_predictions on a small subset; like metrics are dropped when the subset has one class."""
+    try:
+        return evaluate_predictions(pred, split, "test", n_boot=n_boot, seed=seed)
+    except ValueError:
+        pred = {k: v for k, v in pred.items() if k not in ("rating", "like_logit")}
+        return evaluate_predictions(pred, split, "test", n_boot=n_boot, seed=seed)
+
+
+def _targets(variants, preds0, t_pred, split, params, n_boot, seed) -> list[dict]:
+    out = []
+    kd_sub = subset(preds0["kd_full"], t_pred["users"])
+    diff = paired_difference(kd_sub, t_pred, split, n_boot=n_boot, seed=seed)
+    for task, metric, sign in TARGET_METRICS:
+        d = (diff.get(task) or {}).get(metric)
+        if d is None:
+            continue
+        # "student >= teacher within CI": the paired CI of (student - teacher) reaches the good side of 0
+        met = (d["ci"][1] >= 0) if sign > 0 else (d["ci"][0] <= 0)
+        out.append(dict(target=f"student >= teacher on {task}/{metric} (within CI)", met=bool(met),
+                        detail=f"student - teacher = {d['value']:+.4f}, paired 95% CI [{d['ci'][0]:+.4f}, "
+                               f"{d['ci'][1]:+.4f}] on the teacher's {len(t_pred['users'])} users "
+                               f"({'higher' if sign > 0 else 'lower'} is better; seed {seed} student)",
+                        difference=d))
+    if variants.get("no_kd", {}).get("all_users"):
+        kd = aggregate_seeds(variants["kd_full"]["all_users"])["next_item"]["NDCG@10"]
+        no = aggregate_seeds(variants["no_kd"]["all_users"])["next_item"]["NDCG@10"]
+        gap, spread = kd["value"] - no["value"], kd["std"] + no["std"]
+        out.append(dict(target="KD student > no-KD student on next_item/NDCG@10 beyond the seed spread",
+                        met=bool(gap > spread and len(kd["seeds"]) > 1),
+                        detail=f"mean KD - no-KD = {gap:+.4f} vs seed spread (std KD + std no-KD) = {spread:.4f} "
+                               f"over {len(kd['seeds'])} seeds, all test users",
+                        kd=kd, no_kd=no))
+    out.append(dict(target="student parameters <= 2% of the teacher's", met=bool(params["ratio_params"] <= 0.02),
+                    detail=f"{params['student_params']:,} trainable / {params['teacher_total']:,} = "
+                           f"{100 * params['ratio_params']:.3f}% (with the frozen text-vector table: "
+                           f"{100 * params['ratio_total']:.3f}%)"))
+    return out
+
+
+def render_markdown(rep: dict) -> str:
+    t = rep["training_time"]
+    b = t["per_model_budget"]
+    lines = [f"# Distillation ablation — {rep['run']}", "",
+             f"Produced by `{rep['command']}`. Seeds {rep['seeds']}; device {rep['device']}; "
+             f"{rep['machine'].get('cpu_count')} CPUs visible, torch threads {rep['machine'].get('torch_threads')}.",
+             f"Budget per ablation model: at most {b['epochs']} epochs or {b['time_budget_s']:.0f} s "
+             f"(early stopping on validation NDCG@10, patience {b['patience']}"
+             + (f", {b['max_steps_per_epoch']} steps per epoch" if b['max_steps_per_epoch'] else "") + "). "
+             f"Whole ablation: {t['ablation_total_seconds'] / 60:.1f} min.",
+             f"Cells: mean ± std over the seeds [95% bootstrap CI over users of seed {rep['seeds'][0]}, "
+             f"{rep['n_boot']} resamples]; single runs (teacher, baselines): value [CI].",
+             f"Teacher cache: {rep['cache']['users']} users, {rep['cache']['rows']} labelled positions, top-{rep['cache']['top_k']}.",
+             "", "## Targets (issue 4)", "", "| target | met | detail |", "| --- | --- | --- |"]
+    for tg in rep["targets"]:
+        lines.append(f"| {tg['target']} | {'**yes**' if tg['met'] else '**no**'} | {tg['detail']} |")
+    lines += ["", f"## All test users ({rep['all_users']['users']})", "", metrics_table(rep["all_users"]["rows"]), "",
+              f"## Teacher's evaluation users ({rep['teacher_subset']['users']}; the teacher is evaluated on a "
+              f"seeded subset because of its CPU budget)", "", metrics_table(rep["teacher_subset"]["rows"]), ""]
+    cs = rep["cold_start"]
+    lines += [f"## Cold start ({cs['items']} items = {100 * cs['fraction']:.0f}% held out of student training, "
+              f"seed {cs['seed']}; {cs['test_events']} test events target one of them)", ""]
+    lines += [metrics_table(cs["rows"]) if cs["rows"] else "_no test event targets a held-out item_", ""]
+    lines += ["A held-out item's ID embedding never gets a gradient (its events are dropped and it is masked out "
+              "of every softmax), so without text vectors the student can only rank it by chance; with them it "
+              "is scored through the projection of its frozen LLM text vector.", ""]
+    p = rep["params"]
+    lines += ["## Parameters", "", "| system | parameters | with frozen buffers | share of the teacher |",
+              "| --- | --- | --- | --- |",
+              f"| teacher (LLM + LoRA + heads) | {p['teacher_total']:,} | – | 100% |"]
+    for label, c in p["per_variant"].items():
+        lines.append(f"| {label} | {c['params']:,} | {c['total']:,} | "
+                     f"{100 * c['params'] / p['teacher_total']:.3f}% ({100 * c['total'] / p['teacher_total']:.3f}%) |")
+    lines += ["", "## Training time", "",
+              f"- Full KD student, ablation budget: {', '.join(f'{s:.0f} s' for s in t['kd_full_train_seconds'])} "
+              f"({', '.join(str(e) for e in t['kd_full_epochs_run'])} epochs; {t['kd_full_seconds_per_epoch']:.1f} s "
+              f"per epoch over all {rep['all_users']['users']}-user training windows).",
+              f"- At the stage config ({t['config_epochs']} epochs max, {t['config_time_budget_s']:.0f} s budget): "
+              f"at most {min(t['estimated_seconds_for_config_epochs'], t['config_time_budget_s']) / 60:.1f} min per "
+              f"student (5 min target)."]
+    if "student_stage" in t:
+        s = t["student_stage"]
+        lines.append(f"- `distillrec student` (the stage config, device {s.get('device')}, "
+                     f"{s.get('torch_threads') or '?'} torch threads): {s['train_seconds']:.0f} s, {s['epochs_run']} "
+                     f"epochs, stopped by {s['stop_reason']} (best epoch {s['best_epoch']}).")
+    lines += ["", "## Variants", "", "| key | row | KD components in force | runs |", "| --- | --- | --- | --- |"]
+    for key, v in rep["variants"].items():
+        if v.get("skipped"):
+            lines.append(f"| {key} | {v['label']} | {v['skipped']} | 0 |")
+            continue
+        c = v.get("components", {})
+        comp = ", ".join(f"{k}={val}" for k, val in c.items())
+        runs = "; ".join(f"seed {r['seed']}: {r['epochs_run']} ep, {r['stop_reason']}" for r in v["runs"])
+        lines.append(f"| {key} | {v['label']} | {comp} | {runs} |")
+    lines += ["", "KD components: alpha = hard/teacher mixing weight; scope = next_item KL support (topk | catalog); "
+              "kl, listwise, rating, like = weights inside each task's KD term; align = representation-alignment "
+              "weight. See docs/distillation.md.", ""]
+    return "\n".join(lines)

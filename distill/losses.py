@@ -1,0 +1,269 @@
+"""Distillation losses: each component a small named module returning one UNREDUCED value per position.
+
+Conventions (docs/distillation.md has the long form):
+
+- Positions. A training position j of a user is "the state before item j predicts item j (next_item),
+  and item j's rating / like". The teacher cache is target-aligned the same way, so a position has
+  teacher labels iff its user is one of the cached users (`has_teacher`); the share of labelled
+  positions that have them is the teacher coverage reported by the student stage.
+- Temperature. NextItemKL returns T^2 * KL(p_teacher^T || p_student^T) with p^T = softmax(logits / T)
+  (Hinton et al. 2015). d KL / d s_i = (p_s,i - p_t,i) / T, and for large T (p_s - p_t) ~ (s - t) / (N T),
+  so the raw KL gradient shrinks like 1 / T^2; the T^2 factor keeps the soft-target gradient on the
+  scale of the hard-label gradient whatever T is (and T = 1 is the plain KL).
+- Support. 'topk': the K items the cache kept per position (the teacher's renormalised top-K, the
+  student's logits gathered at the same K items); 'catalog': every item, the teacher's logits rebuilt
+  from the cached user vector: user_vector @ item_table.T + item_bias (`teacher_catalog_logits`).
+- Mixing (`DistillationObjective`): per labelled position and task,
+      L_task(pos) = (1 - alpha * h) * hard(pos) + alpha * h * KD_task(pos),   h = 1 if teacher-labelled
+  with KD_next_item = w_kl * KL + w_list * ListMLE, KD_rating = w_rating * MSE, KD_like = w_like * BCE,
+  averaged over the labelled positions of the batch; positions without teacher labels keep the hard
+  loss alone. alpha = 0 (or every KD weight 0) is the student without the teacher. The task losses go
+  to the loss-weighting strategy (distill.weighting, the teacher's objects); representation alignment
+  is added outside it: total = weighting({task: L_task}) + w_align * mean_{teacher positions} align.
+- Items excluded from training (the cold-start slice) are masked out of every softmax (hard CE, KL,
+  ListMLE) with a large negative logit, so neither their ID embedding nor their bias gets a gradient.
+- Every component is logged unweighted: its mean over the positions it applies to.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import StudentConfig
+
+NEG = -1e4
+"""Logit given to excluded items: exp(NEG - max) is exactly 0 in float32, and unlike -inf it never makes NaN."""
+
+
+def teacher_catalog_logits(user_vector: torch.Tensor, item_table: torch.Tensor, item_bias: torch.Tensor) -> torch.Tensor:
+    """The teacher's full-catalog next_item logits from the cache: [P, d] @ [N, d].T + [N] -> [P, N]."""
+    return user_vector.float() @ item_table.float().T + item_bias.float()
+
+
+class NextItemKL(nn.Module):
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)) per row (module docstring: the T^2 convention).
+
+    forward(student_logits [P, S], teacher_logits [P, S], valid [P, S] bool or None) -> [P].
+    S is the support: the teacher's top-K items (student logits gathered there) or the whole catalog.
+    Entries with valid = False take part in neither distribution (both get probability 0); a row with no
+    valid entry gives 0. KL = 0 exactly when the two tempered distributions match.
+    """
+
+    name = "next_item/kl"
+
+    def __init__(self, temperature: float = 2.0):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"KD temperature must be > 0, got {temperature}")
+        self.T = float(temperature)
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        T = self.T
+        s = student_logits.float() / T
+        t = teacher_logits.detach().float() / T
+        if valid is not None:
+            s = s.masked_fill(~valid, NEG)
+            t = t.masked_fill(~valid, NEG)
+        log_p_t = torch.log_softmax(t, dim=-1)
+        p_t = log_p_t.exp()
+        kl = (p_t * (log_p_t - torch.log_softmax(s, dim=-1))).sum(-1)
+        if valid is not None:
+            kl = torch.where(valid.any(-1), kl, torch.zeros_like(kl))
+        return (T * T) * kl
+
+
+class ListwiseRankingLoss(nn.Module):
+    """ListMLE (Xia et al. 2008): -log of the Plackett-Luce probability of the teacher's top-k order
+    under the student's scores, restricted to those k items, divided by the number of terms:
+
+        L = (1 / k) * sum_{i=1..k} [ logsumexp(s_{pi_i}, ..., s_{pi_k}) - s_{pi_i} ]
+
+    forward(student_scores [P, k] in the teacher's order (best first), valid [P, k] or None) -> [P].
+    Invalid entries drop out of the order (and of every denominator). Only the order matters: the
+    teacher's logit values are not used, so this complements the KL (which matches the values).
+    """
+
+    name = "next_item/listwise"
+
+    def __init__(self, top_k: int = 10):
+        super().__init__()
+        if top_k < 2:
+            raise ValueError(f"listwise_top_k must be >= 2 (an order needs two items), got {top_k}")
+        self.top_k = int(top_k)
+
+    def forward(self, student_scores: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        s = student_scores[..., : self.top_k].float()
+        v = torch.ones_like(s, dtype=torch.bool) if valid is None else valid[..., : self.top_k]
+        s = s.masked_fill(~v, NEG)
+        # suffix logsumexp: lse_i = log sum_{j >= i} exp(s_j)
+        lse = torch.logcumsumexp(s.flip(-1), dim=-1).flip(-1)
+        terms = torch.where(v, lse - s, torch.zeros_like(s))
+        return terms.sum(-1) / v.sum(-1).clamp_min(1)
+
+
+class LikeBCE(nn.Module):
+    """BCE(student like logit, sigmoid(teacher like logit)) per position: soft-label binary cross-entropy.
+    Its minimum (gradient 0) is at student logit = teacher logit, where it equals the teacher's entropy."""
+
+    name = "like/kd"
+
+    def forward(self, student_logit: torch.Tensor, teacher_logit: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(student_logit.float(), torch.sigmoid(teacher_logit.detach().float()),
+                                                  reduction="none")
+
+
+class RatingMSE(nn.Module):
+    """(student rating - teacher rating)^2 per position."""
+
+    name = "rating/kd"
+
+    def forward(self, student_rating: torch.Tensor, teacher_rating: torch.Tensor) -> torch.Tensor:
+        return (student_rating.float() - teacher_rating.detach().float()) ** 2
+
+
+class RepresentationAlignment(nn.Module):
+    """Projector (student state [.., d_s] -> teacher user-vector dim d_t) + a distance to the teacher vector.
+
+    kind 'cosine': 1 - cos(P s, t) (scale-free; in [0, 2]); 'mse': mean over dims of (P s - t)^2.
+    The teacher vector is detached: gradients reach only the student and the projector. The projector is
+    a training-time module (not part of the served student, not in its parameter count).
+    """
+
+    name = "align"
+
+    def __init__(self, student_dim: int, teacher_dim: int, kind: str = "cosine"):
+        super().__init__()
+        if kind not in ("cosine", "mse"):
+            raise ValueError(f"unknown align_loss '{kind}'; choose cosine or mse")
+        self.kind = kind
+        self.proj = nn.Linear(student_dim, teacher_dim)
+
+    def forward(self, student_state: torch.Tensor, teacher_vector: torch.Tensor) -> torch.Tensor:
+        p = self.proj(student_state)
+        t = teacher_vector.detach().float()
+        if self.kind == "cosine":
+            return 1 - F.cosine_similarity(p, t, dim=-1, eps=1e-8)
+        return ((p - t) ** 2).mean(-1)
+
+
+class DistillationObjective(nn.Module):
+    """Hard-label losses, the enabled KD components and their mixing, for one batch of positions.
+
+    forward(out, batch) -> (task_losses {task: scalar}, align scalar or None, logged {name: float})
+      out    Student.forward_positions(..., select=batch["labelled"]) outputs, flat over the P labelled
+             positions: next_item [P, N], rating/like [P, 1], state [P, d]
+      batch  items / ratings / labelled / has_teacher [B, L]; with a teacher also t_items / t_logits
+             [B, L, K], t_rating / t_like [B, L], t_user [B, L, d_t] (the cached teacher user vector)
+    `use_teacher=False` (or kd_alpha = 0) gives the hard-label objective of the no-KD student.
+    """
+
+    def __init__(self, cfg: StudentConfig, tasks: list[str], student_dim: int, like_threshold: float = 4.0,
+                 use_teacher: bool = True, teacher_dim: Optional[int] = None,
+                 item_table: Optional[torch.Tensor] = None, item_bias: Optional[torch.Tensor] = None,
+                 exclude_items: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.tasks, self.like_threshold = list(tasks), float(like_threshold)
+        self.alpha = float(cfg.kd_alpha) if use_teacher else 0.0
+        on = self.alpha > 0
+        self.w = dict(kl=cfg.kd_next_item if on else 0.0, listwise=cfg.kd_listwise if on else 0.0,
+                      rating=cfg.kd_rating if on and "rating" in tasks else 0.0,
+                      like=cfg.kd_like if on and "like" in tasks else 0.0,
+                      align=cfg.kd_align if use_teacher and teacher_dim else 0.0)
+        if cfg.kd_scope not in ("auto", "topk", "catalog"):
+            raise ValueError(f"unknown student.kd_scope '{cfg.kd_scope}'; choose auto, topk or catalog")
+        has_catalog = item_table is not None and item_bias is not None
+        if cfg.kd_scope == "catalog" and self.w["kl"] > 0 and not has_catalog:
+            raise ValueError("student.kd_scope=catalog needs the cache's user_vector, item_table and item_bias")
+        self.scope = "catalog" if cfg.kd_scope == "catalog" or (cfg.kd_scope == "auto" and has_catalog) else "topk"
+        self.kl = NextItemKL(cfg.temperature)
+        self.listwise = ListwiseRankingLoss(cfg.listwise_top_k)
+        self.rating_kd, self.like_kd = RatingMSE(), LikeBCE()
+        self.align = RepresentationAlignment(student_dim, teacher_dim, cfg.align_loss) if self.w["align"] > 0 else None
+        if self.scope == "catalog" and self.w["kl"] > 0:
+            self.register_buffer("t_item_table", item_table.float(), persistent=False)
+            self.register_buffer("t_item_bias", item_bias.float(), persistent=False)
+        if exclude_items is not None and bool(exclude_items.any()):
+            self.register_buffer("exclude", exclude_items.bool(), persistent=False)
+        else:
+            self.exclude = None
+
+    @property
+    def needs_user_vectors(self) -> bool:
+        return self.align is not None or (self.scope == "catalog" and self.w["kl"] > 0)
+
+    def components(self) -> dict[str, float]:
+        """The KD component weights actually in force (0 = off), plus alpha and the KL support."""
+        return dict(alpha=self.alpha, scope=self.scope, **{k: float(v) for k, v in self.w.items()})
+
+    def forward(self, out: dict, batch: dict):
+        m = batch["labelled"]
+        logits = out["next_item"]  # [P, N], P = labelled positions
+        if logits.shape[0] != int(m.sum()):
+            raise ValueError("DistillationObjective expects outputs at the labelled positions only: call "
+                             "forward_positions(..., select=batch['labelled'])")
+        if self.exclude is not None:
+            logits = logits.masked_fill(self.exclude, NEG)
+        target = batch["items"][m]
+        hard = {"next_item": F.cross_entropy(logits, target, reduction="none")}
+        if "rating" in self.tasks:
+            r_true = batch["ratings"][m]
+            hard["rating"] = (out["rating"][..., 0] - r_true) ** 2
+            hard["like"] = F.binary_cross_entropy_with_logits(
+                out["like"][..., 0], (r_true >= self.like_threshold).float(), reduction="none")
+        logged = {f"{t}/hard": v.detach().mean().item() for t, v in hard.items()}
+        h = batch["has_teacher"][m] if self.alpha > 0 or self.align is not None else None
+        kd: dict[str, torch.Tensor] = {}
+        n_t = int(h.sum()) if h is not None else 0
+        if self.alpha > 0 and n_t:
+            kd = self._kd_terms(out, batch, m, h, logits, logged)
+        losses = {}
+        for t in self.tasks:
+            if t in kd:
+                mix = hard[t].clone()
+                mix[h] = (1 - self.alpha) * hard[t][h] + self.alpha * kd[t]
+                losses[t] = mix.mean()
+            else:
+                losses[t] = hard[t].mean()
+        align = None
+        if self.align is not None and n_t:
+            a = self.align(out["state"][h], batch["t_user"][m][h])
+            logged["align"] = a.detach().mean().item()
+            align = self.w["align"] * a.mean()
+        return losses, align, logged
+
+    def _kd_terms(self, out, batch, m, h, logits, logged) -> dict[str, torch.Tensor]:
+        """KD term per task on the teacher-labelled positions (rows of `logits` where h)."""
+        kd = {}
+        s_all = logits[h]  # [P_t, N], excluded items already at NEG
+        t_items = batch["t_items"][m][h]  # [P_t, K], the teacher's top-K, best first
+        valid = None if self.exclude is None else ~self.exclude[t_items]
+        terms = []
+        if self.w["kl"] > 0:
+            if self.scope == "catalog":
+                t_logits = teacher_catalog_logits(batch["t_user"][m][h], self.t_item_table, self.t_item_bias)
+                cat_valid = None if self.exclude is None else (~self.exclude).expand_as(s_all)
+                kl = self.kl(s_all, t_logits, cat_valid)
+            else:
+                kl = self.kl(torch.gather(s_all, -1, t_items), batch["t_logits"][m][h], valid)
+            logged[self.kl.name] = kl.detach().mean().item()
+            terms.append(self.w["kl"] * kl)
+        if self.w["listwise"] > 0:
+            k = self.listwise.top_k
+            lw = self.listwise(torch.gather(s_all, -1, t_items[:, :k]), None if valid is None else valid[:, :k])
+            logged[self.listwise.name] = lw.detach().mean().item()
+            terms.append(self.w["listwise"] * lw)
+        if terms:
+            kd["next_item"] = sum(terms)
+        if self.w["rating"] > 0:
+            r = self.rating_kd(out["rating"][..., 0][h], batch["t_rating"][m][h])
+            logged[self.rating_kd.name] = r.detach().mean().item()
+            kd["rating"] = self.w["rating"] * r
+        if self.w["like"] > 0:
+            lk = self.like_kd(out["like"][..., 0][h], batch["t_like"][m][h])
+            logged[self.like_kd.name] = lk.detach().mean().item()
+            kd["like"] = self.w["like"] * lk
+        return kd

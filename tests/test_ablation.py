@@ -1,0 +1,142 @@
+"""The ablation on the tiny preset: a random tiny teacher + cache, then run_ablation with 2 seeds and 1 short
+epoch per model; the report's rows, counts, finiteness and CIs are checked (not the quality)."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from distill.ablation import VARIANTS, aggregate_seeds, metrics_table, paired_difference, run_ablation
+from distill.cache import build_cache
+from distill.cli import _write_run_config
+from distill.config import load_config
+from distill.data import Split, load_dataset
+from distill.student_stage import cold_item_slice
+from distill.teacher_stage import train_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = ["kd_full", "no_kl", "no_kd", "cold_text", "cold_id_only"]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+        f"out_dir={out}", "name=x", "teacher.max_steps=2", "teacher.eval_users=16",
+        "student.ablation_seeds=[0, 1]", "student.ablation_epochs=1", "student.max_steps_per_epoch=2",
+        "student.batch_size=64",
+        "student.ablation_n_boot=100", f"student.ablation_variants={json.dumps(KEYS)}"])
+    _write_run_config(cfg)
+    train_teacher(cfg)
+    build_cache(cfg)
+    rep = run_ablation(cfg, log=lambda *_: None)
+    return dict(cfg=cfg, rep=rep, run=out / "x")
+
+
+def _entries(rows):
+    for name, metrics in rows.items():
+        for task in ("next_item", "rating", "like"):
+            for metric, e in (metrics.get(task) or {}).items():
+                yield name, f"{task}/{metric}", e
+
+
+def test_report_files_are_written(report):
+    run = report["run"]
+    assert json.loads((run / "student" / "report.json").read_text())["seeds"] == [0, 1]
+    md = (run / "student" / "report.md").read_text()
+    for text in ("## Targets", "## All test users (943)", "## Teacher's evaluation users (16", "## Cold start",
+                 "## Parameters", "## Training time", "next_item/NDCG@10", VARIANTS["no_kl"][0]):
+        assert text in md, text
+
+
+def test_rows_and_counts(report):
+    rep = report["rep"]
+    labels = {k: VARIANTS[k][0] for k in KEYS}
+    all_rows = rep["all_users"]["rows"]
+    assert rep["all_users"]["users"] == 943
+    assert set(all_rows) == {labels[k] for k in KEYS[:3]} | {"popularity", "global_mean", "user_mean", "item_mean"}
+    sub = rep["teacher_subset"]["rows"]
+    assert rep["teacher_subset"]["users"] == 16 and "teacher" in sub and labels["kd_full"] in sub
+    assert sub["teacher"]["n_users"] == 16 and sub[labels["no_kd"]]["n_users"] == 16
+    for k in KEYS:
+        runs = rep["variants"][k]["runs"]
+        assert [r["seed"] for r in runs] == [0, 1]
+        assert all(r["epochs_run"] == 1 for r in runs)
+    assert rep["variants"]["no_kl"]["components"]["kl"] == 0.0 and rep["variants"]["kd_full"]["components"]["kl"] > 0
+    assert rep["variants"]["no_kd"]["components"]["alpha"] == 0.0
+    assert all(r["teacher_coverage"] > 0 for r in rep["variants"]["kd_full"]["runs"])
+    assert all(r["teacher_coverage"] == 0 for r in rep["variants"]["no_kd"]["runs"])
+
+
+def test_cold_start_slice_and_events(report):
+    rep, cfg = report["rep"], report["cfg"]
+    split = Split.leave_last_out(load_dataset(cfg.data))
+    cold = cold_item_slice(split.ds.n_items, cfg.student.cold_item_fraction, cfg.student.cold_item_seed)
+    targets, _ = split.targets(split.eval_users, "test")
+    n_events = int(np.isin(targets, cold).sum())
+    cs = rep["cold_start"]
+    assert cs["items"] == len(cold) == 84 and cs["test_events"] == n_events > 0
+    rows = cs["rows"]
+    assert {VARIANTS["cold_text"][0], VARIANTS["cold_id_only"][0], "popularity"} <= set(rows)
+    assert rows[VARIANTS["cold_text"][0]]["n_users"] == n_events
+    # the ID-only student has no text table: fewer buffers, and no text projection
+    p = rep["params"]["per_variant"]
+    assert p[VARIANTS["cold_id_only"][0]]["buffers"] < p[VARIANTS["cold_text"][0]]["buffers"]
+
+
+def test_numbers_are_finite_and_cis_bracket_their_values(report):
+    rep = report["rep"]
+    n = 0
+    for section in (rep["all_users"]["rows"], rep["teacher_subset"]["rows"], rep["cold_start"]["rows"]):
+        for name, metric, e in _entries(section):
+            lo, hi = e["ci"]
+            point = e.get("ci_value", e["value"])
+            assert all(math.isfinite(x) for x in (e["value"], lo, hi, point)), (name, metric)
+            assert lo - 1e-9 <= point <= hi + 1e-9, (name, metric, e)
+            if "seeds" in e:
+                assert len(e["seeds"]) == 2 and e["std"] >= 0
+                assert e["value"] == pytest.approx(np.mean(e["seeds"]))
+                assert point == e["seeds"][0]
+            n += 1
+    assert n > 100
+
+
+def test_params_targets_and_timing(report):
+    rep = report["rep"]
+    p = rep["params"]
+    t_params = json.loads((report["run"] / "teacher" / "metrics.json").read_text())["params"]["total"]
+    assert p["teacher_total"] == t_params
+    assert p["ratio_params"] == pytest.approx(p["student_params"] / t_params)
+    names = [t["target"] for t in rep["targets"]]
+    assert sum("student >= teacher" in n for n in names) == 3
+    assert any("beyond the seed spread" in n for n in names) and any("2%" in n for n in names)
+    assert all(isinstance(t["met"], bool) for t in rep["targets"])
+    # the tiny teacher is smaller than the student: the size target must be reported as missed
+    assert next(t for t in rep["targets"] if "2%" in t["target"])["met"] is False
+    tt = rep["training_time"]
+    assert tt["per_model_budget"]["epochs"] == 1 and len(tt["kd_full_train_seconds"]) == 2
+    assert tt["ablation_total_seconds"] > 0
+
+
+def test_aggregate_and_paired_difference_units():
+    per_seed = [{"next_item": {"NDCG@10": {"value": v, "ci": [v - 0.1, v + 0.1]}}, "n_users": 5} for v in (0.2, 0.4)]
+    agg = aggregate_seeds(per_seed)["next_item"]["NDCG@10"]
+    assert agg["value"] == pytest.approx(0.3) and agg["std"] == pytest.approx(np.std([0.2, 0.4], ddof=1))
+    assert agg["ci"] == pytest.approx([0.1, 0.3]) and agg["ci_value"] == 0.2
+    assert "± " in metrics_table({"s": aggregate_seeds(per_seed)})
+
+    split = Split.leave_last_out(load_dataset(load_config(ROOT / "configs" / "tiny.yaml").data))
+    users = split.eval_users[:60]
+    rng = np.random.default_rng(0)
+    pred = dict(users=users, scores=rng.normal(size=(60, split.ds.n_items)).astype(np.float32),
+                rating=rng.uniform(1, 5, 60).astype(np.float32), like_logit=rng.normal(size=60).astype(np.float32))
+    same = paired_difference(pred, pred, split, n_boot=50)
+    for task, metric in (("next_item", "NDCG@10"), ("rating", "RMSE"), ("like", "AUC")):
+        assert same[task][metric]["value"] == 0 and same[task][metric]["ci"] == [0.0, 0.0]
+    targets, true_r = split.targets(users, "test")
+    better = dict(pred, rating=true_r.astype(np.float32))  # a perfect rating model
+    better["scores"] = pred["scores"].copy()
+    better["scores"][np.arange(60), targets] = 1e3  # and a perfect ranker
+    d = paired_difference(better, pred, split, n_boot=50)
+    assert d["rating"]["RMSE"]["ci"][1] < 0 and d["next_item"]["NDCG@10"]["ci"][0] > 0

@@ -1,0 +1,189 @@
+"""The student: cold-start item representation through the frozen text vectors, causal consistency of the
+training and serving paths, persistence, and the training data (windows, teacher rows, held-out items)."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from distill.config import DataConfig, StudentConfig
+from distill.data import Split, load_dataset
+from distill.losses import DistillationObjective
+from distill.student import Student
+from distill.student_stage import build_training_arrays, cold_item_slice, student_windows
+
+TASKS = ["next_item", "rating", "like"]
+N_ITEMS, TEXT = 20, 8
+
+
+def _student(use_text=True, seed=0, **kw) -> Student:
+    torch.manual_seed(seed)
+    cfg = StudentConfig(dim=16, layers=2, heads=2, max_len=10, tower_hidden=16, dropout=0.0,
+                        use_text_vectors=use_text, **kw)
+    return Student(cfg, N_ITEMS, TASKS, text_vectors=torch.randn(N_ITEMS, TEXT) if use_text else None)
+
+
+@pytest.fixture(scope="module")
+def split():
+    return Split.leave_last_out(load_dataset(DataConfig()))
+
+
+# ----------------------------------------------------------------------------- cold start
+def test_unseen_item_is_represented_by_its_text_vector():
+    m = _student().eval()
+    with torch.no_grad():  # items 3 and 4: the same (never trained) ID embedding, different texts
+        m.id_emb.weight[4] = m.id_emb.weight[3]
+    table = m.item_table()
+    assert torch.allclose(table[3] - m.id_emb.weight[3], m.text_proj(m.text_vectors[3]))
+    assert not torch.allclose(table[3], table[4])
+    hist = (torch.tensor([[1, 2]]), torch.tensor([[4.0, 3.0]]), torch.tensor([2]), torch.tensor([[3, 4]]))
+    out = m(*hist)
+    assert out["next_item"][0, 3] != out["next_item"][0, 4]
+    assert out["rating"][0, 0] != out["rating"][0, 1]
+    with torch.no_grad():  # changing only the text vector of an item changes its score
+        m.text_vectors[3] += 1.0
+    assert m(*hist)["next_item"][0, 3] != out["next_item"][0, 3]
+
+
+def test_without_text_vectors_an_unseen_item_is_only_its_id_embedding():
+    m = _student(use_text=False).eval()
+    assert m.text_proj is None
+    with torch.no_grad():
+        m.id_emb.weight[4] = m.id_emb.weight[3]
+    out = m(torch.tensor([[1, 2]]), torch.tensor([[4.0, 3.0]]), torch.tensor([2]), torch.tensor([[3, 4]]))
+    assert out["next_item"][0, 3] == out["next_item"][0, 4]
+
+
+def test_held_out_items_never_get_a_gradient_during_training():
+    m = _student(seed=1).train()
+    cfg = replace(m.cfg, kd_scope="topk")
+    cold = torch.tensor([5, 11])
+    exclude = torch.zeros(N_ITEMS, dtype=torch.bool)
+    exclude[cold] = True
+    obj = DistillationObjective(cfg, TASKS, 16, teacher_dim=6, exclude_items=exclude)
+    opt = torch.optim.AdamW(list(m.parameters()) + list(obj.parameters()), lr=1e-2, weight_decay=0.0)
+    before_emb, before_bias = m.id_emb.weight.detach().clone(), m.item_bias.detach().clone()
+    before_table = m.item_table().detach().clone()
+    g = torch.Generator().manual_seed(0)
+    warm = torch.tensor([i for i in range(N_ITEMS) if i not in cold.tolist()])
+    for _ in range(5):
+        items = warm[torch.randint(0, len(warm), (4, 10), generator=g)]
+        # the teacher's top-K lists DO contain the cold items: they must be masked out
+        t_items = torch.stack([torch.randperm(N_ITEMS, generator=g)[:6] for _ in range(40)]).view(4, 10, 6)
+        batch = dict(items=items, ratings=torch.randint(1, 6, (4, 10), generator=g).float(),
+                     labelled=torch.ones(4, 10, dtype=torch.bool), has_teacher=torch.ones(4, 10, dtype=torch.bool),
+                     t_items=t_items, t_logits=torch.sort(torch.randn(4, 10, 6, generator=g), descending=True).values,
+                     t_rating=torch.full((4, 10), 3.5), t_like=torch.zeros(4, 10), t_user=torch.randn(4, 10, 6))
+        out = m.forward_positions(batch["items"], batch["ratings"], torch.full((4,), 10), select=batch["labelled"])
+        losses, align, _ = obj(out, batch)
+        opt.zero_grad()
+        (sum(losses.values()) + align).backward()
+        opt.step()
+    assert torch.equal(m.id_emb.weight[cold], before_emb[cold])  # still at init
+    assert torch.equal(m.item_bias[cold], before_bias[cold])
+    assert not torch.allclose(m.id_emb.weight[warm], before_emb[warm])
+    # ... yet the cold items' table rows moved with the learned text projection
+    assert not torch.allclose(m.item_table()[cold], before_table[cold])
+
+
+def test_cold_item_slice_is_seeded_and_sized():
+    a = cold_item_slice(1682, 0.05, seed=0)
+    assert len(a) == 84 and len(np.unique(a)) == 84 and np.all(np.diff(a) > 0)
+    assert np.array_equal(a, cold_item_slice(1682, 0.05, seed=0))
+    assert not np.array_equal(a, cold_item_slice(1682, 0.05, seed=1))
+    assert len(cold_item_slice(1682, 0.0, seed=0)) == 0
+    with pytest.raises(ValueError):
+        cold_item_slice(10, 1.0, 0)
+
+
+# ----------------------------------------------------------------------------- encoder paths
+def test_training_positions_match_serving_on_each_prefix():
+    """Position j of forward_positions (the state before item j) = forward() on the first j items."""
+    m = _student(seed=2).eval()
+    items = torch.tensor([[0, 0, 0, 7, 3, 9, 1, 4, 2, 8]])  # left-padded: 7 real items
+    ratings = torch.tensor([[0, 0, 0, 5, 3, 4, 1, 2, 5, 4]]).float()
+    length = torch.tensor([7])
+    with torch.no_grad():
+        pos = m.forward_positions(items, ratings, length)
+        for j in range(3, 10):
+            n = j - 3  # items before position j
+            h_items = torch.zeros(1, 10, dtype=torch.long)
+            h_ratings = torch.zeros(1, 10)
+            if n:
+                h_items[0, 10 - n:] = items[0, 3:j]
+                h_ratings[0, 10 - n:] = ratings[0, 3:j]
+            out = m(h_items, h_ratings, torch.tensor([n]), items[:, j:j + 1])
+            assert torch.allclose(out["next_item"][0], pos["next_item"][0, j], atol=1e-5)
+            assert torch.allclose(out["rating"][0, 0], pos["rating"][0, j, 0], atol=1e-5)
+            assert torch.allclose(out["like"][0, 0], pos["like"][0, j, 0], atol=1e-5)
+
+
+def test_selected_positions_equal_the_full_outputs():
+    m = _student(seed=3).eval()
+    items, ratings = torch.randint(0, N_ITEMS, (3, 6)), torch.randint(1, 6, (3, 6)).float()
+    length = torch.tensor([6, 2, 4])
+    select = torch.rand(3, 6, generator=torch.Generator().manual_seed(0)) > 0.4
+    with torch.no_grad():
+        full = m.forward_positions(items, ratings, length)
+        part = m.forward_positions(items, ratings, length, select=select)
+    for k in ("next_item", "rating", "like", "state"):
+        assert part[k].shape[0] == int(select.sum())
+        assert torch.allclose(part[k], full[k][select], atol=1e-6)
+
+
+def test_empty_history_is_finite():
+    m = _student().eval()
+    out = m(torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 5), torch.tensor([0, 0]), torch.tensor([[1], [2]]))
+    assert all(torch.isfinite(v).all() for v in out.values())
+
+
+def test_save_load_roundtrip_keeps_config_and_outputs(tmp_path):
+    m = _student(mtl="ple", n_experts=2, n_shared_experts=3, ple_levels=2, kd_listwise=0.0).eval()
+    m.save(tmp_path / "s", extra=dict(kd=True))
+    back = Student.load(tmp_path / "s")
+    assert back.cfg == m.cfg and back.cfg.n_shared_experts == 3 and back.cfg.ple_levels == 2
+    args = (torch.tensor([[1, 2, 3]]), torch.tensor([[5.0, 4.0, 1.0]]), torch.tensor([3]), torch.tensor([[4, 5]]))
+    with torch.no_grad():
+        a, b = m(*args), back(*args)
+    assert all(torch.allclose(a[k], b[k]) for k in a)
+    counts = back.param_counts()
+    assert counts["params"] == sum(p.numel() for p in back.parameters())
+    assert counts["buffers"] >= N_ITEMS * TEXT and counts["total"] == counts["params"] + counts["buffers"]
+
+
+# ----------------------------------------------------------------------------- training data
+def test_windows_label_every_position_exactly_once():
+    wins = student_windows([0, 3, 10, 23], max_len=10, stride=5)
+    for u, n in enumerate([0, 3, 10, 23]):
+        labelled = [j for (uu, s, e, first) in wins if uu == u for j in range(first, e)]
+        assert sorted(labelled) == list(range(n))
+    assert all(e - s <= 10 for (_, s, e, _) in wins)
+    assert all(first - s >= 5 for (_, s, e, first) in wins if first > 0)  # context after the first window
+
+
+def _fake_cache(split, users):
+    """A cache whose row for (u, j) stores u's j-th training item as its top-1: checks row alignment."""
+    lengths = [int(split.n_train[u]) for u in users]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    top = np.concatenate([split.train_items(u) for u in users]).astype(np.int32)[:, None]
+    return dict(users=np.asarray(users), offsets=offsets, next_topk_items=top)
+
+
+def test_training_arrays_align_teacher_rows_with_and_without_held_out_items(split):
+    users = [0, 5, 42]
+    cache = _fake_cache(split, users)
+    cold = cold_item_slice(split.ds.n_items, 0.05, seed=0)
+    for exclude in (None, cold):
+        a = build_training_arrays(split, 50, cache, exclude_items=exclude)
+        lab = a["labelled"]
+        kept = sum(int((~np.isin(split.train_items(u), cold if exclude is not None else [])).sum())
+                   for u in range(split.ds.n_users))
+        assert lab.sum() == kept  # every kept training event is labelled exactly once
+        has = a["rows"] >= 0
+        assert np.array_equal(cache["next_topk_items"][a["rows"][has], 0], a["items"][has])
+        n_cached = sum(int((~np.isin(split.train_items(u), cold if exclude is not None else [])).sum())
+                       for u in users)
+        assert (has & lab).sum() == n_cached
+        if exclude is not None:
+            real = np.arange(50)[None, :] >= (50 - a["length"])[:, None]
+            assert not np.isin(a["items"][real], cold).any()  # neither as input nor as label
