@@ -143,6 +143,9 @@ def main(argv=None) -> int:
     tw.add_argument("--eval-users", type=int, help="test users per strategy (default: the run's teacher.eval_users)")
     tw.add_argument("--strategies", default="fixed,uncertainty,gradnorm,dwa")
     tw.add_argument("-o", "--override", action="append", default=[])
+    ab = sub.add_parser("ablate", help="student ablation over seeds: each KD component off in turn, no-KD, cold start")
+    ab.add_argument("run_dir")
+    ab.add_argument("-o", "--override", action="append", default=[])
     lt = sub.add_parser("loadtest", help="bounded load test of the HTTP service on 127.0.0.1")
     lt.add_argument("run_dir")
     lt.add_argument("--clients", type=int, default=8)
@@ -170,6 +173,13 @@ def main(argv=None) -> int:
         serve(Path(args.run_dir) / "onnx", host=args.host, port=args.port, workers=args.workers,
               providers=args.providers, unknown_items=args.unknown_items, empty_history=args.empty_history,
               model_file=args.model_file)
+        return 0
+    if args.cmd == "ablate":
+        from .ablation import run_ablation
+        cfg = _config_for_run(args.run_dir, args.override)
+        apply_threads(cfg.threads)
+        run_ablation(cfg)
+        print((Path(cfg.run_dir) / "student" / "report.md").read_text())
         return 0
     if args.cmd == "loadtest":
         from serve_bench.loadtest import run_loadtest
