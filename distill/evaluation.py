@@ -7,22 +7,28 @@ from . import metrics as M
 from .data import Split
 
 
-def history_arrays(split: Split, users, stage: str, max_len: int):
-    """Left-padded (items int64 [U, L], ratings float32 [U, L], length int64 [U]) of the last `max_len`
-    interactions before each user's `stage` target, plus the targets as candidates [U, 1]."""
-    users = np.asarray(users)
-    hist = [split.history(u, stage, max_len) for u in users]
-    L = max(1, max(len(h[0]) for h in hist))
-    items = np.zeros((len(users), L), dtype=np.int64)
-    ratings = np.zeros((len(users), L), dtype=np.float32)
-    length = np.zeros(len(users), dtype=np.int64)
-    for row, (h_items, h_ratings) in enumerate(hist):
+def left_pad(histories, L: int):
+    """(items int64 [U, L], ratings float32 [U, L], length int64 [U]) from (items, ratings-or-None) pairs,
+    right-aligned so the most recent interaction is last."""
+    items = np.zeros((len(histories), L), dtype=np.int64)
+    ratings = np.zeros((len(histories), L), dtype=np.float32)
+    length = np.zeros(len(histories), dtype=np.int64)
+    for row, (h_items, h_ratings) in enumerate(histories):
         n = len(h_items)
         length[row] = n
         if n:
             items[row, L - n:] = h_items
             if h_ratings is not None:
                 ratings[row, L - n:] = h_ratings
+    return items, ratings, length
+
+
+def history_arrays(split: Split, users, stage: str, max_len: int):
+    """Left-padded (items, ratings, length) of the last `max_len` interactions before each user's `stage`
+    target, plus the targets as candidates [U, 1]."""
+    users = np.asarray(users)
+    hist = [split.history(u, stage, max_len) for u in users]
+    items, ratings, length = left_pad(hist, max(1, max(len(h[0]) for h in hist)))
     targets, _ = split.targets(users, stage)
     return items, ratings, length, targets[:, None]
 

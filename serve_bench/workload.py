@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from distill.evaluation import left_pad
+
 WORKLOADS = ("topk", "candidates")
 
 
@@ -67,20 +69,6 @@ class RequestSet:
             return cls(str(z["name"]), z["users"], z["items"], z["ratings"], z["length"], z["candidates"])
 
 
-def _pad(histories: list[tuple[np.ndarray, np.ndarray]], L: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    items = np.zeros((len(histories), L), dtype=np.int64)
-    ratings = np.zeros((len(histories), L), dtype=np.float32)
-    length = np.zeros(len(histories), dtype=np.int64)
-    for row, (h, r) in enumerate(histories):
-        n = len(h)
-        length[row] = n
-        if n:
-            items[row, L - n:] = h
-            if r is not None:
-                ratings[row, L - n:] = r
-    return items, ratings, length
-
-
 def candidates_for(split, users: np.ndarray, n_candidates: int, seed: int) -> np.ndarray:
     """[U, C]: the test target, then C-1 seeded random items outside the user's whole history."""
     n_items = split.ds.n_items
@@ -109,7 +97,7 @@ def build_request_sets(split, n_requests: int, max_len: int, n_candidates: int, 
     natural = np.sort(rng.choice(pool, size=min(n_requests, len(pool)), replace=False))
     sets = {}
     hist = [split.history(int(u), "test", max_len) for u in natural]
-    items, ratings, length = _pad(hist, max(1, max(len(h[0]) for h in hist)))
+    items, ratings, length = left_pad(hist, max(1, max(len(h[0]) for h in hist)))
     sets["natural"] = RequestSet("natural", natural, items, ratings, length,
                                  candidates_for(split, natural, n_candidates, seed))
     fixed_len = min(fixed_len, max_len)
@@ -117,7 +105,7 @@ def build_request_sets(split, n_requests: int, max_len: int, n_candidates: int, 
     if len(long_users):
         chosen = np.sort(rng.choice(long_users, size=min(n_requests, len(long_users)), replace=False))
         hist = [split.history(int(u), "test", fixed_len) for u in chosen]
-        items, ratings, length = _pad(hist, fixed_len)
+        items, ratings, length = left_pad(hist, fixed_len)
         sets[f"fixed{fixed_len}"] = RequestSet(f"fixed{fixed_len}", chosen, items, ratings, length,
                                               candidates_for(split, chosen, n_candidates, seed))
     return sets
