@@ -248,6 +248,8 @@ def run_ablation(cfg: RunConfig, log=print) -> dict:
         sm = read_json(stage_metrics, "the student stage")
         timing["student_stage"] = {k: sm.get(k) for k in ("train_seconds", "epochs_run", "best_epoch", "stop_reason",
                                                            "windows", "device", "torch_threads")}
+    timing["runs_cut_by_time_budget"] = [f"{k} seed {r['seed']}" for k in trained for r in variants[k]["runs"]
+                                         if r["stop_reason"] == "time_budget"]
     targets = _targets(variants, preds0, t_pred, split, params, n_boot, seeds[0])
     report = dict(
         run=str(run), command=f"distillrec ablate {run}", data_hash=ds.data_hash, seeds=seeds, device=device,
@@ -319,6 +321,10 @@ def render_markdown(rep: dict) -> str:
              f"(early stopping on validation NDCG@10, patience {b['patience']}"
              + (f", {b['max_steps_per_epoch']} steps per epoch" if b['max_steps_per_epoch'] else "") + "). "
              f"Whole ablation: {t['ablation_total_seconds'] / 60:.1f} min.",
+             *([f"**Warning:** {len(t['runs_cut_by_time_budget'])} run(s) stopped by the time budget, not by epochs "
+                f"or early stopping ({', '.join(t['runs_cut_by_time_budget'])}): they trained fewer epochs than "
+                f"the others (a loaded machine?), so their rows are not comparable."]
+              if t.get("runs_cut_by_time_budget") else []),
              f"Cells: mean ± std over the seeds [95% bootstrap CI over users of seed {rep['seeds'][0]}, "
              f"{rep['n_boot']} resamples]; single runs (teacher, baselines): value [CI].",
              f"Teacher cache: {rep['cache']['users']} users, {rep['cache']['rows']} labelled positions, top-{rep['cache']['top_k']}.",

@@ -117,6 +117,7 @@ def test_params_targets_and_timing(report):
     tt = rep["training_time"]
     assert tt["per_model_budget"]["epochs"] == 1 and len(tt["kd_full_train_seconds"]) == 2
     assert tt["ablation_total_seconds"] > 0
+    assert tt["runs_cut_by_time_budget"] == []  # 1 epoch per model: epochs bind, never the 60 s cap
 
 
 def test_aggregate_and_paired_difference_units():
