@@ -201,6 +201,8 @@ def main(argv=None) -> int:
     if args.cmd == "run" or (args.cmd == "data" and args.config):
         from .config import load_config
         cfg = load_config(args.config, args.override)
+        if getattr(args, "run_dir", None):  # an explicit run folder wins over the config's out_dir/name
+            cfg.out_dir, cfg.name = str(Path(args.run_dir).parent), Path(args.run_dir).name
         _write_run_config(cfg)
         stages = STAGES[STAGES.index(args.from_stage):STAGES.index(args.to_stage) + 1] if args.cmd == "run" else ["data"]
     else:

@@ -90,7 +90,8 @@ def write_teacher_report(cfg: RunConfig) -> Path:
         "## Budget and cost", "",
         f"- training users {b['train_users']} ({b['windows']} windows), {b['steps']} optimizer steps of "
         f"{b['batch_size']} x {b.get('grad_accum', 1)} windows x {b.get('world_size', 1)} ranks; stopped by {b['stop_reason']} "
-        f"(max {b['max_steps']} steps / {b['time_budget_s']} s); best step {b.get('best_step')}",
+        f"(max {b['max_steps']} steps / {b['time_budget_s']} s); best step {b.get('best_step')}; "
+        f"item vectors re-read by the tuned LM {b.get('item_vector_refreshes', 0)} time(s) (once per epoch boundary)",
         f"- LLM tokens processed per dataset token (one epoch of windows vs each history written once): "
         f"**{c['llm_tokens_per_dataset_token']:.3f}** (target <= 1.2)",
         f"- training throughput {c['train_tokens_per_s']:.0f} tokens/s; evaluation {c['eval_users_per_s']:.2f} users/s "

@@ -233,6 +233,16 @@ def load_trainable_state(teacher: Teacher, weighting, state: dict) -> None:
     weighting.load_state_dict({k[10:]: v for k, v in state.items() if k.startswith("weighting.")}, strict=False)
 
 
+def _refresh_item_vectors(teacher: Teacher, builder: SequenceBuilder, tc, device) -> None:
+    """One catalog pass with the current (LoRA-tuned) backbone; every rank computes the same vectors."""
+    was_training = teacher.training
+    teacher.eval()
+    with _amp_context(tc, device):
+        vecs = compute_item_vectors(teacher.backbone, builder, tc.infer_batch_tokens, device, desc="item vectors (tuned)")
+    teacher.heads.item_vectors.copy_(vecs.to(teacher.heads.item_vectors))
+    teacher.train(was_training)
+
+
 def _config_fingerprint(cfg: RunConfig, data_hash: str) -> str:
     import hashlib
     from dataclasses import asdict
@@ -287,9 +297,11 @@ def train_teacher(cfg: RunConfig) -> dict:
     examples = window_examples(split, users, tc.window, tc.context)
     val_users = sample_users(split.eval_users, tc.val_users, cfg.seed + 1)
     lora_params = [p for p in teacher.backbone.parameters() if p.requires_grad]
-    head_params = list(teacher.heads.parameters()) + list(weighting.parameters())
-    opt = torch.optim.AdamW([{"params": lora_params, "lr": tc.lr}, {"params": head_params, "lr": tc.head_lr}],
-                            weight_decay=tc.weight_decay)
+    proj_params = list(teacher.heads.item_proj.parameters())
+    head_params = [p for n, p in teacher.heads.named_parameters() if not n.startswith("item_proj.")]
+    opt = torch.optim.AdamW([{"params": lora_params, "lr": tc.lr},
+                             {"params": head_params + list(weighting.parameters()), "lr": tc.head_lr},
+                             {"params": proj_params, "lr": tc.item_proj_lr}], weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(max(1, int(tc.warmup_frac * tc.max_steps)), tc.max_steps))
     step, tokens_seen, elapsed, best, best_step = 0, 0, 0.0, -1.0, 0
     if resume is not None:
@@ -328,6 +340,8 @@ def train_teacher(cfg: RunConfig) -> dict:
             if epoch != prev_epoch:  # DWA adapts from per-epoch mean losses
                 weighting.end_epoch({t: float(np.mean(v)) for t, v in epoch_losses.items()})
                 epoch_losses, prev_epoch = {}, epoch
+                if tc.refresh_item_vectors:
+                    _refresh_item_vectors(teacher, builder, tc, device)
             batch = collate_windows([examples[k] for k in idx], split, builder, device)
             with _amp_context(tc, device):
                 out = model(batch["ids"], batch["mask"], batch["before"], batch["item"])
@@ -383,7 +397,9 @@ def train_teacher(cfg: RunConfig) -> dict:
     report = _evaluate_and_save(cfg, ds, split, teacher, builder, examples, users, weighting, device, dict(
         train_users=len(users), windows=len(examples), steps=step, max_steps=tc.max_steps,
         time_budget_s=tc.time_budget_s, stop_reason=stop_reason, batch_size=tc.batch_size, grad_accum=tc.grad_accum,
-        world_size=dist_.world, eval_history=tc.eval_history, val_every=tc.val_every, best_step=best_step or step,
+        world_size=dist_.world, eval_history=tc.eval_history,
+        item_vector_refreshes=prev_epoch if tc.refresh_item_vectors else 0,  # one per epoch boundary crossed
+        val_every=tc.val_every, best_step=best_step or step,
         best_val_ndcg10=best if best >= 0 else None), t_build.seconds, train_seconds, tokens_seen, lora_params,
         extra=dict(trainable_weight_digest=digest))
     dist_.close()

@@ -122,3 +122,37 @@ def test_heads_start_at_the_popularity_and_mean_priors():
     assert order[:2] == [3, 0]  # most popular first: the interaction term is zero at init
     torch.testing.assert_close(out["rating"], torch.full((3,), 3.6))
     torch.testing.assert_close(out["like"], torch.full((3,), 0.2))
+
+
+def _train_tiny(tmp_path, name, refresh: bool):
+    import json
+
+    from safetensors.torch import load_file
+
+    from distill.config import load_config
+    from distill.teacher_stage import train_teacher
+    # 1 user = 4 windows = one step per epoch (batch 4): 3 steps cross 2 epoch boundaries
+    cfg = load_config("configs/tiny.yaml", [f"out_dir={tmp_path}", f"name={name}", "teacher.train_users=1",
+                                            "teacher.max_steps=3", "teacher.eval_users=4", "teacher.lr=0.01",
+                                            f"teacher.refresh_item_vectors={str(refresh).lower()}"])
+    train_teacher(cfg)
+    folder = tmp_path / name / "teacher"
+    return cfg, load_file(str(folder / "heads.safetensors"))["item_vectors"], json.loads((folder / "metrics.json").read_text())
+
+
+def test_item_vectors_are_reread_by_the_tuned_lm_at_each_epoch_boundary(tmp_path):
+    from distill.data import Split, load_dataset
+    from distill.teacher import compute_item_vectors
+    cfg, fixed, m_fixed = _train_tiny(tmp_path, "fixed", refresh=False)
+    _, tuned, m_tuned = _train_tiny(tmp_path, "tuned", refresh=True)
+    assert m_fixed["budget"]["item_vector_refreshes"] == 0
+    assert m_tuned["budget"]["item_vector_refreshes"] == 2
+    # without refresh the vectors are exactly the base LM's; with it they moved with the LoRA weights
+    ds = load_dataset(cfg.data)
+    Split.leave_last_out(ds)
+    backbone, tok = load_base(cfg.teacher, seed=cfg.seed)
+    builder = SequenceBuilder(tok, ds.item_text, cfg.teacher.max_item_tokens, ds.has_ratings)
+    base = compute_item_vectors(backbone, builder, cfg.teacher.infer_batch_tokens, "cpu")
+    torch.testing.assert_close(fixed, base)
+    assert (tuned - base).abs().max() > 1e-3
+    assert tuned.shape == base.shape and torch.isfinite(tuned).all()

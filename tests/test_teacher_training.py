@@ -1,5 +1,5 @@
-"""Teacher training loop: resume after a real SIGKILL gives the uninterrupted result; 2-rank DDP (gloo)
-keeps the ranks' weights identical and only rank 0 writes artifacts."""
+"""Teacher training loop: resume after a real SIGKILL gives the uninterrupted result; 2-rank DDP (gloo), started by
+torchrun or by `accelerate launch`, keeps the ranks' weights identical and only rank 0 writes artifacts."""
 import json
 import os
 import re
@@ -78,9 +78,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_ranks_gloo_same_weights_rank0_writes(tmp_path):
+LAUNCHERS = {
+    "torchrun": lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                              f"--master_port={port}"],
+    # accelerate (a peft dependency) starts the same torchrun-style ranks; on CPU our Dist picks gloo
+    "accelerate": lambda port: [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+                                "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
+                                f"--main_process_port={port}"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_ddp_two_ranks_gloo_same_weights_rank0_writes(tmp_path, launcher):
     run = _new_run(tmp_path, "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [*LAUNCHERS[launcher](_free_port()),
            "-m", "distill.cli", "teacher", str(run), "-o", "teacher.max_steps=3", "-o", "teacher.checkpoint_every=1"]
     out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
