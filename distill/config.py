@@ -91,6 +91,9 @@ class TeacherConfig:
     loss_weights: dict = field(default_factory=lambda: {"next_item": 1.0, "rating": 0.5, "like": 0.5})
     weighting: str = "fixed"
     """Loss weighting strategy: fixed | uncertainty | gradnorm | dwa (distill/weighting.py)."""
+    adapt_every: int = 10
+    """Close a loss-trend period every N optimizer steps: DWA re-weights from the mean task losses of the last two
+    periods. Epochs are too long for the teacher's budget (the CPU default runs 1/6 of one); 0 = per epoch."""
     grad_accum: int = 1
     """Micro-batches per optimizer step (effective batch = batch_size * grad_accum * world size)."""
     warmup_frac: float = 0.1

@@ -6,6 +6,7 @@ metrics.json, test_predictions.npz (the evaluated users' scores, reused by the b
 """
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -219,7 +220,8 @@ def trainable_state(teacher: Teacher, weighting) -> dict:
     """Only what training changes: LoRA weights, heads (incl. the item-vector buffer), weighting state."""
     state = {f"model.{k}": v.detach().clone() for k, v in teacher.named_parameters() if v.requires_grad}
     state.update({f"heads.{k}": v.detach().clone() for k, v in teacher.heads.state_dict().items()})
-    state.update({f"weighting.{k}": v.detach().clone() for k, v in weighting.state_dict().items()})
+    state.update({f"weighting.{k}": v.detach().clone() if torch.is_tensor(v) else copy.deepcopy(v)
+                  for k, v in weighting.state_dict().items()})  # DWA's loss history is a plain dict
     return state
 
 
@@ -326,7 +328,7 @@ def train_teacher(cfg: RunConfig) -> dict:
     stop_reason = "max_steps"
     teacher.train()
     bar = tqdm(total=tc.max_steps, initial=step, desc="teacher LoRA fine-tune", disable=not dist_.main)
-    epoch_losses: dict[str, list[float]] = {}
+    epoch_losses: dict[str, list[float]] = {} if resume is None else resume.get("period_losses", {})
     prev_epoch = micro_batch(len(examples), tc.batch_size, dist_.world, dist_.rank, cfg.seed, step * tc.grad_accum)[0]
     while step < tc.max_steps:
         if time.perf_counter() - t0 > tc.time_budget_s:
@@ -337,9 +339,11 @@ def train_teacher(cfg: RunConfig) -> dict:
         for a in range(tc.grad_accum):
             epoch, idx = micro_batch(len(examples), tc.batch_size, dist_.world, dist_.rank, cfg.seed,
                                      step * tc.grad_accum + a)
-            if epoch != prev_epoch:  # DWA adapts from per-epoch mean losses
-                weighting.end_epoch({t: float(np.mean(v)) for t, v in epoch_losses.items()})
-                epoch_losses, prev_epoch = {}, epoch
+            if epoch != prev_epoch:
+                if not tc.adapt_every:  # DWA adapts from per-period mean losses; here a period = an epoch
+                    weighting.end_epoch({t: float(np.mean(v)) for t, v in epoch_losses.items()})
+                    epoch_losses = {}
+                prev_epoch = epoch
                 if tc.refresh_item_vectors:
                     _refresh_item_vectors(teacher, builder, tc, device)
             batch = collate_windows([examples[k] for k in idx], split, builder, device)
@@ -360,6 +364,9 @@ def train_teacher(cfg: RunConfig) -> dict:
         total_w = sum(weights[t] * step_losses[t] for t in step_losses)
         for t, v in step_losses.items():
             epoch_losses.setdefault(t, []).append(v)
+        if tc.adapt_every and step % tc.adapt_every == 0:  # close a loss-trend period (DWA)
+            weighting.end_epoch({t: float(np.mean(v)) for t, v in epoch_losses.items()})
+            epoch_losses = {}
         bar.update(1)
         bar.set_postfix({t: f"{v:.3f}" for t, v in step_losses.items()})
         rec = {"step": step, "epoch": prev_epoch, "total": total_w, "lr": sched.get_last_lr()[0],
@@ -380,7 +387,7 @@ def train_teacher(cfg: RunConfig) -> dict:
                 _save_checkpoint(ckpt_dir / "last.pt", dict(
                     fingerprint=fingerprint, state=trainable_state(teacher, weighting), optimizer=opt.state_dict(),
                     scheduler=sched.state_dict(), torch_rng=torch.get_rng_state(), step=step, tokens_seen=tokens_seen,
-                    elapsed=time.perf_counter() - t0, best=best, best_step=best_step))
+                    elapsed=time.perf_counter() - t0, best=best, best_step=best_step, period_losses=epoch_losses))
     bar.close()
     train_seconds = time.perf_counter() - t0
     teacher.eval()

@@ -57,7 +57,9 @@ class UncertaintyWeighting(nn.Module):
 class DynamicWeightAverage(nn.Module):
     """Liu et al. (2019) DWA: w_t = K * softmax_t(r_t / T), r_t = L_t(e-1) / L_t(e-2), from the last two epochs.
 
-    Tasks whose loss falls slowly get more weight; the first two epochs use the base weights.
+    Tasks whose loss falls slowly get more weight; the first two epochs use the base weights. "Epoch" is
+    whatever period the caller closes with end_epoch(): the student closes real epochs, the teacher every
+    `teacher.adapt_every` optimizer steps (a CPU-budget teacher never finishes an epoch).
     """
 
     def __init__(self, tasks: list[str], weights: dict | None = None, temperature: float = 2.0):
@@ -70,6 +72,12 @@ class DynamicWeightAverage(nn.Module):
     def forward(self, losses):
         total = sum(self.w[t] * loss for t, loss in losses.items())
         return total, {t: self.w[t] for t in losses}
+
+    def get_extra_state(self):  # saved with state_dict(): a resumed run adapts exactly as an uninterrupted one
+        return {"history": [dict(h) for h in self.history], "w": dict(self.w)}
+
+    def set_extra_state(self, state):
+        self.history, self.w = [dict(h) for h in state["history"]], dict(state["w"])
 
     def end_epoch(self, mean_losses):
         self.history.append(dict(mean_losses))

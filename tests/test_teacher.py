@@ -1,5 +1,6 @@
 """The LLM teacher: one-pass sequence layout, windows, LoRA merge/save/load, heads, cache staleness."""
 import numpy as np
+import pytest
 import torch
 
 from distill.config import TeacherConfig
@@ -156,3 +157,26 @@ def test_item_vectors_are_reread_by_the_tuned_lm_at_each_epoch_boundary(tmp_path
     torch.testing.assert_close(fixed, base)
     assert (tuned - base).abs().max() > 1e-3
     assert tuned.shape == base.shape and torch.isfinite(tuned).all()
+
+
+def test_teacher_dwa_adapts_every_n_steps(tmp_path):
+    """The CPU-budget teacher never finishes an epoch, so DWA closes a period every `adapt_every` steps: the
+    weights leave the base weights after two periods and follow the logged period-mean losses."""
+    import json
+    import math
+
+    from distill.config import load_config
+    from distill.teacher_stage import train_teacher
+    cfg = load_config("configs/tiny.yaml", [f"out_dir={tmp_path}", "name=dwa", "teacher.weighting=dwa",
+                                            "teacher.adapt_every=2", "teacher.max_steps=6", "teacher.eval_users=4",
+                                            "teacher.refresh_item_vectors=false"])
+    train_teacher(cfg)
+    log = [json.loads(x) for x in (tmp_path / "dwa" / "teacher" / "train_log.jsonl").read_text().splitlines()]
+    base = cfg.teacher.loss_weights
+    for rec in log[:4]:  # steps 1-4: periods 1 and 2 still filling
+        assert rec["weights"] == {t: base[t] for t in rec["weights"]}
+    mean = lambda a, b, t: (log[a]["losses"][t] + log[b]["losses"][t]) / 2  # noqa: E731
+    ratio = {t: mean(2, 3, t) / mean(0, 1, t) for t in base}
+    z = sum(math.exp(r / 2.0) for r in ratio.values())
+    for t in base:  # step 5 uses weights from periods (1, 2) = steps (1-2, 3-4)
+        assert log[4]["weights"][t] == pytest.approx(base[t] * 3 * math.exp(ratio[t] / 2.0) / z, rel=1e-5)

@@ -50,6 +50,19 @@ def test_dwa_weights_follow_the_loss_trend():
     assert sum(w.values()) == pytest.approx(3.0)
 
 
+def test_dwa_state_survives_a_checkpoint_round_trip():
+    """A resumed teacher must re-weight exactly as an uninterrupted one: DWA's loss history is in state_dict."""
+    dwa = DynamicWeightAverage(TASKS)
+    dwa.end_epoch({"next_item": 4.0, "rating": 1.0, "like": 1.0})
+    dwa.end_epoch({"next_item": 3.0, "rating": 1.0, "like": 0.5})
+    fresh = DynamicWeightAverage(TASKS)
+    fresh.load_state_dict(dwa.state_dict())
+    assert fresh(_losses())[1] == dwa(_losses())[1] != {t: 1.0 for t in TASKS}
+    for w in (dwa, fresh):  # and both go on identically
+        w.end_epoch({"next_item": 2.0, "rating": 0.9, "like": 0.5})
+    assert fresh(_losses())[1] == dwa(_losses())[1]
+
+
 def test_gradnorm_equalises_gradient_norms_and_keeps_the_sum():
     torch.manual_seed(0)
     W = torch.nn.Parameter(torch.randn(4))
