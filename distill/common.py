@@ -1,6 +1,8 @@
 """Small shared helpers: seeding, device choice, timers, run-folder bookkeeping."""
 from __future__ import annotations
 
+import math
+
 import platform
 import random
 import time
@@ -53,3 +55,12 @@ def stage_dir(run_dir: Path, stage: str) -> Path:
     d = Path(run_dir) / stage
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def lr_lambda(warmup: int, total: int):
+    """LambdaLR factor: linear warm-up over `warmup` steps, then cosine decay to 0 at `total` (teacher and student)."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return f

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import metrics as M
 from .cache import load_cache
-from .common import pick_device, set_seed, stage_dir
+from .common import lr_lambda, pick_device, set_seed, stage_dir
 from .config import RunConfig, StudentConfig
 from .data import Split, load_dataset
 from .evaluation import evaluate_predictions, history_arrays
@@ -188,6 +188,10 @@ def fit_student(sc: StudentConfig, split: Split, cache: dict | None, *, use_teac
     steps_per_epoch = int(np.ceil(n_win / sc.batch_size))
     if sc.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, int(sc.max_steps_per_epoch))
+    if sc.lr_schedule not in ("cosine", "constant"):
+        raise ValueError(f"student.lr_schedule={sc.lr_schedule!r}: use 'cosine' or 'constant'")
+    sched = (torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps_per_epoch, sc.epochs * steps_per_epoch))
+             if sc.lr_schedule == "cosine" else None)
     rng = np.random.default_rng(seed)
     log_f = open(log_path, "w") if log_path else None
     best, best_state, best_epoch, bad, history = -1.0, None, -1, 0, []
@@ -211,6 +215,8 @@ def fit_student(sc: StudentConfig, split: Split, cache: dict | None, *, use_teac
             total.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             opt.step()
+            if sched is not None:
+                sched.step()
             step += 1
             task_vals = {t: v.item() for t, v in losses.items()}
             for k, v in {**task_vals, **logged}.items():

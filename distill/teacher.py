@@ -16,7 +16,6 @@ import copy
 import functools
 import importlib.util
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -291,14 +290,6 @@ def load_teacher(teacher_dir: Path, merge: bool = False, device="cpu") -> tuple[
 
 def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    return f
 
 
 def teacher_meta(cfg: TeacherConfig, tasks, n_items, hidden, seed) -> dict:

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .common import Timer, pick_device, set_seed
+from .common import Timer, lr_lambda, pick_device, set_seed
 from .config import RunConfig
 from .data import Dataset, Split, load_dataset, sample_users
 from .evaluation import evaluate_predictions
 from .io import write_json
-from .teacher import (SequenceBuilder, Teacher, TeacherHeads, add_lora, compute_item_vectors, load_base, lr_lambda,
+from .teacher import (SequenceBuilder, Teacher, TeacherHeads, add_lora, compute_item_vectors, load_base,
                       pad_batch, param_count, resolve_model, save_heads, teacher_meta, token_batches, windows)
 from .weighting import build_weighting
 
