@@ -20,7 +20,6 @@ baselines; parameter counts vs the teacher; training time. Writes student/report
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -75,31 +74,10 @@ def aggregate_seeds(per_seed: list[dict]) -> dict:
     return out
 
 
-def _cell(entry) -> str:
-    if entry is None:
-        return "–"
-    text = f"{entry['value']:.4f}"
-    if "std" in entry:
-        text += f" ± {entry['std']:.4f}"
-    ci = entry.get("ci")
-    if ci is not None and all(isinstance(c, (int, float)) and math.isfinite(c) for c in ci):
-        text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
-    return text
-
-
 def metrics_table(rows: dict[str, dict]) -> str:
     """Markdown: one row per system, one 'task/metric' column per protocol metric; cells
     'mean ± std [CI]' (seed-averaged rows) or 'value [CI]' (single runs)."""
-    cols: list[tuple[str, str]] = []
-    for metrics in rows.values():
-        for task, name, _ in _flat(metrics):
-            if (task, name) not in cols:
-                cols.append((task, name))
-    cols.sort(key=lambda c: M.TASKS.index(c[0]))
-    lines = ["| system | " + " | ".join(f"{t}/{m}" for t, m in cols) + " |", "| --- |" + " --- |" * len(cols)]
-    for name, metrics in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_cell((metrics.get(t) or {}).get(m)) for t, m in cols) + " |")
-    return "\n".join(lines)
+    return M.format_metrics_table(rows)
 
 
 # ----------------------------------------------------------------------------- paired comparison

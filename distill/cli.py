@@ -34,7 +34,7 @@ def _write_run_config(cfg) -> Path:
 
 
 def _config_for_run(run_dir: str, overrides):
-    from .config import config_from_dict, load_config
+    from .config import apply_overrides, config_from_dict
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         raise SystemExit(f"error: {path} not found; start the run with `distillrec run --config <yaml>` "
@@ -42,12 +42,8 @@ def _config_for_run(run_dir: str, overrides):
     import yaml
     values = yaml.safe_load(path.read_text())
     values.pop("_meta", None)
-    cfg = config_from_dict(values)
-    if overrides:
-        tmp = Path(run_dir) / ".overrides.yaml"
-        tmp.write_text(yaml.safe_dump(values))
-        cfg = load_config(tmp, overrides)
-        tmp.unlink()
+    # no temporary file: every DDP rank parses the same config at once
+    cfg = config_from_dict(apply_overrides(values, overrides))
     # the run folder is where the config lives, whatever name/out_dir say
     cfg.out_dir, cfg.name = str(Path(run_dir).parent), Path(run_dir).name
     return cfg
@@ -180,6 +176,10 @@ def main(argv=None) -> int:
         apply_threads(cfg.threads)
         run_ablation(cfg)
         print((Path(cfg.run_dir) / "student" / "report.md").read_text())
+        from serve_bench.report import refresh_ablation
+        from .config import config_to_dict
+        if refresh_ablation(Path(cfg.run_dir), config_to_dict(cfg)["student"]):
+            print(f"folded into {Path(cfg.run_dir) / 'bench' / 'report.md'}")
         return 0
     if args.cmd == "loadtest":
         from serve_bench.loadtest import run_loadtest

@@ -317,6 +317,11 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunC
     if not path.exists():
         raise FileNotFoundError(f"config file {path} not found; the presets live in configs/ (e.g. configs/cpu.yaml)")
     values = yaml.safe_load(path.read_text()) or {}
+    return config_from_dict(apply_overrides(values, overrides))
+
+
+def apply_overrides(values: dict, overrides: Optional[list[str]] = None) -> dict:
+    """Apply 'section.key=value' strings (value parsed as YAML) to a config dict, in place; returns it."""
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"override '{item}' must look like section.key=value")
@@ -326,7 +331,7 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunC
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = yaml.safe_load(raw)
-    return config_from_dict(values)
+    return values
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -257,14 +257,19 @@ def _cell(entry) -> str:
         return "–"
     if not isinstance(entry, dict):
         return f"{float(entry):.4f}"
-    ci = entry.get("ci")
     text = f"{entry['value']:.4f}"
-    return f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci is not None else text
+    if "std" in entry:  # a seed-averaged entry (distill.ablation.aggregate_seeds): mean ± std
+        text += f" ± {entry['std']:.4f}"
+    ci = entry.get("ci")
+    if ci is not None and all(isinstance(c, (int, float)) and np.isfinite(c) for c in ci):
+        text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return text
 
 
 def format_metrics_table(rows: dict[str, dict]) -> str:
     """Markdown table: one row per system, a 'task/metric' column for every metric any row has
-    (tasks in TASKS order), cells 'value [lo, hi]', '–' where a system lacks the metric."""
+    (tasks in TASKS order), cells 'value [lo, hi]' ('mean ± std [lo, hi]' for seed-averaged entries), '–' where
+    a system lacks the metric."""
     columns: list[tuple[str, str]] = []
     for task in TASKS:
         for metrics in rows.values():

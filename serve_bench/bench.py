@@ -36,7 +36,7 @@ from distill.io import read_json, write_json
 
 from . import floor as F
 from .probe import measure_rss
-from .report import write_report
+from .report import load_ablation, write_report
 from .systems import (STUDENT_VARIANTS, TEACHER_ONNX_FILE, StudentOnnxSystem, StudentTorchSystem, System,
                       TeacherOnnxSystem, TeacherTorchSystem, onnx_param_count, teacher_feed)
 from .timing import time_calls, time_concurrent
@@ -603,6 +603,7 @@ def run_bench(cfg: RunConfig) -> dict:
                      teacher_coverage=s_meta.get("teacher_coverage")),
         parity=dict(max_abs_diff=parity.get("max_abs_diff"), passed=parity.get("passed")),
     )
+    report["ablation"] = load_ablation(run, B.ds.data_hash, config_to_dict(cfg)["student"])
     report["targets"] = evaluate_targets(report)
     report["bench_seconds"] = time.perf_counter() - t_start
     out = run / "bench"

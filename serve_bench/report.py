@@ -4,10 +4,11 @@ Everything here reads the report dict only, so a synthetic dict renders too (tes
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
-from distill.io import atomic_path, atomic_write_text
+from distill.io import atomic_path, atomic_write_text, write_json
 from distill.metrics import format_metrics_table
 
 
@@ -265,6 +266,83 @@ def _budget(report: dict) -> str:
     return "\n".join(parts)
 
 
+# ---------------------------------------------------------------------------------------------- ablation
+ABLATION_CMD = "distillrec ablate {run}"
+
+
+def load_ablation(run: Path, data_hash: Optional[str] = None, student_config: Optional[dict] = None) -> dict:
+    """The ablation report (student/report.json, `distillrec ablate`) condensed for the bench report.
+
+    Returns {"missing": reason} when there is none or it belongs to other data, else the targets, the
+    all-users and cold-start rows, parameter ratio and run time, plus `stale`: why the numbers may not
+    describe this run (the teacher cache was rewritten after the ablation, or the student config differs)."""
+    run = Path(run)
+    path = run / "student" / "report.json"
+    cmd = ABLATION_CMD.format(run=run)
+    if not path.exists():
+        return dict(missing=f"not run: `{cmd}` trains the ablation grid (about 30 min on 2 CPU cores) and "
+                            f"folds it into this report")
+    try:
+        rep = json.loads(path.read_text())
+        out = dict(command=rep["command"], seeds=rep["seeds"], n_boot=rep["n_boot"],
+                   minutes=rep["training_time"]["ablation_total_seconds"] / 60, targets=rep["targets"],
+                   all_users=rep["all_users"], cold_start=rep["cold_start"],
+                   ratio_params=rep["params"]["ratio_params"],
+                   cut_by_time_budget=rep["training_time"].get("runs_cut_by_time_budget", []), stale=[])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        return dict(missing=f"{path} is unreadable ({type(e).__name__}: {e}); run `{cmd}` again")
+    if data_hash is not None and rep.get("data_hash") != data_hash:
+        return dict(missing=f"{path} was produced on other data (hash {rep.get('data_hash')}, this run "
+                            f"{data_hash}); run `{cmd}` again")
+    manifest = run / "teacher_cache" / "manifest.json"
+    if manifest.exists() and manifest.stat().st_mtime > path.stat().st_mtime:
+        out["stale"].append("the teacher cache was rewritten after the ablation ran")
+    if student_config is not None:
+        old = rep.get("student_config") or {}
+        student_config = json.loads(json.dumps(student_config))  # tuples -> lists, as the JSON file holds them
+        diff = sorted(k for k in set(old) | set(student_config) if old.get(k) != student_config.get(k))
+        if diff:
+            out["stale"].append("the student config differs from the ablation's in: " + ", ".join(diff))
+    return out
+
+
+def ablation_section(report: dict) -> str:
+    ab = report.get("ablation")
+    if not ab:
+        return "_No ablation information in this report (written by an older version)._"
+    if ab.get("missing"):
+        return f"_{ab['missing'][0].upper()}{ab['missing'][1:]}._"
+    lines = [f"From `student/report.md` (`{ab['command']}`): every model trained once per seed {ab['seeds']}, "
+             f"{ab['minutes']:.1f} min in all; cells mean ± std over seeds [95% CI over users of seed "
+             f"{ab['seeds'][0]}, {ab['n_boot']} resamples]. Student parameters: {100 * ab['ratio_params']:.3f}% "
+             f"of the teacher's."]
+    if ab["stale"]:
+        lines += ["", f"**Stale:** {'; '.join(ab['stale'])}. Run `{ab['command']}` again for numbers of this run."]
+    if ab["cut_by_time_budget"]:
+        lines += ["", f"**Warning:** runs stopped by the time budget: {', '.join(ab['cut_by_time_budget'])}."]
+    lines += ["", "| target | met | detail |", "| --- | --- | --- |"]
+    lines += [f"| {t['target']} | {'**yes**' if t['met'] else '**no**'} | {t['detail']} |" for t in ab["targets"]]
+    lines += ["", f"All {ab['all_users']['users']} test users:", "", format_metrics_table(ab["all_users"]["rows"])]
+    cs = ab["cold_start"]
+    if cs.get("rows"):
+        lines += ["", f"Cold start ({cs['items']} items held out of student training; {cs['test_events']} test "
+                      f"events target one of them):", "", format_metrics_table(cs["rows"])]
+    return "\n".join(lines)
+
+
+def refresh_ablation(run: Path, student_config: Optional[dict] = None) -> bool:
+    """Fold a new ablation report into an existing bench report (`distillrec ablate` after `bench`).
+    Returns False when there is no bench report yet (the bench folds the ablation in when it runs)."""
+    path = Path(run) / "bench" / "report.json"
+    if not path.exists():
+        return False
+    report = json.loads(path.read_text())
+    report["ablation"] = load_ablation(Path(run), student_config=student_config)
+    write_json(path, report)
+    atomic_write_text(path.parent / "report.md", render_markdown(report))
+    return True
+
+
 # ---------------------------------------------------------------------------------------------- markdown
 def render_markdown(report: dict) -> str:
     m, w, th = report["machine"], report["workload"], report.get("threads") or {}
@@ -365,6 +443,10 @@ Every system on the same users; the ONNX rows are computed through their own run
 {format_metrics_table(qa['rows'])}
 
 ![quality vs latency](quality_latency.png)
+
+## Distillation ablation: what the teacher adds
+
+{ablation_section(report)}
 
 ## Load test of the HTTP service
 

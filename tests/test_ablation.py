@@ -50,6 +50,16 @@ def test_report_files_are_written(report):
         assert text in md, text
 
 
+def test_bench_report_reads_the_ablation_report(report):
+    from distill.config import config_to_dict
+    from serve_bench.report import load_ablation
+    cfg = report["cfg"]
+    ab = load_ablation(report["run"], load_dataset(cfg.data).data_hash, config_to_dict(cfg)["student"])
+    assert "missing" not in ab and ab["stale"] == []
+    assert ab["targets"] == report["rep"]["targets"] and ab["all_users"]["users"] == 943
+    assert ab["seeds"] == [0, 1] and ab["ratio_params"] == report["rep"]["params"]["ratio_params"]
+
+
 def test_rows_and_counts(report):
     rep = report["rep"]
     labels = {k: VARIANTS[k][0] for k in KEYS}

@@ -17,7 +17,7 @@ from distill.student import Student
 from serve_bench import floor as F
 from serve_bench.bench import add_speedups, evaluate_targets, point_grid
 from serve_bench.probe import measure_rss
-from serve_bench.report import render_markdown, write_report
+from serve_bench.report import load_ablation, refresh_ablation, render_markdown, write_report
 from serve_bench.timing import summarize, time_calls, time_concurrent
 from serve_bench.workload import RequestSet, candidates_for, top_k_unseen
 
@@ -394,3 +394,70 @@ def test_report_writer_tables_and_plots(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     json.dumps(rep)  # the report is JSON-serialisable as built
     assert render_markdown(rep) == md
+
+
+# ------------------------------------------------------------------------------------ ablation fold-in
+def _ablation_json(data_hash="abc", student_config=None):
+    agg = {"next_item": {"NDCG@10": {"value": 0.0723, "std": 0.0032, "seeds": [0.07, 0.072, 0.0759],
+                                     "ci": [0.061, 0.084], "ci_value": 0.07}}}
+    return dict(command="distillrec ablate runs/x", data_hash=data_hash, seeds=[0, 1, 2], n_boot=1000,
+                student_config=student_config or {"epochs": 20, "kd_alpha": 0.5, "ablation_seeds": [0, 1, 2]},
+                targets=[dict(target="KD student > no-KD student on next_item/NDCG@10 beyond the seed spread",
+                              met=False, detail="mean KD - no-KD = +0.0002 vs seed spread 0.0042")],
+                all_users=dict(users=943, rows={"student (KD, all components)": agg, "popularity": _q(0.0444)}),
+                cold_start=dict(fraction=0.05, seed=0, items=84, test_events=9,
+                                rows={"cold start: KD student, text vectors": agg}),
+                params=dict(ratio_params=0.00213),
+                training_time=dict(ablation_total_seconds=1710.0, runs_cut_by_time_budget=[]))
+
+
+def test_ablation_is_folded_into_the_bench_report(tmp_path):
+    run = tmp_path / "run"
+    (run / "student").mkdir(parents=True)
+    (run / "teacher_cache").mkdir()
+    cfg = {"epochs": 20, "kd_alpha": 0.5, "ablation_seeds": (0, 1, 2)}  # tuples compare equal to JSON lists
+    missing = load_ablation(run, "abc", cfg)
+    assert "distillrec ablate" in missing["missing"]
+    rep = synthetic_report()
+    rep["ablation"] = missing
+    assert "Not run: `distillrec ablate" in render_markdown(rep)
+
+    (run / "teacher_cache" / "manifest.json").write_text("{}")
+    time.sleep(0.01)
+    (run / "student" / "report.json").write_text(json.dumps(_ablation_json()))
+    ab = load_ablation(run, "abc", cfg)
+    assert ab["stale"] == [] and ab["seeds"] == [0, 1, 2] and ab["minutes"] == pytest.approx(28.5)
+    rep["ablation"] = ab
+    md = render_markdown(rep)
+    sec = md.split("## Distillation ablation: what the teacher adds")[1].split("\n## ")[0]
+    for needle in ("| KD student > no-KD student on next_item/NDCG@10 beyond the seed spread | **no** |",
+                   "0.0723 ± 0.0032 [0.061, 0.084]", "All 943 test users", "Cold start (84 items", "0.213%"):
+        assert needle in sec, needle
+    assert "Stale" not in sec
+
+    # other data: not shown; a changed student config or a cache rewritten afterwards: shown, marked stale
+    assert "other data" in load_ablation(run, "zzz", cfg)["missing"]
+    changed = load_ablation(run, "abc", dict(cfg, kd_alpha=0.7))
+    assert changed["stale"] == ["the student config differs from the ablation's in: kd_alpha"]
+    time.sleep(0.01)
+    (run / "teacher_cache" / "manifest.json").write_text("{}")
+    assert load_ablation(run, "abc", cfg)["stale"] == ["the teacher cache was rewritten after the ablation ran"]
+    (run / "student" / "report.json").write_text("{not json")
+    assert "unreadable" in load_ablation(run, "abc", cfg)["missing"]
+
+
+def test_refresh_ablation_rewrites_an_existing_bench_report(tmp_path):
+    run = tmp_path / "run"
+    (run / "student").mkdir(parents=True)
+    assert refresh_ablation(run) is False  # no bench report yet: the bench folds it in when it runs
+    rep = synthetic_report()
+    rep["ablation"] = load_ablation(run)
+    (run / "bench").mkdir()
+    (run / "bench" / "report.json").write_text(json.dumps(rep))
+    (run / "bench" / "report.md").write_text(render_markdown(rep))
+    assert "Not run" in (run / "bench" / "report.md").read_text()
+    (run / "student" / "report.json").write_text(json.dumps(_ablation_json()))
+    assert refresh_ablation(run) is True
+    md = (run / "bench" / "report.md").read_text()
+    assert "Not run" not in md and "0.0723 ± 0.0032" in md
+    assert json.loads((run / "bench" / "report.json").read_text())["ablation"]["seeds"] == [0, 1, 2]
