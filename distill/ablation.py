@@ -12,6 +12,8 @@ per model, early stopping as usual):
   cold_text      kd_full trained with a seeded slice of items held out entirely (their events dropped
                  from the training sequences, masked out of every softmax)
   cold_id_only   the same without text vectors: a held-out item has only its untrained ID embedding
+  cold_id_drop   cold_text trained with ID dropout (student.id_dropout, COLD_ID_DROPOUT when the config has
+                 none): the model also learns to score items from their text alone (DropoutNet)
 
 Every protocol metric with its 95% bootstrap CI (distill.evaluation.evaluate_predictions) on all test
 users, as mean +- std over seeds, with the CI of the first seed; the same on the teacher's evaluation
@@ -49,7 +51,11 @@ VARIANTS: dict[str, tuple[str, dict, bool, bool]] = {
                    {"kd_alpha": 0.0, "kd_align": 0.0, "use_text_vectors": False}, False, False),
     "cold_text": ("cold start: KD student, text vectors", {}, True, True),
     "cold_id_only": ("cold start: KD student, ID embeddings only", {"use_text_vectors": False}, True, True),
+    "cold_id_drop": ("cold start: KD student, text vectors + ID dropout", {"id_dropout": "cold"}, True, True),
 }
+COLD_ID_DROPOUT = 0.3
+"""ID dropout of the cold_id_drop row when the config's student.id_dropout is 0 (DropoutNet trains with
+a sizeable share of items reduced to their content; 0.3 leaves most steps collaborative)."""
 TARGET_METRICS = (("next_item", "NDCG@10", +1), ("like", "AUC", +1), ("rating", "RMSE", -1))
 """The issue's 'student >= teacher' metrics with their direction (+1 higher is better)."""
 
@@ -110,6 +116,14 @@ def paired_difference(pred_a: dict, pred_b: dict, split: Split, n_boot: int = 10
 
 
 # ----------------------------------------------------------------------------- main
+def _resolve_overrides(sc, overrides: dict) -> dict:
+    """A variant's StudentConfig overrides with placeholders filled ("cold": the config's ID dropout or
+    COLD_ID_DROPOUT)."""
+    if overrides.get("id_dropout") == "cold":
+        return dict(overrides, id_dropout=sc.id_dropout or COLD_ID_DROPOUT)
+    return overrides
+
+
 def _variant_config(cfg: RunConfig, overrides: dict):
     sc = cfg.student
     return replace(sc, epochs=sc.ablation_epochs, time_budget_s=sc.ablation_time_budget_s, **overrides)
@@ -155,6 +169,7 @@ def run_ablation(cfg: RunConfig, log=print) -> dict:
     variants, preds0, t0 = {}, {}, time.perf_counter()
     for key in keys:
         label, overrides, use_teacher, cold = VARIANTS[key]
+        overrides = _resolve_overrides(sc, overrides)
         vsc = _variant_config(cfg, overrides)
         entry = dict(label=label, overrides=overrides, use_teacher=use_teacher, cold_start=cold, runs=[],
                      all_users=[], teacher_subset=[], cold_subset=[])
@@ -196,7 +211,7 @@ def run_ablation(cfg: RunConfig, log=print) -> dict:
                      if not VARIANTS[k][3]})
     sub_rows.update(evaluate_baselines(split, "test", t_users, n_boot=n_boot, seed=seeds[0]))
     cold_rows = {}
-    for k in ("cold_text", "cold_id_only", "kd_full"):
+    for k in ("cold_text", "cold_id_drop", "cold_id_only", "kd_full"):
         if k in variants and variants[k]["cold_subset"]:
             label = variants[k]["label"] + (" (reference: trained on every item)" if k == "kd_full" else "")
             cold_rows[label] = aggregate_seeds(variants[k]["cold_subset"])

@@ -137,6 +137,12 @@ class StudentConfig:
     """Hidden width of the experts and of the rating/like late-interaction towers."""
     use_text_vectors: bool = True
     """Item representation = ID embedding + projection of the frozen teacher item vector."""
+    id_dropout: float = 0.0
+    """Cold start (DropoutNet, Volkovs et al. 2017): each training step drops the ID embedding and the bias
+    of this share of the items, as inputs and as targets, so the model learns to score an item from its
+    text vector alone — all a never-seen item has. After training, items with no training event get a
+    zero ID embedding and bias (their random init is noise). 0 = off; ignored without text vectors
+    (an item would have nothing left)."""
     epochs: int = 30
     patience: int = 5
     """Early stopping on validation NDCG@10 (943 users: the curve is noisy, so not less than ~5)."""

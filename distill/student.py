@@ -95,6 +95,9 @@ class Student(nn.Module):
         if "like" in self.tasks:
             self.like_tower = PairTower(d, cfg.tower_hidden)
         self._frozen_table: Optional[torch.Tensor] = None
+        self._id_drop: Optional[torch.Tensor] = None  # items whose ID is dropped in this training forward
+        if not 0.0 <= cfg.id_dropout < 1.0:
+            raise ValueError(f"student.id_dropout={cfg.id_dropout} must be in [0, 1)")
 
     # ------------------------------------------------------------------ item table
     def item_table(self) -> torch.Tensor:
@@ -102,6 +105,10 @@ class Student(nn.Module):
         if self._frozen_table is not None:
             return self._frozen_table
         table = self.id_emb.weight
+        self._id_drop = None
+        if self.training and self.cfg.id_dropout > 0 and self.text_proj is not None:
+            self._id_drop = torch.rand(self.n_items, device=table.device) < self.cfg.id_dropout
+            table = table.masked_fill(self._id_drop.unsqueeze(1), 0.0)
         if self.text_proj is not None:
             table = table + self.text_proj(self.text_vectors)
         return table
@@ -115,7 +122,16 @@ class Student(nn.Module):
     def train(self, mode: bool = True):
         if mode:
             self._frozen_table = None
+        self._id_drop = None
         return super().train(mode)
+
+    def forget_ids(self, items: torch.Tensor) -> None:
+        """Zero the ID embedding and bias of `items` (bool [N]): after ID-dropout training, an item with no
+        training event is scored from its text vector alone, as the dropped items were in training."""
+        with torch.no_grad():
+            self.id_emb.weight[items] = 0.0
+            self.item_bias[items] = 0.0
+        self._frozen_table = None
 
     # ------------------------------------------------------------------ encoder
     def encode(self, items: torch.Tensor, ratings: torch.Tensor, length: torch.Tensor, table: torch.Tensor):
@@ -140,7 +156,10 @@ class Student(nn.Module):
         """z [..., d] states; cand [..., C] item ids. Returns outputs keyed by task (+ user_vector)."""
         per_task = self.mtl(z)
         user = self.next_proj(per_task["next_item"])
-        out = {"next_item": user @ table.T + self.item_bias, "user_vector": user}
+        bias = self.item_bias
+        if self.training and self._id_drop is not None:
+            bias = bias.masked_fill(self._id_drop, 0.0)
+        out = {"next_item": user @ table.T + bias, "user_vector": user}
         cand_vec = table[cand]
         if "rating" in self.tasks:
             out["rating"] = self.rating_tower(per_task["rating"], cand_vec) + self.rating_mean

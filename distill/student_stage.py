@@ -153,6 +153,15 @@ class FitResult:
     history: list = field(default_factory=list)
 
 
+def items_seen(arrays: dict, n_items: int) -> np.ndarray:
+    """bool [n_items]: items with at least one event in the training windows (padding excluded)."""
+    max_len = arrays["items"].shape[1]
+    valid = np.arange(max_len)[None, :] >= max_len - arrays["length"][:, None]
+    seen = np.zeros(n_items, dtype=bool)
+    seen[arrays["items"][valid]] = True
+    return seen
+
+
 def fit_student(sc: StudentConfig, split: Split, cache: dict | None, *, use_teacher: bool, seed: int,
                 device: str = "cpu", exclude_items=None, log_path: Optional[Path] = None,
                 desc: str = "student") -> FitResult:
@@ -245,6 +254,8 @@ def fit_student(sc: StudentConfig, split: Split, cache: dict | None, *, use_teac
         log_f.close()
     train_seconds = time.perf_counter() - t0
     student.load_state_dict(best_state)
+    if sc.id_dropout > 0 and student.text_proj is not None:
+        student.forget_ids(torch.from_numpy(~items_seen(arrays, ds.n_items)).to(device))
     student.eval()
     return FitResult(student=student, best_epoch=best_epoch, best_val_ndcg10=best, stop_reason=stop_reason,
                      train_seconds=train_seconds, teacher_coverage=coverage, windows=n_win,

@@ -300,7 +300,8 @@ def load_ablation(run: Path, data_hash: Optional[str] = None, student_config: Op
     if student_config is not None:
         old = rep.get("student_config") or {}
         student_config = json.loads(json.dumps(student_config))  # tuples -> lists, as the JSON file holds them
-        diff = sorted(k for k in set(old) | set(student_config) if old.get(k) != student_config.get(k))
+        # fields the ablation's version did not have yet are not a difference
+        diff = sorted(k for k in old if k in student_config and old[k] != student_config[k])
         if diff:
             out["stale"].append("the student config differs from the ablation's in: " + ", ".join(diff))
     return out

@@ -16,7 +16,7 @@ from distill.student_stage import cold_item_slice
 from distill.teacher_stage import train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = ["kd_full", "no_kl", "no_kd", "cold_text", "cold_id_only"]
+KEYS = ["kd_full", "no_kl", "no_kd", "cold_text", "cold_id_drop", "cold_id_only"]
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,9 @@ def test_cold_start_slice_and_events(report):
     cs = rep["cold_start"]
     assert cs["items"] == len(cold) == 84 and cs["test_events"] == n_events > 0
     rows = cs["rows"]
-    assert {VARIANTS["cold_text"][0], VARIANTS["cold_id_only"][0], "popularity"} <= set(rows)
+    assert {VARIANTS["cold_text"][0], VARIANTS["cold_id_drop"][0], VARIANTS["cold_id_only"][0], "popularity"} <= set(rows)
+    # the ID-dropout row resolves its placeholder: the config has none, so COLD_ID_DROPOUT
+    assert cfg.student.id_dropout == 0 and rep["variants"]["cold_id_drop"]["overrides"] == {"id_dropout": 0.3}
     assert rows[VARIANTS["cold_text"][0]]["n_users"] == n_events
     # the ID-only student has no text table: fewer buffers, and no text projection
     p = rep["params"]["per_variant"]

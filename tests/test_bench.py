@@ -437,7 +437,7 @@ def test_ablation_is_folded_into_the_bench_report(tmp_path):
 
     # other data: not shown; a changed student config or a cache rewritten afterwards: shown, marked stale
     assert "other data" in load_ablation(run, "zzz", cfg)["missing"]
-    changed = load_ablation(run, "abc", dict(cfg, kd_alpha=0.7))
+    changed = load_ablation(run, "abc", dict(cfg, kd_alpha=0.7, id_dropout=0.0))  # id_dropout: a newer field
     assert changed["stale"] == ["the student config differs from the ablation's in: kd_alpha"]
     time.sleep(0.01)
     (run / "teacher_cache" / "manifest.json").write_text("{}")

@@ -10,7 +10,7 @@ from distill.config import DataConfig, StudentConfig
 from distill.data import Split, load_dataset
 from distill.losses import DistillationObjective
 from distill.student import Student
-from distill.student_stage import build_training_arrays, cold_item_slice, student_windows
+from distill.student_stage import build_training_arrays, cold_item_slice, items_seen, student_windows
 
 TASKS = ["next_item", "rating", "like"]
 N_ITEMS, TEXT = 20, 8
@@ -52,6 +52,52 @@ def test_without_text_vectors_an_unseen_item_is_only_its_id_embedding():
         m.id_emb.weight[4] = m.id_emb.weight[3]
     out = m(torch.tensor([[1, 2]]), torch.tensor([[4.0, 3.0]]), torch.tensor([2]), torch.tensor([[3, 4]]))
     assert out["next_item"][0, 3] == out["next_item"][0, 4]
+
+
+def test_id_dropout_scores_dropped_items_from_text_alone_in_training_only():
+    m = _student(id_dropout=0.5)
+    with torch.no_grad():
+        m.item_bias.copy_(torch.arange(N_ITEMS, dtype=torch.float32))
+    hist = (torch.tensor([[1, 2]]), torch.tensor([[4.0, 3.0]]), torch.tensor([2]), torch.tensor([[3, 4]]))
+    m.train()
+    torch.manual_seed(0)
+    table = m.item_table()
+    drop = m._id_drop
+    assert drop is not None and 0 < int(drop.sum()) < N_ITEMS  # about half of 20 items
+    text = m.text_proj(m.text_vectors)
+    assert torch.allclose(table[drop], text[drop]) and torch.allclose(table[~drop], (m.id_emb.weight + text)[~drop])
+    torch.manual_seed(0)
+    z = m.mtl(m.encode(*hist[:3], m.item_table())[:, -1])
+    user = m.next_proj(z["next_item"])
+    torch.manual_seed(0)
+    out = m(*hist)
+    expected = user @ table.T + torch.where(drop, 0.0, m.item_bias)  # a dropped item has no bias either
+    assert torch.allclose(out["next_item"], expected, atol=1e-5)
+    m.eval()  # inference: every item keeps its ID and bias, the mask of the last training step is gone
+    assert m._id_drop is None
+    full = m.id_emb.weight + text
+    assert torch.allclose(m.item_table(), full)
+    m.freeze_item_table()
+    out = m(*hist)
+    assert torch.allclose(out["next_item"], out["user_vector"] @ full.T + m.item_bias, atol=1e-5)
+    with pytest.raises(ValueError, match="id_dropout"):
+        _student(id_dropout=1.0)
+
+
+def test_forget_ids_leaves_a_never_seen_item_its_text_vector(split):
+    m = _student(id_dropout=0.3).eval()
+    unseen = torch.zeros(N_ITEMS, dtype=torch.bool)
+    unseen[[2, 7]] = True
+    m.freeze_item_table()
+    m.forget_ids(unseen)
+    table = m.item_table()  # the frozen table was dropped: recomputed from the new weights
+    text = m.text_proj(m.text_vectors)
+    assert torch.allclose(table[unseen], text[unseen]) and not torch.allclose(table[~unseen], text[~unseen])
+    assert (m.item_bias[unseen] == 0).all()
+    arrays = build_training_arrays(split, 10, None, exclude_items=np.array([0, 5]))
+    seen = items_seen(arrays, split.ds.n_items)
+    assert not seen[0] and not seen[5] and seen.sum() == len(np.unique(
+        np.concatenate([split.train_items(u) for u in range(split.ds.n_users)]))) - 2
 
 
 def test_held_out_items_never_get_a_gradient_during_training():
