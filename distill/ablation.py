@@ -80,12 +80,6 @@ def aggregate_seeds(per_seed: list[dict]) -> dict:
     return out
 
 
-def metrics_table(rows: dict[str, dict]) -> str:
-    """Markdown: one row per system, one 'task/metric' column per protocol metric; cells
-    'mean ± std [CI]' (seed-averaged rows) or 'value [CI]' (single runs)."""
-    return M.format_metrics_table(rows)
-
-
 # ----------------------------------------------------------------------------- paired comparison
 def _target_stats(pred: dict, split: Split):
     """Weight-form statistics (metrics.bootstrap_ci convention) of the target metrics for `pred`'s users."""
@@ -324,13 +318,13 @@ def render_markdown(rep: dict) -> str:
              "", "## Targets (issue 4)", "", "| target | met | detail |", "| --- | --- | --- |"]
     for tg in rep["targets"]:
         lines.append(f"| {tg['target']} | {'**yes**' if tg['met'] else '**no**'} | {tg['detail']} |")
-    lines += ["", f"## All test users ({rep['all_users']['users']})", "", metrics_table(rep["all_users"]["rows"]), "",
+    lines += ["", f"## All test users ({rep['all_users']['users']})", "", M.format_metrics_table(rep["all_users"]["rows"]), "",
               f"## Teacher's evaluation users ({rep['teacher_subset']['users']}; the teacher is evaluated on a "
-              f"seeded subset because of its CPU budget)", "", metrics_table(rep["teacher_subset"]["rows"]), ""]
+              f"seeded subset because of its CPU budget)", "", M.format_metrics_table(rep["teacher_subset"]["rows"]), ""]
     cs = rep["cold_start"]
     lines += [f"## Cold start ({cs['items']} items = {100 * cs['fraction']:.0f}% held out of student training, "
               f"seed {cs['seed']}; {cs['test_events']} test events target one of them)", ""]
-    lines += [metrics_table(cs["rows"]) if cs["rows"] else "_no test event targets a held-out item_", ""]
+    lines += [M.format_metrics_table(cs["rows"]) if cs["rows"] else "_no test event targets a held-out item_", ""]
     lines += ["A held-out item's ID embedding never gets a gradient (its events are dropped and it is masked out "
               "of every softmax), so without text vectors the student can only rank it by chance; with them it "
               "is scored through the projection of its frozen LLM text vector.", ""]

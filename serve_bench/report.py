@@ -267,9 +267,6 @@ def _budget(report: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- ablation
-ABLATION_CMD = "distillrec ablate {run}"
-
-
 def load_ablation(run: Path, data_hash: Optional[str] = None, student_config: Optional[dict] = None) -> dict:
     """The ablation report (student/report.json, `distillrec ablate`) condensed for the bench report.
 
@@ -278,7 +275,7 @@ def load_ablation(run: Path, data_hash: Optional[str] = None, student_config: Op
     describe this run (the teacher cache was rewritten after the ablation, or the student config differs)."""
     run = Path(run)
     path = run / "student" / "report.json"
-    cmd = ABLATION_CMD.format(run=run)
+    cmd = f"distillrec ablate {run}"
     if not path.exists():
         return dict(missing=f"not run: `{cmd}` trains the ablation grid (about 30 min on 2 CPU cores) and "
                             f"folds it into this report")

@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distill.ablation import VARIANTS, aggregate_seeds, metrics_table, paired_difference, run_ablation
+from distill.ablation import VARIANTS, aggregate_seeds, paired_difference, run_ablation
 from distill.cache import build_cache
 from distill.cli import _write_run_config
 from distill.config import load_config
 from distill.data import Split, load_dataset
+from distill.metrics import format_metrics_table
 from distill.student_stage import cold_item_slice
 from distill.teacher_stage import train_teacher
 
@@ -137,7 +138,7 @@ def test_aggregate_and_paired_difference_units():
     agg = aggregate_seeds(per_seed)["next_item"]["NDCG@10"]
     assert agg["value"] == pytest.approx(0.3) and agg["std"] == pytest.approx(np.std([0.2, 0.4], ddof=1))
     assert agg["ci"] == pytest.approx([0.1, 0.3]) and agg["ci_value"] == 0.2
-    assert "± " in metrics_table({"s": aggregate_seeds(per_seed)})
+    assert "± " in format_metrics_table({"s": aggregate_seeds(per_seed)})
 
     split = Split.leave_last_out(load_dataset(load_config(ROOT / "configs" / "tiny.yaml").data))
     users = split.eval_users[:60]
