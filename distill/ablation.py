@@ -7,6 +7,10 @@ per model, early stopping as usual):
   kd_full        the student with every KD component of the config on
   no_<c>         the same with one component switched off (next_item KL, listwise, rating KD, like KD,
                  alignment)
+  rank_kd        kd_full with the importance-weighted top-k ranking distillation (DLLM2Rec) switched on
+                 (student.kd_rank, RANK_KD_WEIGHT when the config has it off; skipped when already on)
+  kd_guarded     not trained: per seed, kd_full if its best validation NDCG@10 >= no_kd's, else no_kd (what the
+                 student stage serves with student.kd_guard; needs both rows)
   no_kd          no teacher labels (alpha = 0, no alignment); same architecture, text vectors kept
   no_teacher     no teacher at all: no KD and no text vectors (ID embeddings only)
   cold_text      kd_full trained with a seeded slice of items held out entirely (their events dropped
@@ -46,6 +50,8 @@ VARIANTS: dict[str, tuple[str, dict, bool, bool]] = {
     "no_rating_kd": ("- rating KD", {"kd_rating": 0.0}, True, False),
     "no_like_kd": ("- like KD", {"kd_like": 0.0}, True, False),
     "no_align": ("- representation alignment", {"kd_align": 0.0}, True, False),
+    "rank_kd": ("+ ranking distillation (DLLM2Rec)", {"kd_rank": "on"}, True, False),
+    "kd_guarded": ("student (KD) behind the validation guard (student.kd_guard)", {}, True, False),
     "no_kd": ("student without KD (hard labels, text vectors)", {"kd_alpha": 0.0, "kd_align": 0.0}, False, False),
     "no_teacher": ("student without the teacher (no KD, no text vectors)",
                    {"kd_alpha": 0.0, "kd_align": 0.0, "use_text_vectors": False}, False, False),
@@ -56,6 +62,9 @@ VARIANTS: dict[str, tuple[str, dict, bool, bool]] = {
 COLD_ID_DROPOUT = 0.3
 """ID dropout of the cold_id_drop row when the config's student.id_dropout is 0 (DropoutNet trains with
 a sizeable share of items reduced to their content; 0.3 leaves most steps collaborative)."""
+RANK_KD_WEIGHT = 1.0
+"""kd_rank of the rank_kd row when the config's student.kd_rank is 0: the loss is a cross-entropy against a
+distribution over items, in the same units as the KL (kd_next_item = 1.0)."""
 TARGET_METRICS = (("next_item", "NDCG@10", +1), ("like", "AUC", +1), ("rating", "RMSE", -1))
 """The issue's 'student >= teacher' metrics with their direction (+1 higher is better)."""
 
@@ -112,10 +121,21 @@ def paired_difference(pred_a: dict, pred_b: dict, split: Split, n_boot: int = 10
 # ----------------------------------------------------------------------------- main
 def _resolve_overrides(sc, overrides: dict) -> dict:
     """A variant's StudentConfig overrides with placeholders filled ("cold": the config's ID dropout or
-    COLD_ID_DROPOUT)."""
+    COLD_ID_DROPOUT; "on": the config's kd_rank or RANK_KD_WEIGHT)."""
     if overrides.get("id_dropout") == "cold":
-        return dict(overrides, id_dropout=sc.id_dropout or COLD_ID_DROPOUT)
+        overrides = dict(overrides, id_dropout=sc.id_dropout or COLD_ID_DROPOUT)
+    if overrides.get("kd_rank") == "on":
+        overrides = dict(overrides, kd_rank=sc.kd_rank or RANK_KD_WEIGHT)
     return overrides
+
+
+def _skip_reason(sc, key: str, overrides: dict):
+    """Why a one-component row would be identical to kd_full (its resolved overrides are already the
+    config's), else None."""
+    toggles = key == "rank_kd" or (key.startswith("no_") and key not in ("no_kd", "no_teacher"))
+    if toggles and all(getattr(sc, k) == v for k, v in overrides.items()):
+        return f"the component is already {'on' if key == 'rank_kd' else 'off'} in the config (identical to kd_full)"
+    return None
 
 
 def _variant_config(cfg: RunConfig, overrides: dict):
@@ -167,10 +187,12 @@ def run_ablation(cfg: RunConfig, log=print) -> dict:
         vsc = _variant_config(cfg, overrides)
         entry = dict(label=label, overrides=overrides, use_teacher=use_teacher, cold_start=cold, runs=[],
                      all_users=[], teacher_subset=[], cold_subset=[])
-        skip = key.startswith("no_") and key not in ("no_kd", "no_teacher") and \
-            all(getattr(sc, k) == v for k, v in overrides.items())
+        if key == "kd_guarded":  # a selection between two trained rows, built after the loop
+            variants[key] = entry
+            continue
+        skip = _skip_reason(sc, key, overrides)
         if skip:
-            entry["skipped"] = "the component is already off in the config (identical to kd_full)"
+            entry["skipped"] = skip
             variants[key] = entry
             log(f"[ablation] {key}: skipped ({entry['skipped']})")
             continue
@@ -195,6 +217,12 @@ def run_ablation(cfg: RunConfig, log=print) -> dict:
                 f"({fit.train_seconds:.0f} s, {len(fit.history)} epochs, {fit.stop_reason})")
         variants[key] = entry
     total_seconds = time.perf_counter() - t0
+    if "kd_guarded" in variants:
+        if variants["kd_full"]["runs"] and variants.get("no_kd", {}).get("runs"):
+            variants["kd_guarded"] = guarded_row(variants["kd_guarded"], variants["kd_full"], variants["no_kd"])
+            preds0["kd_guarded"] = preds0["kd_full" if variants["kd_guarded"]["runs"][0]["kept"] == "kd" else "no_kd"]
+        else:
+            variants["kd_guarded"]["skipped"] = "needs both kd_full and no_kd"
 
     trained = [k for k in keys if variants[k]["runs"]]
     all_rows = {variants[k]["label"]: aggregate_seeds(variants[k]["all_users"]) for k in trained
@@ -258,6 +286,22 @@ def run_ablation(cfg: RunConfig, log=print) -> dict:
     return report
 
 
+def guarded_row(entry: dict, kd: dict, nokd: dict) -> dict:
+    """The kd_guard rule per seed: keep the KD student when its best validation NDCG@10 >= the no-KD student's."""
+    entry = dict(entry, runs=[], all_users=[], teacher_subset=[], cold_subset=[])
+    for i, (rk, rn) in enumerate(zip(kd["runs"], nokd["runs"])):
+        if rk["seed"] != rn["seed"]:
+            raise ValueError(f"kd_full and no_kd seeds differ ({rk['seed']} vs {rn['seed']})")
+        keep_kd = rk["best_val_ndcg10"] >= rn["best_val_ndcg10"]
+        src, run = (kd, rk) if keep_kd else (nokd, rn)
+        entry["runs"].append(dict(run, kept="kd" if keep_kd else "no_kd", kd_val_ndcg10=rk["best_val_ndcg10"],
+                                  no_kd_val_ndcg10=rn["best_val_ndcg10"]))
+        entry["all_users"].append(src["all_users"][i])
+        entry["teacher_subset"].append(src["teacher_subset"][i])
+    entry["components"], entry["params"] = kd["components"], kd["params"]
+    return entry
+
+
 def _safe_eval(pred: dict, split: Split, n_boot: int, seed: int) -> dict:
     """evaluate_predictions on a small subset; like metrics are dropped when the subset has one class."""
     try:
@@ -291,6 +335,29 @@ def _targets(variants, preds0, t_pred, split, params, n_boot, seed) -> list[dict
                         detail=f"mean KD - no-KD = {gap:+.4f} vs seed spread (std KD + std no-KD) = {spread:.4f} "
                                f"over {len(kd['seeds'])} seeds, all test users",
                         kd=kd, no_kd=no))
+        out.append(dict(target="KD student NDCG@10 >= 1.05 x the no-KD student (seed means)",
+                        met=bool(kd["value"] >= 1.05 * no["value"]),
+                        detail=f"KD / no-KD = {kd['value'] / max(no['value'], 1e-12):.3f} "
+                               f"({kd['value']:.4f} / {no['value']:.4f})"))
+        if variants.get("kd_guarded", {}).get("all_users"):
+            g = aggregate_seeds(variants["kd_guarded"]["all_users"])["next_item"]["NDCG@10"]
+            kept = [r["kept"] for r in variants["kd_guarded"]["runs"]]
+            out.append(dict(target="KD never hurts: guarded KD mean >= no-KD mean - (std KD + std no-KD)",
+                            met=bool(g["value"] >= no["value"] - (g["std"] + no["std"])),
+                            detail=f"guarded {g['value']:.4f} ± {g['std']:.4f} vs no-KD {no['value']:.4f} ± "
+                                   f"{no['std']:.4f}; the guard kept {kept} (seeds in order)"))
+    teacher_m = evaluate_predictions(t_pred, split, "test", n_boot=n_boot, seed=seed)
+    if variants.get("no_kd", {}).get("all_users") and np.array_equal(np.sort(t_pred["users"]), split.eval_users):
+        no_all = aggregate_seeds(variants["no_kd"]["all_users"])
+        checks = []
+        for task, metric, sign in TARGET_METRICS:
+            if task in teacher_m and task in no_all:
+                tv, nv = teacher_m[task][metric]["value"], no_all[task][metric]["value"]
+                checks.append((f"{task}/{metric}", tv, nv, (tv >= nv) if sign > 0 else (tv <= nv)))
+        out.append(dict(target="teacher at least as good as the no-KD student (all test users)",
+                        met=bool(checks and all(c[3] for c in checks)),
+                        detail="; ".join(f"{n}: teacher {tv:.4f} vs no-KD {nv:.4f} ({'ok' if ok else 'NOT met'})"
+                                         for n, tv, nv, ok in checks)))
     out.append(dict(target="student parameters <= 2% of the teacher's", met=bool(params["ratio_params"] <= 0.02),
                     detail=f"{params['student_params']:,} trainable / {params['teacher_total']:,} = "
                            f"{100 * params['ratio_params']:.3f}% (with the frozen text-vector table: "
@@ -357,6 +424,6 @@ def render_markdown(rep: dict) -> str:
         runs = "; ".join(f"seed {r['seed']}: {r['epochs_run']} ep, {r['stop_reason']}" for r in v["runs"])
         lines.append(f"| {key} | {v['label']} | {comp} | {runs} |")
     lines += ["", "KD components: alpha = hard/teacher mixing weight; scope = next_item KL support (topk | catalog); "
-              "kl, listwise, rating, like = weights inside each task's KD term; align = representation-alignment "
-              "weight. See docs/distillation.md.", ""]
+              "kl, listwise, rank, rating, like = weights inside each task's KD term (rank = the DLLM2Rec ranking "
+              "distillation); align = representation-alignment weight. See docs/distillation.md.", ""]
     return "\n".join(lines)

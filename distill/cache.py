@@ -22,10 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .common import pick_device, set_seed, stage_dir
-from .config import RunConfig
+from .config import RunConfig, TeacherConfig
 from .data import Split, load_dataset, sample_users
 from .io import atomic_path, read_json, write_json
-from .teacher import SequenceBuilder, load_teacher, pad_batch, token_batches
+from .teacher import load_teacher, pad_batch, teacher_builder, token_batches
 from .teacher_stage import window_examples
 
 CACHE_VERSION = 1
@@ -37,7 +37,7 @@ class StaleCacheError(RuntimeError):
 
 def teacher_hash(teacher_dir: Path) -> str:
     h = hashlib.sha256()
-    for f in ("heads.safetensors", "adapter/adapter_model.safetensors"):
+    for f in ("heads.safetensors", "inputs.safetensors", "adapter/adapter_model.safetensors"):
         p = Path(teacher_dir) / f
         if p.exists():
             h.update(p.read_bytes())
@@ -57,7 +57,9 @@ def build_cache(cfg: RunConfig) -> dict:
         raise StaleCacheError(f"the teacher in {run / 'teacher'} was trained on data {meta.get('data_hash')} but the "
                               f"config's data hashes to {ds.data_hash}; run `distillrec teacher` again")
     tc = cfg.teacher
-    builder = SequenceBuilder(tok, ds.item_text, tc.max_item_tokens, ds.has_ratings)
+    builder = teacher_builder(teacher, TeacherConfig(**{k: v for k, v in meta["teacher"].items()
+                                                        if k in TeacherConfig.__dataclass_fields__}),
+                              tok, ds.item_text, ds.has_ratings)
     users = sample_users(np.arange(ds.n_users), tc.cache_users, cfg.seed)
     examples = window_examples(split, users, tc.window, tc.context)
     lengths = [int(split.n_train[u]) for u in users]

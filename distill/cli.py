@@ -60,8 +60,22 @@ def stage_data(cfg) -> dict:
 
 
 def stage_teacher(cfg) -> dict:
-    from .teacher_stage import train_teacher
-    rep = train_teacher(cfg)
+    """Train the teacher, or with teacher.init_from load a trained one (checked against its manifest) and
+    evaluate it in this run."""
+    if cfg.teacher.init_from:
+        from .shipped import adopt_teacher
+        rep = adopt_teacher(cfg)
+        print(f"teacher: loaded {rep['source']['folder']} (trained by `{rep['source']['command']}`, "
+              f"{rep['source']['wall_seconds'] / 60:.0f} min); evaluated here on {rep['eval_users']} test users")
+    else:
+        from .shipped import write_manifest
+        from .teacher_stage import train_teacher
+        t0 = time.perf_counter()
+        rep = train_teacher(cfg)
+        if "metrics" in rep:
+            from .data import load_dataset
+            write_manifest(Path(cfg.run_dir) / "teacher", cfg, load_dataset(cfg.data).data_hash,
+                           time.perf_counter() - t0, rep["metrics"])
     if "metrics" in rep:  # under torchrun only rank 0 evaluates and reports
         from .teacher_report import write_teacher_report
         _print_metrics("teacher", rep["metrics"])
@@ -82,7 +96,7 @@ def stage_cache(cfg) -> dict:
 def stage_student(cfg) -> dict:
     from .student_stage import train_student
     out = {}
-    for kd in (True, False):
+    for kd in (False, True):  # no-KD first: the KD student's guard (student.kd_guard) compares against it
         rep = train_student(cfg, kd=kd)
         _print_metrics("student" if kd else "student (no KD)", rep["metrics"])
         out["student" if kd else "student_nokd"] = rep
@@ -142,6 +156,12 @@ def main(argv=None) -> int:
     ab = sub.add_parser("ablate", help="student ablation over seeds: each KD component off in turn, no-KD, cold start")
     ab.add_argument("run_dir")
     ab.add_argument("-o", "--override", action="append", default=[])
+    lc = sub.add_parser("teacher-curves", help="validation NDCG@10 vs training minutes of teacher runs (table + plot)")
+    lc.add_argument("run_dirs", nargs="+")
+    lc.add_argument("--out", default="teacher_curves", help="output path without suffix (.md and .png are written)")
+    st = sub.add_parser("ship-teacher", help="copy a run's trained teacher into the package (the shipped teacher)")
+    st.add_argument("run_dir")
+    st.add_argument("--to", help="destination folder (default: distill/teachers/ml100k-smollm2)")
     lt = sub.add_parser("loadtest", help="bounded load test of the HTTP service on 127.0.0.1")
     lt.add_argument("run_dir")
     lt.add_argument("--clients", type=int, default=8)
@@ -180,6 +200,14 @@ def main(argv=None) -> int:
         from .config import config_to_dict
         if refresh_ablation(Path(cfg.run_dir), config_to_dict(cfg)["student"]):
             print(f"folded into {Path(cfg.run_dir) / 'bench' / 'report.md'}")
+        return 0
+    if args.cmd == "teacher-curves":
+        from .teacher_report import learning_curves
+        print(learning_curves([Path(r) for r in args.run_dirs], Path(args.out)))
+        return 0
+    if args.cmd == "ship-teacher":
+        from .shipped import SHIPPED_DIR, ship_teacher
+        print(f"shipped teacher: {ship_teacher(Path(args.run_dir), Path(args.to) if args.to else SHIPPED_DIR)}")
         return 0
     if args.cmd == "loadtest":
         from serve_bench.loadtest import run_loadtest

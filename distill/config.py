@@ -56,6 +56,23 @@ class TeacherConfig:
     lora_last_layers: Optional[int] = 4
     """LoRA only on the last N decoder layers (None = all). Backward then stops N layers deep: a step of
     4x160 tokens costs ~1 s on 2 CPU cores instead of ~15 s with all 30 layers adapted."""
+    input: str = "text"
+    """How an interaction enters the LLM. 'text': the item's title tokens + the rating as text (~11 tokens per
+    interaction). 'item_tokens': ONE soft token per item (mean of its title's token embeddings + a learned ID
+    embedding + a projection of the full-depth LLM's item-text vector) and one rating token: 2 tokens per
+    interaction, ~5x fewer than 'text', and the ID embedding carries collaborative signal (E4SRec, LLaRA).
+    docs/teacher.md has the learning curves that chose between them."""
+    layers: Optional[int] = None
+    """Keep only the first N decoder layers of the LM (None = all; SLMRec keeps 8 of 32). The item-text vectors
+    are still read by the full-depth LM, once, before truncation. Cost per token falls ~linearly with N."""
+    input_lr: float = 1e-3
+    """AdamW learning rate of the soft-token input (ID embeddings, text projection, rating tokens;
+    input='item_tokens' only)."""
+    init_from: Optional[str] = None
+    """A trained teacher folder to LOAD instead of training one: 'shipped' = the teacher shipped with the package
+    for ML-100K + the default LM (distill/teachers/ml100k-smollm2, trained by configs/teacher-cpu.yaml), or a
+    path. Its manifest is checked against the base model, the data and the teacher fields that shape the network;
+    null = train from scratch with this config (your own data or LM)."""
     max_item_tokens: int = 8
     """Item text is cut to this many tokens (titles rarely need more); bounds tokens per interaction."""
     window: int = 16
@@ -169,10 +186,34 @@ class StudentConfig:
     """Weight of the listwise (ListMLE / Plackett-Luce) loss on the teacher's top-k order (0 = off)."""
     listwise_top_k: int = 10
     """Length of the teacher ranking the listwise loss reproduces (the first k of the cached top-K)."""
+    kd_rank: float = 0.0
+    """Weight of the importance-weighted top-k ranking distillation (DLLM2Rec; distill.losses.RankingDistillation)
+    inside the next_item KD term (0 = off). Off by default so that existing results do not change until it is
+    measured on this data; the `rank_kd` ablation row trains the KD student with it on (at 1.0 while this is 0)."""
+    rank_kd_top_k: int = 10
+    """Teacher items per position the ranking distillation uses (the first k of the cached top-K), and the size of
+    the student's top-k the consistency weight compares with. 10 = DLLM2Rec's candidate_topk."""
+    rank_kd_lambda: float = 1.0
+    """Position weight exp(-rank / lambda), rank 0 = the teacher's best. 1.0 as in DLLM2Rec's code: the first 3
+    ranks then hold 95% of the position weight; larger = flatter."""
+    rank_kd_gamma_position: float = 0.3
+    """Share of the position weight in the importance weight (DLLM2Rec's default gamma_position)."""
+    rank_kd_gamma_confidence: float = 0.5
+    """Share of the confidence weight, the teacher's softmax probability over its top-k (DLLM2Rec: gamma_confidence)."""
+    rank_kd_gamma_consistency: float = 0.1
+    """Share of the consistency weight, 1 for teacher items also in the student's current top-k (DLLM2Rec:
+    gamma_consistency). Each of the three parts is normalised to sum 1 over a row, so only the ratios matter.
+    DLLM2Rec leaves this part an un-normalised 0/1 indicator (0.1 per overlapping item); normalised, 0.1 gives it
+    less say than there. The three defaults are DLLM2Rec's (its main.py), not tuned on this data."""
     kd_rating: float = 1.0
     """Weight of rating KD (MSE to the teacher's rating) inside the rating KD term (0 = off)."""
     kd_like: float = 1.0
     """Weight of like KD (BCE to the teacher's like probability) inside the like KD term (0 = off)."""
+    kd_guard: bool = True
+    """KD must not hurt: the no-KD student of the same seed is trained first, and the KD student is kept only if
+    its best validation NDCG@10 is at least the no-KD student's; otherwise the no-KD weights serve as the student
+    (recorded as kd_guard in student/metrics.json; `distillrec ablate` reports it as the kd_guarded row). A weak
+    teacher (small or unusual data, a short budget) then costs nothing; the test split is never read."""
     kd_align: float = 0.1
     """Weight of representation alignment (projector(student state) vs teacher user vector), added to the
     weighted total outside the task weighting (0 = off)."""

@@ -15,13 +15,14 @@ Conventions (docs/distillation.md has the long form):
   from the cached user vector: user_vector @ item_table.T + item_bias (`teacher_catalog_logits`).
 - Mixing (`DistillationObjective`): per labelled position and task,
       L_task(pos) = (1 - alpha * h) * hard(pos) + alpha * h * KD_task(pos),   h = 1 if teacher-labelled
-  with KD_next_item = w_kl * KL + w_list * ListMLE, KD_rating = w_rating * MSE, KD_like = w_like * BCE,
-  averaged over the labelled positions of the batch; positions without teacher labels keep the hard
-  loss alone. alpha = 0 (or every KD weight 0) is the student without the teacher. The task losses go
-  to the loss-weighting strategy (distill.weighting, the teacher's objects); representation alignment
-  is added outside it: total = weighting({task: L_task}) + w_align * mean_{teacher positions} align.
+  with KD_next_item = w_kl * KL + w_list * ListMLE + w_rank * RankKD (RankingDistillation), KD_rating =
+  w_rating * MSE, KD_like = w_like * BCE, averaged over the labelled positions of the batch; positions
+  without teacher labels keep the hard loss alone. alpha = 0 (or every KD weight 0) is the student
+  without the teacher. The task losses go to the loss-weighting strategy (distill.weighting, the
+  teacher's objects); representation alignment is added outside it:
+  total = weighting({task: L_task}) + w_align * mean_{teacher positions} align.
 - Items excluded from training (the cold-start slice) are masked out of every softmax (hard CE, KL,
-  ListMLE) with a large negative logit, so neither their ID embedding nor their bias gets a gradient.
+  ListMLE, RankKD) with a large negative logit, so neither their ID embedding nor their bias gets a gradient.
 - Every component is logged unweighted: its mean over the positions it applies to.
 """
 from __future__ import annotations
@@ -105,6 +106,74 @@ class ListwiseRankingLoss(nn.Module):
         return terms.sum(-1) / v.sum(-1).clamp_min(1)
 
 
+def _row_normalise(w: torch.Tensor) -> torch.Tensor:
+    """w / its row sum; an all-zero row stays all zero."""
+    return w / w.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+class RankingDistillation(nn.Module):
+    """Importance-weighted top-k ranking distillation (DLLM2Rec, Cui et al. 2024): the student's catalog
+    cross-entropy on each of the teacher's first k items, weighted by how much that item should count:
+
+        L = - sum_k w_k * log softmax(student catalog logits)[i_k] / sum_k w_k
+        w_k = g_pos * w^p_k + g_conf * w^c_k + g_cons * w^o_k
+        w^p_k ∝ exp(-rank_k / lambda), rank_k = 0 .. k-1    position: the teacher's order
+        w^c_k = softmax(teacher's top-k logits)_k             confidence: the teacher's own probability (T = 1)
+        w^o_k ∝ 1[i_k in the student's current top-k]         consistency: items the student already ranks high
+
+    Each part is normalised to sum 1 over the row's valid entries (a consistency part with no overlap stays 0),
+    so only the ratios of the g's matter. DLLM2Rec's confidence is exp(-distance) of its grounding step (its
+    LLM generates text); ours is the cached teacher's probability, which plays the same role. All weights
+    are detached: the gradient is exactly that of a cross-entropy against the fixed distribution w / sum w.
+
+    forward(student_logits [P, N] over the catalog, t_items [P, K] best first, t_logits [P, K],
+    valid [P, K] bool or None) -> [P]. Items excluded from training must already be at NEG in
+    student_logits (DistillationObjective does that); entries with valid = False get weight 0, so neither
+    they nor the softmax normaliser get a gradient from them; a row with no valid entry gives 0.
+    """
+
+    name = "next_item/rank_kd"
+
+    def __init__(self, top_k: int = 10, lam: float = 1.0, gammas: tuple = (0.3, 0.5, 0.1)):
+        super().__init__()
+        if int(top_k) < 1:
+            raise ValueError(f"student.rank_kd_top_k must be >= 1 (teacher items distilled per position), got "
+                             f"{top_k}; use e.g. 10 (at most teacher.cache_top_k)")
+        if not lam > 0:
+            raise ValueError(f"student.rank_kd_lambda must be > 0 (position weight exp(-rank / lambda)), got {lam}; "
+                             f"use e.g. 1.0 (larger = flatter over the ranks)")
+        for part, g in zip(("position", "confidence", "consistency"), gammas):
+            if not g >= 0:
+                raise ValueError(f"student.rank_kd_gamma_{part} must be >= 0, got {g}; 0 drops the {part} weight")
+        if sum(gammas) <= 0:
+            raise ValueError("student.rank_kd_gamma_position / _confidence / _consistency are all 0, so every "
+                             "importance weight is 0; set at least one > 0 (or kd_rank: 0 to switch the loss off)")
+        self.top_k, self.lam = int(top_k), float(lam)
+        self.gammas = tuple(float(g) for g in gammas)
+
+    @torch.no_grad()
+    def weights(self, student_logits: torch.Tensor, t_items: torch.Tensor, t_logits: torch.Tensor,
+                valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The importance weights w_k / sum_k w_k, [P, k] (k = min(top_k, K)); 0 on invalid entries."""
+        items, t = t_items[..., : self.top_k], t_logits[..., : self.top_k].float()
+        k = items.shape[-1]
+        v = torch.ones_like(items, dtype=torch.bool) if valid is None else valid[..., : self.top_k]
+        rank = torch.arange(k, dtype=torch.float32, device=items.device)
+        w_pos = _row_normalise(torch.exp(-rank / self.lam).expand(items.shape) * v)
+        w_conf = torch.softmax(t.masked_fill(~v, NEG), dim=-1) * v  # a row with no valid entry: 0
+        s_top = torch.topk(student_logits.float(), min(k, student_logits.shape[-1]), dim=-1).indices
+        w_cons = _row_normalise(((items[..., :, None] == s_top[..., None, :]).any(-1) & v).float())
+        g_p, g_c, g_o = self.gammas
+        return _row_normalise(g_p * w_pos + g_c * w_conf + g_o * w_cons)
+
+    def forward(self, student_logits: torch.Tensor, t_items: torch.Tensor, t_logits: torch.Tensor,
+                valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        w = self.weights(student_logits, t_items, t_logits, valid)
+        s = student_logits.float()
+        log_p = torch.gather(s, -1, t_items[..., : self.top_k]) - torch.logsumexp(s, dim=-1, keepdim=True)
+        return -(w * log_p).sum(-1)  # w already sums to 1 (or 0: a row with no valid entry)
+
+
 class LikeBCE(nn.Module):
     """BCE(student like logit, sigmoid(teacher like logit)) per position: soft-label binary cross-entropy.
     Its minimum (gradient 0) is at student logit = teacher logit, where it equals the teacher's entropy."""
@@ -169,7 +238,11 @@ class DistillationObjective(nn.Module):
         self.tasks, self.like_threshold = list(tasks), float(like_threshold)
         self.alpha = float(cfg.kd_alpha) if use_teacher else 0.0
         on = self.alpha > 0
+        if not cfg.kd_rank >= 0:
+            raise ValueError(f"student.kd_rank must be >= 0 (weight of the ranking distillation), got {cfg.kd_rank}; "
+                             f"0 switches it off")
         self.w = dict(kl=cfg.kd_next_item if on else 0.0, listwise=cfg.kd_listwise if on else 0.0,
+                      rank=cfg.kd_rank if on else 0.0,
                       rating=cfg.kd_rating if on and "rating" in tasks else 0.0,
                       like=cfg.kd_like if on and "like" in tasks else 0.0,
                       align=cfg.kd_align if use_teacher and teacher_dim else 0.0)
@@ -181,6 +254,9 @@ class DistillationObjective(nn.Module):
         self.scope = "catalog" if cfg.kd_scope == "catalog" or (cfg.kd_scope == "auto" and has_catalog) else "topk"
         self.kl = NextItemKL(cfg.temperature)
         self.listwise = ListwiseRankingLoss(cfg.listwise_top_k)
+        self.rank_kd = RankingDistillation(cfg.rank_kd_top_k, cfg.rank_kd_lambda,
+                                           (cfg.rank_kd_gamma_position, cfg.rank_kd_gamma_confidence,
+                                            cfg.rank_kd_gamma_consistency))
         self.rating_kd, self.like_kd = RatingMSE(), LikeBCE()
         self.align = RepresentationAlignment(student_dim, teacher_dim, cfg.align_loss) if self.w["align"] > 0 else None
         if self.scope == "catalog" and self.w["kl"] > 0:
@@ -256,6 +332,10 @@ class DistillationObjective(nn.Module):
             lw = self.listwise(torch.gather(s_all, -1, t_items[:, :k]), None if valid is None else valid[:, :k])
             logged[self.listwise.name] = lw.detach().mean().item()
             terms.append(self.w["listwise"] * lw)
+        if self.w["rank"] > 0:
+            rk = self.rank_kd(s_all, t_items, batch["t_logits"][m][h], valid)
+            logged[self.rank_kd.name] = rk.detach().mean().item()
+            terms.append(self.w["rank"] * rk)
         if terms:
             kd["next_item"] = sum(terms)
         if self.w["rating"] > 0:

@@ -275,6 +275,9 @@ def train_student(cfg: RunConfig, kd: bool = True) -> dict:
     fit = fit_student(sc, split, cache, use_teacher=kd, seed=cfg.seed, device=device,
                       log_path=out_dir / "train_log.jsonl", desc=name)
     student = fit.student
+    guard = None
+    if kd and sc.kd_guard:
+        student, guard = _kd_guard(run, fit, cfg.seed, device)
     pred = student_predict(student, split, split.eval_users, "test", device=device)
     metrics = evaluate_predictions(pred, split, "test", seed=cfg.seed)
     extra = dict(item_ids=[str(i) for i in ds.item_ids], like_threshold=ds.like_threshold,
@@ -290,6 +293,26 @@ def train_student(cfg: RunConfig, kd: bool = True) -> dict:
                   best_val_ndcg10=fit.best_val_ndcg10, stop_reason=fit.stop_reason, epochs_run=len(fit.history),
                   train_seconds=fit.train_seconds, windows=fit.windows,
                   params=counts["params"], buffers=counts["buffers"], student_config=asdict(sc),
-                  history=fit.history)
+                  history=fit.history, kd_guard=guard)
     write_json(out_dir / "metrics.json", report)
     return report
+
+
+def _kd_guard(run: Path, fit: FitResult, seed: int, device: str):
+    """student.kd_guard: keep the KD student only if its best validation NDCG@10 >= the no-KD student's (same
+    seed, trained first by the student stage); otherwise serve the no-KD weights. Returns (student, record)."""
+    ref_path = run / "student_nokd" / "metrics.json"
+    if not ref_path.exists():
+        print(f"student: kd_guard needs {ref_path} (the no-KD student, trained first by `distillrec student`); "
+              "guard not applied")
+        return fit.student, dict(applied=False, reason="no no-KD student")
+    ref = json.loads(ref_path.read_text())
+    if ref.get("seed") != seed:
+        return fit.student, dict(applied=False, reason=f"no-KD student has seed {ref.get('seed')}, not {seed}")
+    kd_val, nokd_val = float(fit.best_val_ndcg10), float(ref["best_val_ndcg10"])
+    rec = dict(applied=True, kd_val_ndcg10=kd_val, no_kd_val_ndcg10=nokd_val, kept="kd" if kd_val >= nokd_val else "no_kd")
+    if rec["kept"] == "kd":
+        return fit.student, rec
+    print(f"student: kd_guard: the KD student's validation NDCG@10 {kd_val:.4f} < the no-KD student's {nokd_val:.4f}; "
+          "serving the no-KD weights (the teacher is weaker than the student on this data)")
+    return Student.load(run / "student_nokd").to(device).eval(), rec

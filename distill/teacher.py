@@ -147,6 +147,48 @@ class SequenceBuilder:
         return len(self.encode(items, ratings).ids)
 
 
+class ItemTokenBuilder:
+    """input='item_tokens': the SequenceBuilder layout with ONE soft token per item and one per rating.
+
+    Ids at or above the LM's vocabulary are virtual: vocab + i is item i, vocab + n_items + r is rating r
+    (0-5). `ItemTokenInput` turns them into input embeddings. `before` / `item_end` keep their meaning
+    (state before item j / state at item j, before its rating), so windows, the cache and evaluation are
+    the same code for both inputs. Without ratings an interaction is its item token alone."""
+
+    def __init__(self, tok, n_items: int, vocab: int, has_ratings: bool):
+        self.vocab, self.n_items = vocab, n_items
+        self.item_ids = [[vocab + i] for i in range(n_items)]
+        self.rating_ids = {r: [vocab + n_items + r] for r in range(0, 6)}
+        self.no_rating: list[int] = []
+        self.prefix = [tok.bos_id] + tok.encode(PREFIX)
+        self.pad_id = tok.pad_id
+
+    encode = SequenceBuilder.encode
+    dataset_tokens = SequenceBuilder.dataset_tokens
+
+
+def make_builder(tc: TeacherConfig, tok, item_text: list[str], has_ratings: bool, vocab: Optional[int] = None):
+    """The sequence builder of tc.input ('item_tokens' needs the LM's vocabulary size)."""
+    if tc.input == "item_tokens":
+        if vocab is None:
+            raise ValueError("input='item_tokens' needs the LM's vocabulary size")
+        return ItemTokenBuilder(tok, len(item_text), vocab, has_ratings)
+    return SequenceBuilder(tok, item_text, tc.max_item_tokens, has_ratings)
+
+
+def truncate_layers(backbone: nn.Module, n: Optional[int]) -> nn.Module:
+    """Keep the first n decoder layers (the final norm stays); None or n >= depth keeps all."""
+    if n is None or n >= backbone.config.num_hidden_layers:
+        return backbone
+    if n < 1:
+        raise ValueError(f"teacher.layers must be >= 1 (got {n}); null keeps every layer")
+    backbone.layers = backbone.layers[:n]
+    backbone.config.num_hidden_layers = n
+    if getattr(backbone.config, "layer_types", None):
+        backbone.config.layer_types = backbone.config.layer_types[:n]
+    return backbone
+
+
 def windows(n: int, window: int, context: int) -> list[tuple[int, int, int]]:
     """(context start c, labelled start a, end b): [a, b) partition [0, n); c = max(0, a - context)."""
     return [(max(0, a - context), a, min(n, a + window)) for a in range(0, n, window)]
@@ -228,13 +270,66 @@ class TeacherHeads(nn.Module):
         return out
 
 
-class Teacher(nn.Module):
-    def __init__(self, backbone: nn.Module, heads: TeacherHeads):
+class ItemTokenInput(nn.Module):
+    """Input embeddings of an ItemTokenBuilder sequence: real ids read the LM's (frozen) embedding table;
+    item i = title_mean[i] + item_emb[i] + proj(item_vectors[i]); rating r = rating_emb[r].
+
+    title_mean (the mean of the LM's embeddings of the item's title tokens) puts every item token where the LM
+    reads that title's words at start; item_emb and proj start at zero and learn the collaborative part."""
+
+    def __init__(self, vocab: int, title_mean: torch.Tensor, item_vectors: torch.Tensor, rating_init: torch.Tensor):
         super().__init__()
-        self.backbone, self.heads = backbone, heads
+        self.vocab = vocab
+        n_items, hidden = title_mean.shape
+        self.register_buffer("title_mean", title_mean.float().clone())
+        # the heads hold the same vectors; not saved twice (load_teacher passes the heads' copy back in)
+        self.register_buffer("item_vectors", item_vectors.float().clone(), persistent=False)
+        self.item_emb = nn.Embedding(n_items, hidden)
+        nn.init.zeros_(self.item_emb.weight)
+        self.proj = nn.Linear(item_vectors.shape[1], hidden)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self.rating_emb = nn.Parameter(rating_init.float().clone())
+
+    @property
+    def n_items(self) -> int:
+        return self.title_mean.shape[0]
+
+    def item_tokens(self, items: torch.Tensor) -> torch.Tensor:
+        return self.title_mean[items] + self.item_emb(items) + self.proj(self.item_vectors[items])
+
+    def forward(self, ids: torch.Tensor, embed: nn.Module) -> torch.Tensor:
+        real = ids < self.vocab
+        out = embed(torch.where(real, ids, torch.zeros_like(ids))).float()
+        item = (ids >= self.vocab) & (ids < self.vocab + self.n_items)
+        rating = ids >= self.vocab + self.n_items
+        out = torch.where(item.unsqueeze(-1), self.item_tokens((ids - self.vocab).clamp(0, self.n_items - 1)), out)
+        r = (ids - self.vocab - self.n_items).clamp(0, self.rating_emb.shape[0] - 1)
+        return torch.where(rating.unsqueeze(-1), self.rating_emb[r], out)
+
+
+@torch.no_grad()
+def build_item_token_input(backbone: nn.Module, tok, item_text: list[str], max_item_tokens: int,
+                           item_vectors: torch.Tensor) -> ItemTokenInput:
+    """The soft-token input of a base LM: title means from its embedding table, ratings from its digit tokens."""
+    embed = backbone.get_input_embeddings()
+    w = embed.weight.detach().float()
+    titles = [tok.encode(" " + t)[:max_item_tokens] or [tok.pad_id] for t in item_text]
+    title_mean = torch.stack([w[torch.tensor(ids)].mean(0) for ids in titles])
+    rating_init = torch.stack([w[torch.tensor(tok.encode(str(r))[:1])].mean(0) for r in range(6)])
+    return ItemTokenInput(w.shape[0], title_mean, item_vectors, rating_init)
+
+
+class Teacher(nn.Module):
+    def __init__(self, backbone: nn.Module, heads: TeacherHeads, inputs: Optional[ItemTokenInput] = None):
+        super().__init__()
+        self.backbone, self.heads, self.inputs = backbone, heads, inputs
 
     def hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        if self.inputs is None:
+            return self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        emb = self.inputs(ids, self.backbone.get_input_embeddings())
+        return self.backbone(inputs_embeds=emb, attention_mask=mask).last_hidden_state
 
     def forward(self, ids, mask, before_idx, item_idx):
         """before_idx / item_idx: (row, position) index pairs, one per labelled interaction."""
@@ -259,12 +354,15 @@ def compute_item_vectors(backbone: nn.Module, builder: SequenceBuilder, budget: 
     return (out - mu) / sd
 
 
-def save_heads(heads: TeacherHeads, folder: Path, meta: dict) -> None:
+def save_heads(heads: TeacherHeads, folder: Path, meta: dict, inputs: Optional[ItemTokenInput] = None) -> None:
+    """heads.safetensors (+ inputs.safetensors for the soft-token input) and config.json."""
     from safetensors.torch import save_file
     from .io import atomic_path, write_json
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / "heads.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(tmp))
+    parts = [("heads.safetensors", heads)] + ([("inputs.safetensors", inputs)] if inputs is not None else [])
+    for name, module in parts:
+        with atomic_path(folder / name) as tmp:
+            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp))
     write_json(folder / "config.json", meta)
 
 
@@ -277,15 +375,33 @@ def load_teacher(teacher_dir: Path, merge: bool = False, device="cpu") -> tuple[
         if not (teacher_dir / f).exists():
             raise FileNotFoundError(f"{teacher_dir / f} is missing; run the teacher stage (`distillrec teacher <run>`)")
     meta = json.loads((teacher_dir / "config.json").read_text())
-    tcfg = TeacherConfig(**meta["teacher"])
+    known = {f for f in TeacherConfig.__dataclass_fields__}
+    tcfg = TeacherConfig(**{k: v for k, v in meta["teacher"].items() if k in known})
     backbone, tok = load_base(tcfg, seed=meta.get("seed", 0))
+    backbone = truncate_layers(backbone, tcfg.layers)
+    inputs = None
+    if tcfg.input == "item_tokens":
+        if not (teacher_dir / "inputs.safetensors").exists():
+            raise FileNotFoundError(f"{teacher_dir / 'inputs.safetensors'} is missing (input='item_tokens'); "
+                                    "run the teacher stage (`distillrec teacher <run>`)")
+        istate = load_file(str(teacher_dir / "inputs.safetensors"))
+        item_vectors = load_file(str(teacher_dir / "heads.safetensors"))["item_vectors"]
+        inputs = ItemTokenInput(backbone.get_input_embeddings().weight.shape[0], istate["title_mean"],
+                                item_vectors, istate["rating_emb"])
+        inputs.load_state_dict({k: v for k, v in istate.items() if k != "item_vectors"})
     model = PeftModel.from_pretrained(backbone, str(teacher_dir / "adapter"))
     if merge:
         model = model.merge_and_unload()
     state = load_file(str(teacher_dir / "heads.safetensors"))
     heads = TeacherHeads(backbone.config.hidden_size, tcfg.head_dim, state["item_vectors"], meta["tasks"])
     heads.load_state_dict(state)
-    return Teacher(model, heads).to(device).eval(), tok, meta
+    return Teacher(model, heads, inputs).to(device).eval(), tok, meta
+
+
+def teacher_builder(teacher: Teacher, tc: TeacherConfig, tok, item_text: list[str], has_ratings: bool):
+    """The sequence builder that matches a built or loaded teacher."""
+    vocab = teacher.inputs.vocab if teacher.inputs is not None else None
+    return make_builder(tc, tok, item_text, has_ratings, vocab)
 
 
 def param_count(module: nn.Module) -> int:

@@ -115,3 +115,36 @@ def write_teacher_report(cfg: RunConfig) -> Path:
     path = tdir / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def learning_curves(run_dirs: list[Path], out: Path) -> str:
+    """Validation NDCG@10 against training CPU minutes for several teacher runs (their train_log.jsonl):
+    a Markdown table (returned, also written to `out`.md) and a plot (`out`.png)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out = Path(out)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    lines = ["| run | formulation | step | training min | validation NDCG@10 |", "|---|---|---|---|---|"]
+    for run in map(Path, run_dirs):
+        tc = json.loads((run / "teacher" / "config.json").read_text())["teacher"]
+        form = (f"{tc.get('input', 'text')}, {tc.get('layers') or 'all'} layers, LoRA r={tc['lora_r']} on "
+                f"{tc.get('lora_last_layers') or 'all'} layers")
+        pts = [json.loads(x) for x in (run / "teacher" / "train_log.jsonl").read_text().splitlines()]
+        pts = [p for p in pts if "val_ndcg@10" in p and "train_seconds" in p]
+        if not pts:
+            continue
+        ax.plot([p["train_seconds"] / 60 for p in pts], [p["val_ndcg@10"] for p in pts], marker="o", label=f"{run.name}: {form}")
+        lines += [f"| {run.name} | {form} | {p['step']} | {p['train_seconds'] / 60:.1f} | {p['val_ndcg@10']:.4f} |"
+                  for p in pts]
+    ax.set_xlabel("training CPU minutes (validation excluded)")
+    ax.set_ylabel("validation NDCG@10")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+    plt.close(fig)
+    table = "\n".join(lines) + "\n"
+    atomic_write_text(out.with_suffix(".md"), table)
+    return table

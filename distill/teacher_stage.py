@@ -21,8 +21,9 @@ from .config import RunConfig
 from .data import Dataset, Split, load_dataset, sample_users
 from .evaluation import evaluate_predictions
 from .io import write_json
-from .teacher import (SequenceBuilder, Teacher, TeacherHeads, add_lora, compute_item_vectors, load_base,
-                      pad_batch, param_count, resolve_model, save_heads, teacher_meta, token_batches, windows)
+from .teacher import (SequenceBuilder, Teacher, TeacherHeads, add_lora, build_item_token_input, compute_item_vectors,
+                      load_base, make_builder, pad_batch, param_count, resolve_model, save_heads, teacher_meta,
+                      token_batches, truncate_layers, windows)
 from .weighting import build_weighting
 
 
@@ -126,7 +127,7 @@ def _build(cfg: RunConfig, ds: Dataset, split: Split, device, with_item_vectors:
     tc = cfg.teacher
     backbone, tok = load_base(tc, seed=cfg.seed)
     backbone = backbone.to(device)
-    builder = SequenceBuilder(tok, ds.item_text, tc.max_item_tokens, ds.has_ratings)
+    builder = SequenceBuilder(tok, ds.item_text, tc.max_item_tokens, ds.has_ratings)  # item texts (vectors)
     hidden = backbone.config.hidden_size
     key = (resolve_model(tc), json.dumps(tc.tiny, sort_keys=True), tc.max_item_tokens, ds.data_hash, cfg.seed)
     if not with_item_vectors:
@@ -136,6 +137,11 @@ def _build(cfg: RunConfig, ds: Dataset, split: Split, device, with_item_vectors:
     else:
         item_vecs = compute_item_vectors(backbone, builder, tc.infer_batch_tokens, device)
         _ITEM_VECTORS[key] = item_vecs.clone()
+    inputs = None
+    if tc.input == "item_tokens":  # item vectors above come from the FULL-depth LM; the trunk is cut after
+        inputs = build_item_token_input(backbone, tok, ds.item_text, tc.max_item_tokens, item_vecs).to(device)
+        builder = make_builder(tc, tok, ds.item_text, ds.has_ratings, inputs.vocab)
+    backbone = truncate_layers(backbone, tc.layers)
     torch.manual_seed(cfg.seed)  # LoRA/head init independent of what ran before
     backbone = add_lora(backbone, tc)
     counts = split.train_item_counts()
@@ -147,7 +153,7 @@ def _build(cfg: RunConfig, ds: Dataset, split: Split, device, with_item_vectors:
         like_logit = float(np.log(p / (1 - p)))
     heads = TeacherHeads(hidden, tc.head_dim, item_vecs, ds.tasks,
                          torch.log1p(torch.tensor(counts, dtype=torch.float32)), rating_mean, like_logit)
-    return Teacher(backbone, heads).to(device), builder
+    return Teacher(backbone, heads, inputs).to(device), builder
 
 
 # ----------------------------------------------------------------------------- distributed helpers
@@ -220,6 +226,8 @@ def trainable_state(teacher: Teacher, weighting) -> dict:
     """Only what training changes: LoRA weights, heads (incl. the item-vector buffer), weighting state."""
     state = {f"model.{k}": v.detach().clone() for k, v in teacher.named_parameters() if v.requires_grad}
     state.update({f"heads.{k}": v.detach().clone() for k, v in teacher.heads.state_dict().items()})
+    if teacher.inputs is not None:
+        state.update({f"inputs.{k}": v.detach().clone() for k, v in teacher.inputs.state_dict().items()})
     state.update({f"weighting.{k}": v.detach().clone() if torch.is_tensor(v) else copy.deepcopy(v)
                   for k, v in weighting.state_dict().items()})  # DWA's loss history is a plain dict
     return state
@@ -229,9 +237,11 @@ def load_trainable_state(teacher: Teacher, weighting, state: dict) -> None:
     params = dict(teacher.named_parameters())
     with torch.no_grad():
         for k, v in state.items():
-            if k.startswith("model.") and not k[6:].startswith("heads."):
+            if k.startswith("model.") and not k[6:].startswith(("heads.", "inputs.")):
                 params[k[6:]].copy_(v)
     teacher.heads.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("heads.")})
+    if teacher.inputs is not None:
+        teacher.inputs.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("inputs.")})
     weighting.load_state_dict({k[10:]: v for k, v in state.items() if k.startswith("weighting.")}, strict=False)
 
 
@@ -299,11 +309,16 @@ def train_teacher(cfg: RunConfig) -> dict:
     examples = window_examples(split, users, tc.window, tc.context)
     val_users = sample_users(split.eval_users, tc.val_users, cfg.seed + 1)
     lora_params = [p for p in teacher.backbone.parameters() if p.requires_grad]
+    if teacher.inputs is not None and tc.refresh_item_vectors and dist_.main:
+        print("teacher: input='item_tokens' reads no item text in the trunk; item vectors are not refreshed")
     proj_params = list(teacher.heads.item_proj.parameters())
     head_params = [p for n, p in teacher.heads.named_parameters() if not n.startswith("item_proj.")]
-    opt = torch.optim.AdamW([{"params": lora_params, "lr": tc.lr},
-                             {"params": head_params + list(weighting.parameters()), "lr": tc.head_lr},
-                             {"params": proj_params, "lr": tc.item_proj_lr}], weight_decay=tc.weight_decay)
+    groups = [{"params": lora_params, "lr": tc.lr},
+              {"params": head_params + list(weighting.parameters()), "lr": tc.head_lr},
+              {"params": proj_params, "lr": tc.item_proj_lr}]
+    if teacher.inputs is not None:
+        groups.append({"params": list(teacher.inputs.parameters()), "lr": tc.input_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(max(1, int(tc.warmup_frac * tc.max_steps)), tc.max_steps))
     step, tokens_seen, elapsed, best, best_step = 0, 0, 0.0, -1.0, 0
     if resume is not None:
@@ -325,6 +340,7 @@ def train_teacher(cfg: RunConfig) -> dict:
         log_f = open(log_path, "w")
         log_f.writelines(line + "\n" for line in kept)
     t0 = time.perf_counter() - elapsed
+    val_seconds = 0.0 if resume is None else resume.get("val_seconds", 0.0)
     stop_reason = "max_steps"
     teacher.train()
     bar = tqdm(total=tc.max_steps, initial=step, desc="teacher LoRA fine-tune", disable=not dist_.main)
@@ -344,7 +360,7 @@ def train_teacher(cfg: RunConfig) -> dict:
                     weighting.end_epoch({t: float(np.mean(v)) for t, v in epoch_losses.items()})
                     epoch_losses = {}
                 prev_epoch = epoch
-                if tc.refresh_item_vectors:
+                if tc.refresh_item_vectors and teacher.inputs is None:
                     _refresh_item_vectors(teacher, builder, tc, device)
             batch = collate_windows([examples[k] for k in idx], split, builder, device)
             with _amp_context(tc, device):
@@ -373,7 +389,10 @@ def train_teacher(cfg: RunConfig) -> dict:
                "losses": step_losses, "weights": weights}
         if tc.val_every and step % tc.val_every == 0:
             if dist_.main:
+                t_val = time.perf_counter()
+                rec["train_seconds"] = round(t_val - t0 - val_seconds, 2)  # training time only (learning curves)
                 rec["val_ndcg@10"] = _validate(teacher, builder, split, val_users, tc, device)
+                val_seconds += time.perf_counter() - t_val
                 if rec["val_ndcg@10"] > best:
                     best, best_step = rec["val_ndcg@10"], step
                     _save_checkpoint(ckpt_dir / "best.pt", {"state": trainable_state(teacher, weighting), "step": step})
@@ -387,7 +406,8 @@ def train_teacher(cfg: RunConfig) -> dict:
                 _save_checkpoint(ckpt_dir / "last.pt", dict(
                     fingerprint=fingerprint, state=trainable_state(teacher, weighting), optimizer=opt.state_dict(),
                     scheduler=sched.state_dict(), torch_rng=torch.get_rng_state(), step=step, tokens_seen=tokens_seen,
-                    elapsed=time.perf_counter() - t0, best=best, best_step=best_step, period_losses=epoch_losses))
+                    elapsed=time.perf_counter() - t0, best=best, best_step=best_step, period_losses=epoch_losses,
+                    val_seconds=val_seconds))
     bar.close()
     train_seconds = time.perf_counter() - t0
     teacher.eval()
@@ -405,7 +425,7 @@ def train_teacher(cfg: RunConfig) -> dict:
         train_users=len(users), windows=len(examples), steps=step, max_steps=tc.max_steps,
         time_budget_s=tc.time_budget_s, stop_reason=stop_reason, batch_size=tc.batch_size, grad_accum=tc.grad_accum,
         world_size=dist_.world, eval_history=tc.eval_history,
-        item_vector_refreshes=prev_epoch if tc.refresh_item_vectors else 0,  # one per epoch boundary crossed
+        item_vector_refreshes=prev_epoch if tc.refresh_item_vectors and teacher.inputs is None else 0,  # one per epoch boundary crossed
         val_every=tc.val_every, best_step=best_step or step,
         best_val_ndcg10=best if best >= 0 else None), t_build.seconds, train_seconds, tokens_seen, lora_params,
         extra=dict(trainable_weight_digest=digest))
@@ -426,8 +446,8 @@ def _evaluate_and_save(cfg, ds, split, teacher, builder, examples, users, weight
     metrics = evaluate_predictions(pred, split, "test", seed=cfg.seed)
     teacher.backbone.save_pretrained(str(out_dir / "adapter"))
     meta = teacher_meta(tc, ds.tasks, ds.n_items, teacher.backbone.config.hidden_size, cfg.seed)
-    meta.update(data_hash=ds.data_hash)
-    save_heads(teacher.heads, out_dir, meta)
+    meta.update(data_hash=ds.data_hash, vocab=teacher.inputs.vocab if teacher.inputs is not None else None)
+    save_heads(teacher.heads, out_dir, meta, teacher.inputs)
     from .io import atomic_path
     with atomic_path(out_dir / "test_predictions.npz") as tmp:
         with open(tmp, "wb") as f:

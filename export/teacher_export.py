@@ -54,6 +54,7 @@ class ServingTeacher(nn.Module):
     def __init__(self, teacher):
         super().__init__()
         self.backbone = teacher.backbone
+        self.inputs = teacher.inputs  # soft item/rating tokens (input='item_tokens') or None
         heads = teacher.heads
         self.heads = heads
         self.tasks = [t for t in TASK_OUTPUTS if t == "next_item" or t in heads.tasks]
@@ -62,7 +63,11 @@ class ServingTeacher(nn.Module):
             self.register_buffer("item_table_t", heads.item_table().detach().T.contiguous().clone())
 
     def forward(self, input_ids, attention_mask, before_pos, item_pos):
-        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.inputs is None:
+            h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        else:
+            emb = self.inputs(input_ids, self.backbone.get_input_embeddings())
+            h = self.backbone(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
         rows = torch.arange(h.shape[0], device=h.device)
         hb, hi = h[rows, before_pos], h[rows, item_pos]
         out = [self.heads.user_vector(hb) @ self.item_table_t + self.heads.item_bias]
@@ -192,6 +197,8 @@ def export_teacher(run_dir: Path, opset: int = 20, seed: int = 0, tol: float = P
         raise TeacherExportError(f"merge_and_unload left LoRA modules in the backbone: {lora_left[:5]}")
     wrapper = ServingTeacher(teacher).eval()
     vocab = int(teacher.backbone.config.vocab_size)
+    if teacher.inputs is not None:  # virtual ids: items and ratings above the LM's vocabulary
+        vocab = teacher.inputs.vocab + teacher.inputs.n_items + teacher.inputs.rating_emb.shape[0]
     pad_id = int(getattr(tok, "pad_id", 0) or 0)
     # the reference is the teacher as it predicts (its own attention implementation, e.g. sdpa) ...
     feeds = random_feeds(vocab, pad_id, seed)

@@ -2,12 +2,14 @@
 epoch per model; the report's rows, counts, finiteness and CIs are checked (not the quality)."""
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from distill.ablation import VARIANTS, aggregate_seeds, paired_difference, run_ablation
+from distill.ablation import (RANK_KD_WEIGHT, VARIANTS, _resolve_overrides, _skip_reason, aggregate_seeds,
+                              paired_difference, run_ablation)
 from distill.cache import build_cache
 from distill.cli import _write_run_config
 from distill.config import load_config
@@ -17,7 +19,7 @@ from distill.student_stage import cold_item_slice
 from distill.teacher_stage import train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = ["kd_full", "no_kl", "no_kd", "cold_text", "cold_id_drop", "cold_id_only"]
+KEYS = ["kd_full", "no_kl", "no_kd", "rank_kd", "cold_text", "cold_id_drop", "cold_id_only"]
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,7 @@ def test_rows_and_counts(report):
     labels = {k: VARIANTS[k][0] for k in KEYS}
     all_rows = rep["all_users"]["rows"]
     assert rep["all_users"]["users"] == 943
-    assert set(all_rows) == {labels[k] for k in KEYS[:3]} | {"popularity", "global_mean", "user_mean", "item_mean"}
+    assert set(all_rows) == {labels[k] for k in KEYS[:4]} | {"popularity", "global_mean", "user_mean", "item_mean"}
     sub = rep["teacher_subset"]["rows"]
     assert rep["teacher_subset"]["users"] == 16 and "teacher" in sub and labels["kd_full"] in sub
     assert sub["teacher"]["n_users"] == 16 and sub[labels["no_kd"]]["n_users"] == 16
@@ -76,6 +78,11 @@ def test_rows_and_counts(report):
         assert all(r["epochs_run"] == 1 for r in runs)
     assert rep["variants"]["no_kl"]["components"]["kl"] == 0.0 and rep["variants"]["kd_full"]["components"]["kl"] > 0
     assert rep["variants"]["no_kd"]["components"]["alpha"] == 0.0
+    # the rank_kd row is kd_full with the ranking distillation on (the config has it off: RANK_KD_WEIGHT)
+    assert rep["variants"]["kd_full"]["components"]["rank"] == 0.0
+    assert rep["variants"]["rank_kd"]["overrides"] == {"kd_rank": RANK_KD_WEIGHT}
+    rank_c, full_c = rep["variants"]["rank_kd"]["components"], rep["variants"]["kd_full"]["components"]
+    assert rank_c == dict(full_c, rank=RANK_KD_WEIGHT)
     assert all(r["teacher_coverage"] > 0 for r in rep["variants"]["kd_full"]["runs"])
     assert all(r["teacher_coverage"] == 0 for r in rep["variants"]["no_kd"]["runs"])
 
@@ -131,6 +138,22 @@ def test_params_targets_and_timing(report):
     assert tt["per_model_budget"]["epochs"] == 1 and len(tt["kd_full_train_seconds"]) == 2
     assert tt["ablation_total_seconds"] > 0
     assert tt["runs_cut_by_time_budget"] == []  # 1 epoch per model: epochs bind, never the 60 s cap
+
+
+def test_rank_kd_row_resolves_its_weight_and_is_skipped_when_already_on():
+    sc = load_config(ROOT / "configs" / "tiny.yaml").student
+    label, overrides, use_teacher, cold = VARIANTS["rank_kd"]
+    assert use_teacher and not cold
+    assert sc.kd_rank == 0.0 and _resolve_overrides(sc, overrides) == {"kd_rank": RANK_KD_WEIGHT}
+    assert _skip_reason(sc, "rank_kd", _resolve_overrides(sc, overrides)) is None
+    on = replace(sc, kd_rank=0.3)  # a config with the loss on keeps its own weight: the row equals kd_full
+    assert _resolve_overrides(on, overrides) == {"kd_rank": 0.3}
+    assert "already on" in _skip_reason(on, "rank_kd", _resolve_overrides(on, overrides))
+    # the one-component-off rows keep their rule; kd_full, no_kd and the cold rows are never skipped
+    assert "already off" in _skip_reason(replace(sc, kd_listwise=0.0), "no_listwise", {"kd_listwise": 0.0})
+    assert _skip_reason(sc, "no_listwise", {"kd_listwise": 0.0}) is None
+    for key in ("kd_full", "no_kd", "cold_text", "cold_id_drop"):
+        assert _skip_reason(sc, key, _resolve_overrides(sc, VARIANTS[key][1])) is None
 
 
 def test_aggregate_and_paired_difference_units():

@@ -1,5 +1,6 @@
 """Distillation losses with hand-checkable values: KL = 0 on matching distributions, the T^2 convention,
-ListMLE prefers the teacher's order, soft-label BCE / MSE, alignment gradients, and the hard/KD mixing."""
+ListMLE prefers the teacher's order, the DLLM2Rec ranking distillation's weights and value, soft-label
+BCE / MSE, alignment gradients, and the hard/KD mixing."""
 import math
 from dataclasses import replace
 
@@ -8,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from distill.config import StudentConfig
-from distill.losses import (DistillationObjective, LikeBCE, ListwiseRankingLoss, NextItemKL, RatingMSE,
-                            RepresentationAlignment, teacher_catalog_logits)
+from distill.losses import (DistillationObjective, LikeBCE, ListwiseRankingLoss, NextItemKL, RankingDistillation,
+                            RatingMSE, RepresentationAlignment, teacher_catalog_logits)
 from distill.weighting import build_weighting
 
 TASKS = ["next_item", "rating", "like"]
@@ -103,6 +104,113 @@ def test_listwise_uses_only_the_first_k_and_skips_invalid_items():
 def test_listwise_rejects_a_list_of_one():
     with pytest.raises(ValueError, match="listwise_top_k"):
         ListwiseRankingLoss(top_k=1)
+
+
+# ----------------------------------------------------------------------------- ranking distillation (DLLM2Rec)
+def _norm(xs):
+    return [x / sum(xs) for x in xs]
+
+
+# row 0: student top-3 = items {1, 3, 4}; teacher list (3, 0, 1) with probabilities 0.6 / 0.3 / 0.1
+# row 1: student top-3 = items {1, 3, 0}; teacher list (2, 4, 0), the last one invalid (excluded)
+RK_S = torch.tensor([[0.5, 3.0, -1.0, 2.0, 1.0], [-1.0, 5.0, -2.0, 4.0, -3.0]])
+RK_ITEMS = torch.tensor([[3, 0, 1], [2, 4, 0]])
+RK_T = torch.tensor([[math.log(6.0), math.log(3.0), 0.0], [0.0, math.log(3.0), 7.0]])
+RK_VALID = torch.tensor([[True, True, True], [True, True, False]])
+
+
+def _rank_weights_by_hand():
+    pos0 = _norm([1.0, math.exp(-0.5), math.exp(-1.0)])  # exp(-rank / lambda), lambda = 2
+    conf0, cons0 = [0.6, 0.3, 0.1], [0.5, 0.0, 0.5]  # items 3 and 1 are in the student's top-3, item 0 is not
+    w0 = _norm([0.3 * p + 0.5 * c + 0.1 * o for p, c, o in zip(pos0, conf0, cons0)])
+    pos1 = _norm([1.0, math.exp(-0.5)]) + [0.0]  # the invalid entry drops out of every part
+    conf1 = [0.25, 0.75, 0.0]  # softmax(log 1, log 3) over the valid entries
+    # consistency: the only teacher item in the student's top-3 (item 0) is invalid -> all 0, the part drops out
+    w1 = _norm([0.3 * p + 0.5 * c for p, c in zip(pos1, conf1)])
+    return torch.tensor([w0, w1])
+
+
+def test_rank_kd_importance_weights_match_hand_values():
+    rk = RankingDistillation(top_k=3, lam=2.0, gammas=(0.3, 0.5, 0.1))
+    w = rk.weights(RK_S, RK_ITEMS, RK_T, RK_VALID)
+    assert torch.allclose(w, _rank_weights_by_hand(), atol=1e-6)
+    assert w.sum(-1).tolist() == pytest.approx([1.0, 1.0])
+    # lambda sets the position decay; only the ratios of the gammas matter
+    pos_only = RankingDistillation(top_k=3, lam=1.0, gammas=(2.0, 0.0, 0.0)).weights(RK_S, RK_ITEMS, RK_T)
+    assert pos_only[0].tolist() == pytest.approx(_norm([1.0, math.exp(-1.0), math.exp(-2.0)]))
+    scaled = RankingDistillation(top_k=3, lam=2.0, gammas=(3.0, 5.0, 1.0)).weights(RK_S, RK_ITEMS, RK_T, RK_VALID)
+    assert torch.allclose(scaled, w, atol=1e-6)
+    # consistency alone: uniform over the teacher items the student's top-k also holds
+    cons = RankingDistillation(top_k=3, gammas=(0.0, 0.0, 1.0)).weights(RK_S, RK_ITEMS, RK_T, RK_VALID)
+    assert cons.tolist() == [[0.5, 0.0, 0.5], [0.0, 0.0, 0.0]]
+
+
+def test_rank_kd_is_the_hand_weighted_cross_entropy_and_its_gradient():
+    rk = RankingDistillation(top_k=3, lam=2.0, gammas=(0.3, 0.5, 0.1))
+    s = RK_S.clone().requires_grad_(True)
+    loss = rk(s, RK_ITEMS, RK_T, RK_VALID)
+    w = _rank_weights_by_hand()
+    for r in range(2):
+        lse = math.log(sum(math.exp(x) for x in RK_S[r].tolist()))
+        expected = -sum(float(w[r, k]) * (float(RK_S[r, RK_ITEMS[r, k]]) - lse) for k in range(3))
+        assert loss[r].item() == pytest.approx(expected, rel=1e-5)
+    # the weights are constants: the gradient is that of a cross-entropy against them, softmax(s) - w
+    loss.sum().backward()
+    target = torch.zeros_like(RK_S).scatter_add_(-1, RK_ITEMS, w)
+    assert torch.allclose(s.grad, torch.softmax(RK_S, -1) - target, atol=1e-6)
+    # k beyond the cached list uses what is there
+    assert torch.allclose(RankingDistillation(50, 2.0)(RK_S, RK_ITEMS, RK_T, RK_VALID),
+                          RankingDistillation(3, 2.0)(RK_S, RK_ITEMS, RK_T, RK_VALID))
+
+
+def test_rank_kd_is_lower_for_a_student_in_the_teachers_order():
+    torch.manual_seed(0)
+    n, k = 30, 10
+    t_items = torch.randperm(n)[:k][None]
+    t_logits = torch.sort(torch.randn(1, k), descending=True).values
+    right = torch.zeros(1, n).scatter(-1, t_items, torch.arange(k, 0, -1, dtype=torch.float32)[None] * 2.0)
+    wrong = torch.zeros(1, n).scatter(-1, t_items, torch.arange(1, k + 1, dtype=torch.float32)[None] * 2.0)
+    rk = RankingDistillation(top_k=k)
+    # the same items in the student's top-k either way: only the order differs
+    assert torch.equal(rk.weights(right, t_items, t_logits), rk.weights(wrong, t_items, t_logits))
+    assert rk(right, t_items, t_logits).item() < rk(wrong, t_items, t_logits).item()
+
+
+def test_rank_kd_gives_excluded_items_no_gradient():
+    batch, out = _batch(), _out()
+    exclude = torch.zeros(N, dtype=torch.bool)
+    cold = [int(batch["t_items"][0, 1, 0]), int(batch["t_items"][1, 2, 2])]  # the teacher's first / third choice
+    exclude[cold] = True
+    batch["labelled"] &= ~torch.isin(batch["items"], torch.tensor(cold))
+    obj = _objective(exclude=exclude, kd_alpha=1.0, kd_next_item=0.0, kd_listwise=0.0, kd_rating=0.0, kd_like=0.0,
+                     kd_align=0.0, kd_rank=1.0, rank_kd_top_k=3)
+    losses, _, logged = obj(_sel(out, batch), batch)
+    losses["next_item"].backward()  # alpha = 1 on every (teacher-labelled) position: the rank KD term alone
+    g = out["next_item"].grad
+    assert g[..., cold].abs().max().item() == 0.0 and g[..., ~exclude].abs().sum().item() > 0
+    # the value: the module on the masked logits, the cold entries marked invalid
+    m = batch["labelled"]
+    s = out["next_item"].detach()[m].masked_fill(exclude, -1e4)
+    ref = RankingDistillation(3)(s, batch["t_items"][m], batch["t_logits"][m], ~exclude[batch["t_items"][m]])
+    assert logged["next_item/rank_kd"] == pytest.approx(ref.mean().item(), rel=1e-5)
+    assert losses["next_item"].item() == pytest.approx(ref.mean().item(), rel=1e-5)
+    assert logged["next_item/rank_kd"] < 20  # an excluded item kept in the list would cost -log p ~ 1e4
+    # a row whose every teacher item is excluded gives 0, not NaN
+    none = RankingDistillation(3)(RK_S, RK_ITEMS, RK_T, torch.zeros_like(RK_VALID))
+    assert none.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("bad, field", [({"kd_rank": -0.5}, "kd_rank"), ({"rank_kd_top_k": 0}, "rank_kd_top_k"),
+                                        ({"rank_kd_lambda": 0.0}, "rank_kd_lambda"),
+                                        ({"rank_kd_gamma_confidence": -0.1}, "rank_kd_gamma_confidence"),
+                                        ({"rank_kd_gamma_position": 0.0, "rank_kd_gamma_confidence": 0.0,
+                                          "rank_kd_gamma_consistency": 0.0}, "all 0")])
+def test_rank_kd_config_is_validated(bad, field):
+    with pytest.raises(ValueError, match=field):
+        DistillationObjective(replace(StudentConfig(), **{"kd_rank": 1.0, **bad}), TASKS, DS)
+    sc = StudentConfig()
+    assert sc.kd_rank == 0.0 and (sc.rank_kd_top_k, sc.rank_kd_lambda) == (10, 1.0)
+    DistillationObjective(sc, TASKS, DS)  # the defaults are valid
 
 
 # ----------------------------------------------------------------------------- like / rating
@@ -231,14 +339,44 @@ def test_alpha_zero_or_no_teacher_is_the_hard_objective():
 
 def test_components_switch_off_one_by_one():
     batch, out = _batch(), _out()
-    names = {"kd_next_item": "next_item/kl", "kd_listwise": "next_item/listwise", "kd_rating": "rating/kd",
-             "kd_like": "like/kd", "kd_align": "align"}
-    full = _objective()(_sel(out, batch), batch)[2]
+    names = {"kd_next_item": "next_item/kl", "kd_listwise": "next_item/listwise", "kd_rank": "next_item/rank_kd",
+             "kd_rating": "rating/kd", "kd_like": "like/kd", "kd_align": "align"}
+    full = _objective(kd_rank=1.0)(_sel(out, batch), batch)[2]
     assert set(names.values()) <= set(full)
     for field, name in names.items():
-        logged = _objective(**{field: 0.0})(_sel(out, batch), batch)[2]
+        logged = _objective(**{"kd_rank": 1.0, field: 0.0})(_sel(out, batch), batch)[2]
         assert name not in logged
         assert set(names.values()) - {name} <= set(logged)
+
+
+def test_kd_rank_zero_leaves_the_objective_unchanged_and_is_added_inside_next_item_kd():
+    ht = torch.tensor([[True, False, True, True], [False, True, True, True]])
+    batch, out = _batch(has_teacher=ht), _out()
+    base = _objective(kd_alpha=0.4, kd_align=0.0)  # (the projector is random)
+    assert base.components()["rank"] == 0.0
+    losses0, _, logged0 = base(_sel(out, batch), batch)
+    assert "next_item/rank_kd" not in logged0
+    # the pre-existing objective by hand: hard, KL (top-K scope) and 0.5 * ListMLE, mixed with alpha
+    m = batch["labelled"]
+    h = ht[m]
+    s = out["next_item"][m][h]
+    t_items = batch["t_items"][m][h]
+    kl = NextItemKL(2.0)(torch.gather(s, -1, t_items), batch["t_logits"][m][h])
+    lw = ListwiseRankingLoss(10)(torch.gather(s, -1, t_items))
+    nxt = _hard(out, batch)["next_item"].clone()
+    nxt[h] = 0.6 * nxt[h] + 0.4 * (kl + 0.5 * lw)
+    assert losses0["next_item"].item() == pytest.approx(nxt.mean().item(), rel=1e-5)
+    # with kd_rank = 0 the other rank settings change nothing, bit for bit
+    other = _objective(kd_alpha=0.4, kd_align=0.0, rank_kd_top_k=2, rank_kd_lambda=5.0, rank_kd_gamma_position=0.0)
+    losses1, _, logged1 = other(_sel(out, batch), batch)
+    assert all(torch.equal(losses0[t], losses1[t]) for t in TASKS) and logged0 == logged1
+    # switched on, it adds alpha * kd_rank * RankKD at the teacher positions, and is logged unweighted
+    losses2, _, logged2 = _objective(kd_alpha=0.4, kd_align=0.0, kd_rank=0.7)(_sel(out, batch), batch)
+    rk = RankingDistillation(10)(s.detach(), t_items, batch["t_logits"][m][h])
+    assert logged2["next_item/rank_kd"] == pytest.approx(rk.mean().item(), rel=1e-5)
+    assert (losses2["next_item"] - losses0["next_item"]).item() == pytest.approx(0.4 * 0.7 * rk.sum().item() / len(h),
+                                                                                 rel=1e-4)
+    assert losses2["rating"].item() == losses0["rating"].item() and losses2["like"].item() == losses0["like"].item()
 
 
 def test_alignment_is_weighted_outside_the_tasks_and_uses_teacher_positions():
@@ -275,8 +413,9 @@ def test_excluded_items_get_no_gradient_from_any_loss(scope):
     exclude[cold] = True
     keep = ~torch.isin(batch["items"], torch.tensor(cold))
     batch["labelled"] &= keep  # their events are dropped from training data
-    obj = _objective(scope=scope, exclude=exclude)
-    losses, align, _ = obj(_sel(out, batch), batch)
+    obj = _objective(scope=scope, exclude=exclude, kd_rank=1.0)
+    losses, align, logged = obj(_sel(out, batch), batch)
+    assert "next_item/rank_kd" in logged
     total, _ = build_weighting("fixed", TASKS, {"next_item": 1.0, "rating": 0.5, "like": 0.5})(losses)
     (total + align).backward()
     g = out["next_item"].grad
