@@ -81,7 +81,11 @@ def write_teacher_report(cfg: RunConfig) -> Path:
     b, c = rep["budget"], rep["cost"]
     lines = [
         "# Teacher report", "",
-        f"Base LM: `{cfg.teacher.model}`{' (' + cfg.teacher.gguf_file + ')' if cfg.teacher.gguf_file else ''}; "
+        f"Base LM: `{cfg.teacher.model}`{' (' + cfg.teacher.gguf_file + ')' if cfg.teacher.gguf_file else ''}, "
+        f"input `{cfg.teacher.input}`, {cfg.teacher.layers or 'all'} decoder layers; "
+        + (f"loaded from `{rep['source']['folder']}` (trained by `{rep['source']['command']}`, "
+           f"{rep['source']['wall_seconds'] / 60:.0f} min; the budget below is that training's), evaluated in this run; "
+           if rep.get("source") else "") +
         f"LoRA r={cfg.teacher.lora_r}, alpha={cfg.teacher.lora_alpha}, targets {cfg.teacher.target_modules}, "
         f"last {cfg.teacher.lora_last_layers or 'all'} layers; loss weighting `{rep.get('weighting', cfg.teacher.weighting)}`; "
         f"device {rep['device']}; seed {rep['seed']}.", "",
@@ -129,7 +133,7 @@ def learning_curves(run_dirs: list[Path], out: Path) -> str:
     for run in map(Path, run_dirs):
         tc = json.loads((run / "teacher" / "config.json").read_text())["teacher"]
         form = (f"{tc.get('input', 'text')}, {tc.get('layers') or 'all'} layers, LoRA r={tc['lora_r']} on "
-                f"{tc.get('lora_last_layers') or 'all'} layers")
+                f"{tc.get('lora_last_layers') or 'all'} layers; validation on {tc.get('val_users') or 'all'} users")
         pts = [json.loads(x) for x in (run / "teacher" / "train_log.jsonl").read_text().splitlines()]
         pts = [p for p in pts if "val_ndcg@10" in p and "train_seconds" in p]
         if not pts:

@@ -345,6 +345,7 @@ def refresh_ablation(run: Path, student_config: Optional[dict] = None) -> bool:
 def render_markdown(report: dict) -> str:
     m, w, th = report["machine"], report["workload"], report.get("threads") or {}
     qs, qa = report["quality_teacher_subset"], report["quality_all_users"]
+    all_users_note = "" if qa["users"] == qs["users"] else " (the teacher's budget did not cover them all)"
     fixed = w.get("fixed_set")
     skipped = "\n".join(f"- {s['system']}: {s['reason']}" for s in report.get("skipped", [])) or "- none"
     notes = "\n".join(f"- {n}" for n in report.get("notes", []))
@@ -436,7 +437,7 @@ Every system on the same users; the ONNX rows are computed through their own run
 
 {format_metrics_table(qs['rows'])}
 
-## Quality on all {qa['users']} test users (the teacher's budget did not cover them all)
+## Quality on all {qa['users']} test users{all_users_note}
 
 {format_metrics_table(qa['rows'])}
 
