@@ -17,12 +17,14 @@ def test_default_teacher_runs_teacher_and_cache_stages(tmp_path):
     from distill.config import load_config
     from distill.data import load_dataset
     from distill.teacher_stage import train_teacher
-    cfg = load_config("configs/cpu.yaml", [f"out_dir={tmp_path}", "name=real", "teacher.max_steps=3",
+    cfg = load_config("configs/cpu.yaml", [f"out_dir={tmp_path}", "name=real", "teacher.init_from=null",
+                                           "teacher.max_steps=3", "teacher.val_every=0",
                                            "teacher.train_users=4", "teacher.eval_users=8", "teacher.cache_users=2",
                                            "teacher.eval_history=10"])
     rep = train_teacher(cfg)
     assert rep["budget"]["steps"] == 3 and rep["eval_users"] == 8
-    assert rep["params"]["total"] > 134_000_000  # the 135M model, not a tiny one
+    # the first 8 of the 135M model's 30 layers (+ soft-token input and heads), not a tiny model
+    assert 50_000_000 < rep["params"]["total"] < 70_000_000
     assert rep["cost"]["llm_tokens_per_dataset_token"] < 1.25
     ndcg = rep["metrics"]["next_item"]["NDCG@10"]["value"]
     assert 0.0 <= ndcg <= 1.0
@@ -41,3 +43,18 @@ def test_segments_match_standalone_tokenization():
     first = tok.encode(" Toy Story (1995)")[:8] + tok.encode(":")
     assert enc.ids[len(b.prefix): len(b.prefix) + len(first)] == first
     assert enc.ids[enc.item_end[0] + 1: enc.before[1] + 1] == tok.encode("4\n")
+
+
+def test_shipped_teacher_loads_to_the_model_that_was_trained(tmp_path):
+    """The CPU default's teacher: the shipped folder passes its manifest check and, evaluated here on all test
+    users, gives exactly the test metrics its training run recorded (same weights, same code path)."""
+    import json
+
+    from distill.config import load_config
+    from distill.shipped import SHIPPED_DIR, adopt_teacher
+    cfg = load_config("configs/cpu.yaml", [f"out_dir={tmp_path}", "name=shipped"])
+    rep = adopt_teacher(cfg)
+    recorded = json.loads((SHIPPED_DIR / "manifest.json").read_text())["test_metrics"]
+    assert rep["eval_users"] == 943
+    for task, metric in (("next_item", "NDCG@10"), ("rating", "RMSE"), ("like", "AUC")):
+        assert rep["metrics"][task][metric]["value"] == pytest.approx(recorded[task][metric], abs=1e-6)

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from onepass import assert_one_pass_equals_prefixes
 
 from distill.config import TeacherConfig
 from distill.teacher import (ByteTokenizer, SequenceBuilder, Teacher, TeacherHeads, add_lora, load_base, pad_batch,
@@ -103,15 +104,7 @@ def test_one_pass_equals_reading_each_prefix_alone():
     separate prompt holding only the prefix would give (causal attention)."""
     teacher, tok = _tiny_teacher(init_lora_weights=False)
     b = SequenceBuilder(tok, [f"movie {i}" for i in range(5)], 8, True)
-    items, ratings = np.array([1, 3, 0, 4]), np.array([4.0, 2.0, 5.0, 1.0])
-    full = b.encode(items, ratings)
-    with torch.no_grad():
-        h = teacher.hidden(torch.tensor([full.ids]), torch.ones(1, len(full.ids), dtype=torch.long))[0]
-        for j in range(1, 4):
-            prefix = b.encode(items[: j + 1], ratings[: j + 1], open_last=True)
-            hp = teacher.hidden(torch.tensor([prefix.ids]), torch.ones(1, len(prefix.ids), dtype=torch.long))[0]
-            torch.testing.assert_close(h[full.before[j]], hp[prefix.before[-1]], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(h[full.item_end[j]], hp[prefix.item_end[-1]], atol=1e-5, rtol=1e-5)
+    assert_one_pass_equals_prefixes(teacher, b, np.array([1, 3, 0, 4]), np.array([4.0, 2.0, 5.0, 1.0]))
 
 
 def test_heads_start_at_the_popularity_and_mean_priors():
