@@ -128,6 +128,14 @@ class TeacherConfig:
     amp: str = "auto"
     """'auto' = bf16 autocast on CUDA, none on CPU; 'bf16' | 'fp16' | 'none'."""
 
+    def __post_init__(self):
+        if self.input not in ("text", "item_tokens"):
+            raise ValueError(f"teacher.input={self.input!r}: use 'text' or 'item_tokens'")
+        if self.layers is not None and (not isinstance(self.layers, int) or self.layers < 1):
+            raise ValueError(f"teacher.layers={self.layers!r}: a number of decoder layers >= 1, or null for all")
+        if self.init_from is not None and not isinstance(self.init_from, str):
+            raise ValueError(f"teacher.init_from={self.init_from!r}: 'shipped', a teacher folder, or null to train")
+
 
 @dataclass
 class StudentConfig:

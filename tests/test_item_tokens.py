@@ -165,3 +165,13 @@ def test_ship_teacher_copies_the_artifacts_only(trained, tmp_path):
     have = {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()}
     assert have == ({f for f in FILES if (tmp / "src" / "teacher" / f).exists()} | {"SHIPPED"})
     assert not (dest / "checkpoint").exists() and not (dest / "test_predictions.npz").exists()
+
+
+def test_teacher_config_rejects_unknown_input_and_bad_layers():
+    with pytest.raises(ValueError, match="teacher.input='item_token'"):
+        TeacherConfig(input="item_token")  # a typo must not fall back to the text formulation
+    with pytest.raises(ValueError, match="teacher.layers"):
+        TeacherConfig(layers=0)
+    with pytest.raises(ValueError, match="teacher.init_from"):
+        load_config("configs/tiny.yaml", ["teacher.init_from=3"])
+    assert TeacherConfig(input="item_tokens", layers=8).layers == 8
