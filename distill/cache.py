@@ -22,10 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .common import pick_device, set_seed, stage_dir
-from .config import RunConfig, TeacherConfig
+from .config import RunConfig
 from .data import Split, load_dataset, sample_users
 from .io import atomic_path, read_json, write_json
-from .teacher import load_teacher, pad_batch, teacher_builder, token_batches
+from .teacher import load_teacher, pad_batch, saved_teacher_config, teacher_builder, token_batches
 from .teacher_stage import window_examples
 
 CACHE_VERSION = 1
@@ -57,9 +57,7 @@ def build_cache(cfg: RunConfig) -> dict:
         raise StaleCacheError(f"the teacher in {run / 'teacher'} was trained on data {meta.get('data_hash')} but the "
                               f"config's data hashes to {ds.data_hash}; run `distillrec teacher` again")
     tc = cfg.teacher
-    builder = teacher_builder(teacher, TeacherConfig(**{k: v for k, v in meta["teacher"].items()
-                                                        if k in TeacherConfig.__dataclass_fields__}),
-                              tok, ds.item_text, ds.has_ratings)
+    builder = teacher_builder(teacher, saved_teacher_config(meta), tok, ds.item_text, ds.has_ratings)
     users = sample_users(np.arange(ds.n_users), tc.cache_users, cfg.seed)
     examples = window_examples(split, users, tc.window, tc.context)
     lengths = [int(split.n_train[u]) for u in users]

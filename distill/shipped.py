@@ -114,13 +114,11 @@ def check_manifest(folder: Path, cfg: RunConfig, data_hash: str) -> dict:
 
 def adopt_teacher(cfg: RunConfig) -> dict:
     """Copy the checked teacher into runs/<name>/teacher/ and evaluate it here (test split, eval_users)."""
-    import numpy as np
-
     from .common import pick_device, set_seed
     from .data import Split, load_dataset, sample_users
     from .evaluation import evaluate_predictions
-    from .teacher import load_teacher, param_count, teacher_builder
-    from .teacher_stage import teacher_predict
+    from .teacher import load_teacher, param_count, saved_teacher_config, teacher_builder
+    from .teacher_stage import save_test_predictions, teacher_predict
     ds = load_dataset(cfg.data)
     split = Split.leave_last_out(ds)
     src = resolve_init_from(cfg.teacher.init_from)
@@ -135,17 +133,13 @@ def adopt_teacher(cfg: RunConfig) -> dict:
     device = pick_device(cfg.device)
     set_seed(cfg.seed)
     teacher, tok, meta = load_teacher(out_dir, merge=True, device=device)
-    tc = TeacherConfig(**{k: v for k, v in meta["teacher"].items() if k in TeacherConfig.__dataclass_fields__})
-    builder = teacher_builder(teacher, tc, tok, ds.item_text, ds.has_ratings)
+    builder = teacher_builder(teacher, saved_teacher_config(meta), tok, ds.item_text, ds.has_ratings)
     eval_users = sample_users(split.eval_users, cfg.teacher.eval_users, cfg.seed)
     pred = teacher_predict(teacher, builder, split, eval_users, "test", cfg.teacher.eval_history,
                            cfg.teacher.infer_batch_tokens, device)
     metrics = evaluate_predictions(pred, split, "test", seed=cfg.seed)
     trained = json.loads((src / "metrics.json").read_text())
-    from .io import atomic_path
-    with atomic_path(out_dir / "test_predictions.npz") as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, users=pred["users"], scores=pred["scores"], rating=pred["rating"], like_logit=pred["like_logit"])
+    save_test_predictions(out_dir, pred)
     budget = dict(trained["budget"], eval_users=len(eval_users), eval_history=cfg.teacher.eval_history)
     cost = dict(trained["cost"], eval_tokens=pred["tokens"], eval_seconds=pred["seconds"],
                 eval_users_per_s=len(eval_users) / max(pred["seconds"], 1e-9))

@@ -375,8 +375,7 @@ def load_teacher(teacher_dir: Path, merge: bool = False, device="cpu") -> tuple[
         if not (teacher_dir / f).exists():
             raise FileNotFoundError(f"{teacher_dir / f} is missing; run the teacher stage (`distillrec teacher <run>`)")
     meta = json.loads((teacher_dir / "config.json").read_text())
-    known = {f for f in TeacherConfig.__dataclass_fields__}
-    tcfg = TeacherConfig(**{k: v for k, v in meta["teacher"].items() if k in known})
+    tcfg = saved_teacher_config(meta)
     backbone, tok = load_base(tcfg, seed=meta.get("seed", 0))
     backbone = truncate_layers(backbone, tcfg.layers)
     inputs = None
@@ -396,6 +395,12 @@ def load_teacher(teacher_dir: Path, merge: bool = False, device="cpu") -> tuple[
     heads = TeacherHeads(backbone.config.hidden_size, tcfg.head_dim, state["item_vectors"], meta["tasks"])
     heads.load_state_dict(state)
     return Teacher(model, heads, inputs).to(device).eval(), tok, meta
+
+
+def saved_teacher_config(meta: dict) -> TeacherConfig:
+    """The TeacherConfig a saved teacher (its config.json) was built with; fields newer than it keep defaults,
+    fields this version no longer has are ignored."""
+    return TeacherConfig(**{k: v for k, v in meta["teacher"].items() if k in TeacherConfig.__dataclass_fields__})
 
 
 def teacher_builder(teacher: Teacher, tc: TeacherConfig, tok, item_text: list[str], has_ratings: bool):

@@ -433,6 +433,14 @@ def train_teacher(cfg: RunConfig) -> dict:
     return report
 
 
+def save_test_predictions(out_dir: Path, pred: dict) -> None:
+    """teacher/test_predictions.npz (atomic): the evaluated users' scores, reused by the ablation and the bench."""
+    from .io import atomic_path
+    with atomic_path(Path(out_dir) / "test_predictions.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, users=pred["users"], scores=pred["scores"], rating=pred["rating"], like_logit=pred["like_logit"])
+
+
 def _evaluate_and_save(cfg, ds, split, teacher, builder, examples, users, weighting, device, budget: dict,
                        build_seconds, train_seconds, tokens_seen, lora_params, extra: dict) -> dict:
     tc = cfg.teacher
@@ -448,10 +456,7 @@ def _evaluate_and_save(cfg, ds, split, teacher, builder, examples, users, weight
     meta = teacher_meta(tc, ds.tasks, ds.n_items, teacher.backbone.config.hidden_size, cfg.seed)
     meta.update(data_hash=ds.data_hash, vocab=teacher.inputs.vocab if teacher.inputs is not None else None)
     save_heads(teacher.heads, out_dir, meta, teacher.inputs)
-    from .io import atomic_path
-    with atomic_path(out_dir / "test_predictions.npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, users=pred["users"], scores=pred["scores"], rating=pred["rating"], like_logit=pred["like_logit"])
+    save_test_predictions(out_dir, pred)
     budget["eval_users"] = len(eval_users)
     report = dict(
         metrics=metrics, stage="test", eval_users=len(eval_users), seed=cfg.seed, device=str(device),

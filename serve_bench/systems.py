@@ -261,13 +261,11 @@ def teacher_size(run: Path, cfg) -> int:
 def teacher_builder(run: Path, cfg, tok):
     """The teacher's sequence builder, from the teacher's own saved config (text or soft item tokens)."""
     import json
-    from distill.config import TeacherConfig
     from distill.data import load_dataset
-    from distill.teacher import make_builder
+    from distill.teacher import make_builder, saved_teacher_config
     ds = load_dataset(cfg.data)
     saved = json.loads((Path(run) / "teacher" / "config.json").read_text())
-    tc = TeacherConfig(**{k: v for k, v in saved["teacher"].items() if k in TeacherConfig.__dataclass_fields__})
-    return make_builder(tc, tok, ds.item_text, ds.has_ratings, saved.get("vocab"))
+    return make_builder(saved_teacher_config(saved), tok, ds.item_text, ds.has_ratings, saved.get("vocab"))
 
 
 class TeacherTorchSystem(_TorchThreads, System):
