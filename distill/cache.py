@@ -25,8 +25,9 @@ from .common import pick_device, set_seed, stage_dir
 from .config import RunConfig
 from .data import Split, load_dataset, sample_users
 from .io import atomic_path, read_json, write_json
-from .teacher import load_teacher, pad_batch, saved_teacher_config, teacher_builder, token_batches
-from .teacher_stage import window_examples
+from .budget import cost_statement, forward_throughput
+from .teacher import load_teacher, saved_teacher_config, teacher_builder
+from .windows import pad_batch, token_batches, window_examples
 
 CACHE_VERSION = 1
 
@@ -42,6 +43,23 @@ def teacher_hash(teacher_dir: Path) -> str:
         if p.exists():
             h.update(p.read_bytes())
     return h.hexdigest()[:16]
+
+
+def _labelling_estimate(run: Path, teacher, encs, pad_id: int, budget_tokens: int, device) -> dict:
+    """What labelling will cost, stated before it starts: its exact token count at the teacher's measured
+    inference throughput (the teacher stage's evaluation in teacher/metrics.json, else a probe batch here).
+    The cache has no time budget: every position of the cached users must be labelled, so it says what that
+    costs (lower teacher.cache_users to pay less)."""
+    tokens = sum(len(e.ids) for e in encs)
+    cost = {}
+    if (run / "teacher" / "metrics.json").exists():
+        cost = read_json(run / "teacher" / "metrics.json", "the teacher stage").get("cost", {})
+    if cost.get("eval_tokens") and cost.get("eval_seconds"):
+        tps, source = cost["eval_tokens"] / cost["eval_seconds"], "the teacher's evaluation throughput"
+    else:
+        tps, source = forward_throughput(teacher, [e.ids for e in encs], pad_id, budget_tokens, device), "probe batch"
+    return dict(tokens=tokens, tokens_per_s=tps, seconds=round(tokens / max(tps, 1e-9), 1), source=source,
+                statement=cost_statement("labelling", tokens, tps, source))
 
 
 @torch.no_grad()
@@ -71,6 +89,9 @@ def build_cache(cfg: RunConfig) -> dict:
     user_vec = np.zeros((R, tc.head_dim), dtype=np.float16)
     encs = [builder.encode(ds.items[u][c:b], None if ds.ratings is None else ds.ratings[u][c:b])
             for (u, c, a, b) in examples]
+    estimate = _labelling_estimate(run, teacher, encs, builder.pad_id, tc.infer_batch_tokens, device)
+    print(f"teacher cache: labelling {R:,} positions of {len(users)} users (teacher.cache_users="
+          f"{tc.cache_users}): {estimate['statement']}", flush=True)
     tokens, t0 = 0, time.perf_counter()
     for batch in tqdm(token_batches([len(e.ids) for e in encs], tc.infer_batch_tokens), desc="teacher cache"):
         ids, mask = pad_batch([encs[i].ids for i in batch], builder.pad_id)
@@ -100,7 +121,8 @@ def build_cache(cfg: RunConfig) -> dict:
     manifest = dict(version=CACHE_VERSION, teacher_hash=teacher_hash(run / "teacher"), data_hash=ds.data_hash,
                     top_k=K, rows=R, users=len(users), tasks=ds.tasks, user_vector_dim=tc.head_dim,
                     labelling=dict(tokens=tokens, seconds=seconds, interactions=R,
-                                   interactions_per_s=R / max(seconds, 1e-9), tokens_per_s=tokens / max(seconds, 1e-9)),
+                                   interactions_per_s=R / max(seconds, 1e-9), tokens_per_s=tokens / max(seconds, 1e-9),
+                                   estimated_seconds=estimate["seconds"], estimate_source=estimate["source"]),
                     device=device)
     write_json(out_dir / "manifest.json", manifest)
     return manifest

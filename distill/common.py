@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import math
-
-import platform
 import random
 import time
 from pathlib import Path
 
 import numpy as np
+
+from .machine import machine_info  # noqa: F401 - re-exported (distill.ablation imports it from here)
 
 
 def set_seed(seed: int) -> None:
@@ -19,6 +19,8 @@ def set_seed(seed: int) -> None:
 
 
 def pick_device(name: str) -> str:
+    if name == "cpu":
+        return name  # no torch import needed to run on the CPU
     import torch
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -31,15 +33,6 @@ def apply_threads(threads) -> None:
     import torch
     if threads:
         torch.set_num_threads(int(threads))
-
-
-def machine_info() -> dict:
-    import torch
-    info = dict(platform=platform.platform(), python=platform.python_version(), processor=platform.processor(),
-                cpu_count=__import__("os").cpu_count(), torch=torch.__version__, torch_threads=torch.get_num_threads())
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 class Timer:

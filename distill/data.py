@@ -1,4 +1,4 @@
-"""Interaction logs -> per-user chronological sequences -> the leave-last-out split of DESIGN.md.
+"""Interaction logs -> per-user chronological sequences -> the leave-last-out split of docs/protocol.md.
 
 Sources: MovieLens-100K from the recbole wheel (found with importlib, never imported), the GroupLens
 raw layout (u.data / u.item / u.user), and a generic interactions CSV/Parquet.
@@ -71,6 +71,7 @@ def _load_recbole(folder: Path):
         year = items["release_year"].astype(str).str.replace(r"\.0$", "", regex=True)
         items["text"] = items["movie_title"].astype(str) + " (" + year + ")"
         items = items[["item_id", "text"]]
+        items.attrs.update(source=str(item_path), id_col="item_id")
     return inter, items, inter_path, dict(user="user_id", item="item_id", rating="rating", time="timestamp")
 
 
@@ -82,6 +83,7 @@ def _load_grouplens(folder: Path):
     if item_path.exists():
         raw = pd.read_csv(item_path, sep="|", header=None, encoding="latin-1")
         items = pd.DataFrame({"item_id": raw[0], "text": raw[1].astype(str)})
+        items.attrs.update(source=str(item_path), id_col="column 1 of u.item")
     return inter, items, inter_path, dict(user="user_id", item="item_id", rating="rating", time="timestamp")
 
 
@@ -99,6 +101,7 @@ def _load_generic(cfg: DataConfig):
         _require_cols(raw, [cfg.item_id_col] + list(cfg.item_text_cols), ipath, "set data.item_id_col / data.item_text_cols")
         text = raw[cfg.item_text_cols].astype(str).agg(" ".join, axis=1)
         items = pd.DataFrame({"item_id": raw[cfg.item_id_col], "text": text})
+        items.attrs.update(source=str(ipath), id_col=cfg.item_id_col)
     return inter, items, path, dict(user=cfg.user_col, item=cfg.item_col, rating=cfg.rating_col, time=cfg.time_col)
 
 
@@ -114,6 +117,8 @@ class Dataset:
     like_threshold: float
     data_hash: str
     source_file: str
+    item_text_coverage: Optional[dict] = None
+    """How many catalog items got real text from the item file (`item_text_coverage`); None = not recorded."""
     _item_index: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -146,12 +151,51 @@ class Dataset:
                    history_length=dict(min=int(lengths.min()), median=float(np.median(lengths)),
                                        mean=float(lengths.mean()), max=int(lengths.max())),
                    tasks=self.tasks)
+        if self.item_text_coverage is not None:
+            out["item_text"] = self.item_text_coverage
         if self.has_ratings:
             r = np.concatenate(self.ratings)
             out["rating"] = dict(mean=float(r.mean()), std=float(r.std()),
                                  like_rate=float((r >= self.like_threshold).mean()),
                                  histogram={str(k): int(v) for k, v in zip(*np.unique(r, return_counts=True))})
         return out
+
+
+COVERAGE_WARN = 0.9
+"""Below this share of catalog items with real text, loading warns (and data_stats.json says so)."""
+
+
+class ItemTextWarning(UserWarning):
+    """Part of the catalog has no text in the item file: the LLM reads placeholders ('item 123') for those."""
+
+
+def _item_texts(item_ids: np.ndarray, items: Optional[pd.DataFrame], item_col: str, log_path: Path):
+    """(text per catalog item, coverage record). Items the item file lacks read 'item <id>'.
+
+    Coverage 0 with an item file is an error (its ids are not the log's: '1' vs 'sku_1'), below 90% a warning;
+    without any item file every text is a placeholder and the record says so."""
+    if items is None:
+        cov = dict(source=None, items=len(item_ids), with_text=0, coverage=0.0,
+                   warning="no item text file (data.items_path): the LLM teacher reads placeholder texts 'item <id>'")
+        return [f"item {i}" for i in item_ids], cov
+    text_map = dict(zip(items["item_id"].astype(str), items["text"].astype(str)))
+    found = int(sum(i in text_map for i in item_ids))
+    source, id_col = items.attrs.get("source", "the item file"), items.attrs.get("id_col", "item_id")
+    cov = dict(source=source, id_col=id_col, items=len(item_ids), with_text=found,
+               coverage=found / max(1, len(item_ids)))
+    if found == 0:
+        raise DataError(
+            f"{source}: none of the {len(item_ids)} catalog items of {log_path} has a text: the item ids in column "
+            f"'{id_col}' (data.item_id_col) never equal the log's '{item_col}' values (the log has e.g. "
+            f"{[str(i) for i in item_ids[:3]]}, the item file e.g. {items['item_id'].astype(str).head(3).tolist()}); "
+            "set data.item_id_col to the column that holds the log's ids, or make the ids match")
+    if cov["coverage"] < COVERAGE_WARN:
+        missing = [str(i) for i in item_ids if i not in text_map][:3]
+        cov["warning"] = (f"only {found} of {len(item_ids)} catalog items ({cov['coverage']:.0%}) have a text in "
+                          f"{source} (column '{id_col}'); the others read 'item <id>' (e.g. ids {missing})")
+        import warnings
+        warnings.warn(cov["warning"], ItemTextWarning, stacklevel=3)
+    return [text_map.get(i, f"item {i}") for i in item_ids], cov
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
@@ -197,17 +241,14 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     items_raw = inter[cols["item"]].astype(str).to_numpy()
     user_ids, user_idx = np.unique(users_raw, return_inverse=True)
     item_ids, item_idx = np.unique(items_raw, return_inverse=True)
-    # stable sort by (user, time): ties keep file order (DESIGN.md protocol)
+    # stable sort by (user, time): ties keep file order (docs/protocol.md)
     order = np.lexsort((np.arange(len(inter)), time, user_idx))
     user_sorted = user_idx[order]
     bounds = np.flatnonzero(np.diff(user_sorted)) + 1
     seq_items = np.split(item_idx[order].astype(np.int64), bounds)
     seq_ratings = np.split(ratings[order], bounds) if ratings is not None else None
 
-    text_map = {}
-    if items is not None:
-        text_map = dict(zip(items["item_id"].astype(str), items["text"].astype(str)))
-    item_text = [text_map.get(i, f"item {i}") for i in item_ids]
+    item_text, coverage = _item_texts(item_ids, items, cols["item"], path)
 
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(user_idx[order]).tobytes())
@@ -217,7 +258,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     h.update(json.dumps(item_text).encode())
     return Dataset(name=cfg.source, user_ids=user_ids, item_ids=item_ids, item_text=item_text, items=seq_items,
                    ratings=seq_ratings, like_threshold=cfg.like_threshold, data_hash=h.hexdigest()[:16],
-                   source_file=str(path))
+                   source_file=str(path), item_text_coverage=coverage)
 
 
 # ----------------------------------------------------------------------------- the split

@@ -1,4 +1,4 @@
-"""Quality metrics of the evaluation protocol (DESIGN.md), in pure numpy.
+"""Quality metrics of the evaluation protocol (docs/protocol.md), in pure numpy.
 
 Conventions
 - Every task contributes one test point per user; arrays are aligned by user (row u = user u).

@@ -118,7 +118,7 @@ def adopt_teacher(cfg: RunConfig) -> dict:
     from .data import Split, load_dataset, sample_users
     from .evaluation import evaluate_predictions
     from .teacher import load_teacher, param_count, saved_teacher_config, teacher_builder
-    from .teacher_stage import save_test_predictions, teacher_predict
+    from .teacher_eval import save_test_predictions, teacher_predict
     ds = load_dataset(cfg.data)
     split = Split.leave_last_out(ds)
     src = resolve_init_from(cfg.teacher.init_from)
@@ -135,10 +135,11 @@ def adopt_teacher(cfg: RunConfig) -> dict:
     teacher, tok, meta = load_teacher(out_dir, merge=True, device=device)
     builder = teacher_builder(teacher, saved_teacher_config(meta), tok, ds.item_text, ds.has_ratings)
     eval_users = sample_users(split.eval_users, cfg.teacher.eval_users, cfg.seed)
+    trained = json.loads((src / "metrics.json").read_text())
+    _state_eval_cost(builder, split, eval_users, cfg.teacher.eval_history, trained.get("cost", {}))
     pred = teacher_predict(teacher, builder, split, eval_users, "test", cfg.teacher.eval_history,
                            cfg.teacher.infer_batch_tokens, device)
     metrics = evaluate_predictions(pred, split, "test", seed=cfg.seed)
-    trained = json.loads((src / "metrics.json").read_text())
     save_test_predictions(out_dir, pred)
     budget = dict(trained["budget"], eval_users=len(eval_users), eval_history=cfg.teacher.eval_history)
     cost = dict(trained["cost"], eval_tokens=pred["tokens"], eval_seconds=pred["seconds"],
@@ -150,6 +151,19 @@ def adopt_teacher(cfg: RunConfig) -> dict:
                               wall_seconds=man["wall_seconds"], base_model=man["base_model"]))
     write_json(out_dir / "metrics.json", report)
     return report
+
+
+def _state_eval_cost(builder, split, users, history: int, trained_cost: dict) -> None:
+    """Say before evaluating what it will cost: the exact token count at the training run's measured evaluation
+    throughput (the adopted teacher's stage has no training to cut, so there is nothing to budget)."""
+    from .budget import cost_statement
+    from .teacher_eval import eval_tokens
+    if not (trained_cost.get("eval_tokens") and trained_cost.get("eval_seconds")):
+        return
+    tps = trained_cost["eval_tokens"] / trained_cost["eval_seconds"]
+    print(f"teacher: evaluating the adopted teacher on {len(users)} test users: " + cost_statement(
+        "evaluation", eval_tokens(builder, split, users, "test", history), tps,
+        "its training run's evaluation throughput, another machine perhaps"), flush=True)
 
 
 def ship_teacher(run_dir: Path, dest: Path = SHIPPED_DIR) -> Path:

@@ -1,4 +1,4 @@
-"""The compact multi-head student (DESIGN.md, "Recommended student shape").
+"""The compact multi-head student (docs/protocol.md for the tasks and artifacts; shape in docs/distillation.md).
 
 Inputs are LEFT-padded histories (the most recent interaction last) with explicit lengths:
   history_items   int64   [B, L]  internal item ids (padding: any valid id, ignored)

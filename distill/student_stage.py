@@ -6,7 +6,10 @@ position has teacher labels; KD_next_item = T^2-scaled KL (top-K or full catalog
 teacher's top-k order; rating/like KD = MSE / BCE to the teacher; plus representation alignment.
 Task losses go through the shared loss-weighting strategy (distill.weighting). Every component is
 logged unweighted per step in train_log.jsonl, next to the task weights and the weighted total.
-Early stopping on validation NDCG@10 (patience), capped by epochs and a wall-clock budget.
+The budget scales with the data (`training_budget`): an epoch is max(one pass over the training windows,
+student.min_steps_per_epoch optimizer steps), so a small log trains as many steps as ML-100K over more passes;
+early stopping on validation NDCG@10 (patience, in epochs) restores the best epoch; the wall-clock budget
+(student.time_budget_s) is the outer bound.
 
 Writes runs/<name>/student/ (or student_nokd/): model.safetensors, config.json, metrics.json,
 train_log.jsonl, test_predictions.npz.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -32,7 +36,7 @@ from .evaluation import evaluate_predictions, history_arrays
 from .io import write_json
 from .losses import DistillationObjective
 from .student import Student
-from .teacher_stage import epoch_batches
+from .windows import epoch_batches
 from .weighting import build_weighting
 
 
@@ -139,6 +143,96 @@ def val_ndcg10(student: Student, split: Split, device="cpu") -> float:
                                    [split.seen(u, "val") for u in users], ks=(10,))["NDCG@10"].mean())
 
 
+# ----------------------------------------------------------------------------- training budget
+@dataclass(frozen=True)
+class TrainingBudget:
+    """How long one student trains, derived from its number of training windows (the budget rule of
+    StudentConfig.min_steps_per_epoch): `epochs` epochs of `steps_per_epoch` optimizer steps each, early stopping
+    after `patience` epochs without a better validation NDCG@10, and `time_budget_s` as the outer bound."""
+    windows: int
+    """Training windows (sequences of <= max_len items) over every user's training part."""
+    batch_size: int
+    steps_per_pass: int
+    """ceil(windows / batch_size): one pass over the training windows."""
+    steps_per_epoch: int
+    """max(steps_per_pass, min_steps_per_epoch), capped by max_steps_per_epoch."""
+    epochs: int
+    patience: int
+    time_budget_s: float
+    weight_average_decay: float = 0.0
+    """The weight averaging this log trains with: StudentConfig.weight_average_decay when the log has fewer windows
+    than StudentConfig.weight_average_below_windows, else 0 (off: validation reads the raw weights)."""
+
+    @property
+    def max_steps(self) -> int:
+        """The step budget: the cosine schedule decays to 0 here."""
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def passes_per_epoch(self) -> float:
+        return self.steps_per_epoch / self.steps_per_pass
+
+    def as_dict(self) -> dict:
+        return dict(asdict(self), max_steps=self.max_steps, passes_per_epoch=round(self.passes_per_epoch, 3))
+
+
+def training_budget(sc: StudentConfig, n_windows: int) -> TrainingBudget:
+    """The budget rule: steps per epoch from the data (#windows / batch size), at least `min_steps_per_epoch`, so a
+    small log trains as many optimizer steps as ML-100K (over more passes) instead of a few per epoch."""
+    if n_windows < 1:
+        raise ValueError("the student has no training windows: every user's training part is empty (each user "
+                         "needs >= 3 interactions: training, validation, test)")
+    if int(sc.min_steps_per_epoch) < 0:
+        raise ValueError(f"student.min_steps_per_epoch must be >= 0 (0 = one pass per epoch), got {sc.min_steps_per_epoch}")
+    per_pass = int(np.ceil(n_windows / sc.batch_size))
+    per_epoch = max(per_pass, int(sc.min_steps_per_epoch))
+    if sc.max_steps_per_epoch:
+        per_epoch = min(per_epoch, int(sc.max_steps_per_epoch))
+    small_log = int(n_windows) < int(sc.weight_average_below_windows)
+    return TrainingBudget(windows=int(n_windows), batch_size=int(sc.batch_size), steps_per_pass=per_pass,
+                          steps_per_epoch=per_epoch, epochs=int(sc.epochs), patience=int(sc.patience),
+                          time_budget_s=float(sc.time_budget_s),
+                          weight_average_decay=float(sc.weight_average_decay) if small_log else 0.0)
+
+
+# ----------------------------------------------------------------------------- weight averaging
+class WeightAverage:
+    """Exponential moving average of the student's floating-point parameters (Polyak averaging): after every
+    optimizer step avg = d * avg + (1 - d) * w with d = min(decay, (1 + t) / (10 + t)) at step t (the warm-up
+    keeps the random init from dominating the first steps). `swapped_in` puts the averaged weights into the
+    model (validation and best-state selection read them) and puts the raw weights back after."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"weight averaging needs 0 < decay < 1, got {decay}")
+        self.decay, self.updates = float(decay), 0
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()]
+        params = dict(model.named_parameters())
+        self.avg = {n: params[n].detach().clone() for n in self.names}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+        params = dict(model.named_parameters())
+        for n in self.names:
+            self.avg[n].mul_(d).add_(params[n].detach(), alpha=1.0 - d)
+        self.updates += 1
+
+    @contextmanager
+    def swapped_in(self, model: torch.nn.Module):
+        params = dict(model.named_parameters())
+        raw = {n: params[n].detach().clone() for n in self.names}
+        with torch.no_grad():
+            for n in self.names:
+                params[n].copy_(self.avg[n])
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for n in self.names:
+                    params[n].copy_(raw[n])
+
+
 # ----------------------------------------------------------------------------- training
 @dataclass
 class FitResult:
@@ -150,6 +244,9 @@ class FitResult:
     teacher_coverage: float
     windows: int
     components: dict
+    budget: TrainingBudget
+    steps: int
+    """Optimizer steps actually taken (<= budget.max_steps; fewer after early stopping or the time budget)."""
     history: list = field(default_factory=list)
 
 
@@ -162,16 +259,31 @@ def items_seen(arrays: dict, n_items: int) -> np.ndarray:
     return seen
 
 
-def fit_student(sc: StudentConfig, split: Split, cache: dict | None, *, use_teacher: bool, seed: int,
-                device: str = "cpu", exclude_items=None, log_path: Optional[Path] = None,
-                desc: str = "student") -> FitResult:
-    """Train one student (best validation state restored). `cache` supplies the frozen text vectors
-    (when sc.use_text_vectors) and, with use_teacher, the soft labels; `exclude_items` are held out of
-    training entirely (cold-start measurement)."""
+@dataclass
+class _Training:
+    """What one fit works on: the model, its objective and loss weighting, the optimizer and schedule, the
+    training arrays, the teacher labels (None without KD) and the budget."""
+    student: Student
+    objective: DistillationObjective
+    weighting: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: Optional[torch.optim.lr_scheduler.LambdaLR]
+    arrays: dict
+    teacher: Optional[dict]
+    budget: TrainingBudget
+    device: str
+    average: Optional[WeightAverage] = None
+    """The averaged weights validation reads (None: validation reads the raw weights)."""
+
+
+def _setup(sc: StudentConfig, split: Split, cache: dict | None, use_teacher: bool, device: str,
+           exclude_items) -> _Training:
+    """Build the student, the objective, the training windows, the budget, the optimizer and the schedule."""
     ds = split.ds
-    set_seed(seed)
     if sc.use_text_vectors and cache is None:
         raise ValueError("student.use_text_vectors needs the teacher cache's item_vectors")
+    if sc.lr_schedule not in ("cosine", "constant"):
+        raise ValueError(f"student.lr_schedule={sc.lr_schedule!r}: use 'cosine' or 'constant'")
     text = torch.from_numpy(cache["item_vectors"]) if sc.use_text_vectors else None
     rating_mean = float(np.mean(np.concatenate([split.train_ratings(u) for u in range(ds.n_users)]))) \
         if ds.has_ratings else 0.0
@@ -189,77 +301,120 @@ def fit_student(sc: StudentConfig, split: Split, cache: dict | None, *, use_teac
         item_bias=torch.from_numpy(teacher["item_bias"]) if has_uv else None,
         exclude_items=exclude).to(device)
     arrays = build_training_arrays(split, sc.max_len, teacher, exclude_items=exclude_items)
-    coverage = float((arrays["rows"][arrays["labelled"]] >= 0).mean())
+    budget = training_budget(sc, len(arrays["items"]))
     weighting = build_weighting(sc.weighting, ds.tasks, sc.loss_weights).to(device)
     opt = torch.optim.AdamW(list(student.parameters()) + list(objective.parameters()) + list(weighting.parameters()),
                             lr=sc.lr, weight_decay=sc.weight_decay)
-    n_win = len(arrays["items"])
-    steps_per_epoch = int(np.ceil(n_win / sc.batch_size))
-    if sc.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, int(sc.max_steps_per_epoch))
-    if sc.lr_schedule not in ("cosine", "constant"):
-        raise ValueError(f"student.lr_schedule={sc.lr_schedule!r}: use 'cosine' or 'constant'")
-    sched = (torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps_per_epoch, sc.epochs * steps_per_epoch))
+    sched = (torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(budget.steps_per_epoch, budget.max_steps))
              if sc.lr_schedule == "cosine" else None)
-    rng = np.random.default_rng(seed)
+    average = WeightAverage(student, budget.weight_average_decay) if budget.weight_average_decay > 0 else None
+    return _Training(student, objective, weighting, opt, sched, arrays, teacher, budget, device, average)
+
+
+def _train_step(t: _Training, idx) -> tuple[torch.Tensor, dict, dict, dict, Optional[torch.Tensor]]:
+    """One optimizer step on the windows `idx`: (total, task losses, logged terms, task weights, alignment)."""
+    batch = _to_batch(t.arrays, idx, t.teacher, t.device, t.objective.needs_user_vectors)
+    out = t.student.forward_positions(batch["items"], batch["ratings"], batch["length"], select=batch["labelled"])
+    losses, align, logged = t.objective(out, batch)
+    total, weights = t.weighting(losses)
+    if align is not None:
+        total = total + align
+    t.opt.zero_grad(set_to_none=True)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(t.student.parameters(), 1.0)
+    t.opt.step()
+    if t.sched is not None:
+        t.sched.step()
+    if t.average is not None:
+        t.average.update(t.student)
+    return total, losses, logged, weights, align
+
+
+def _train_epoch(t: _Training, batches, epoch: int, step: int, log_f) -> tuple[dict, int]:
+    """budget.steps_per_epoch steps (one or more passes over the windows); ({loss name: per-step values}, step)."""
+    t.student.train()
+    sums: dict[str, list[float]] = {}
+    for _ in range(t.budget.steps_per_epoch):
+        _, idx = next(batches)
+        total, losses, logged, weights, align = _train_step(t, idx)
+        step += 1
+        task_vals = {k: v.item() for k, v in losses.items()}
+        for k, v in {**task_vals, **logged}.items():
+            sums.setdefault(k, []).append(v)
+        if log_f:
+            log_f.write(json.dumps({"epoch": epoch, "step": step, "total": total.item(), "losses": task_vals,
+                                    "terms": logged, "weights": weights,
+                                    "align_weight": t.objective.w["align"] if align is not None else 0.0}) + "\n")
+    t.weighting.end_epoch({k: float(np.mean(sums[k])) for k in t.student.tasks})
+    return sums, step
+
+
+def fit_student(sc: StudentConfig, split: Split, cache: dict | None, *, use_teacher: bool, seed: int,
+                device: str = "cpu", exclude_items=None, log_path: Optional[Path] = None,
+                desc: str = "student") -> FitResult:
+    """Train one student (best validation state restored): setup -> epochs of training steps, each followed by
+    validation NDCG@10 -> stop at the epoch budget, after `patience` epochs without improvement, or past the
+    time budget. `cache` supplies the frozen text vectors (when sc.use_text_vectors) and, with use_teacher,
+    the soft labels; `exclude_items` are held out of training entirely (cold-start measurement)."""
+    set_seed(seed)
+    t = _setup(sc, split, cache, use_teacher, device, exclude_items)
+    b = t.budget
+    coverage = float((t.arrays["rows"][t.arrays["labelled"]] >= 0).mean())
+    batches = epoch_batches(b.windows, sc.batch_size, np.random.default_rng(seed))
+    best, best_state, best_epoch, bad, history, step = -1.0, None, -1, 0, [], 0
+    stop_reason, t0 = "epochs", time.perf_counter()
     log_f = open(log_path, "w") if log_path else None
-    best, best_state, best_epoch, bad, history = -1.0, None, -1, 0, []
-    t0 = time.perf_counter()
-    stop_reason = "epochs"
-    batches = epoch_batches(n_win, sc.batch_size, rng)
-    bar = tqdm(range(sc.epochs), desc=f"{desc} epochs")
-    step = 0
-    for epoch in bar:
-        student.train()
-        sums: dict[str, list[float]] = {}
-        for _ in range(steps_per_epoch):
-            _, idx = next(batches)
-            batch = _to_batch(arrays, idx, teacher, device, objective.needs_user_vectors)
-            out = student.forward_positions(batch["items"], batch["ratings"], batch["length"], select=batch["labelled"])
-            losses, align, logged = objective(out, batch)
-            total, weights = weighting(losses)
-            if align is not None:
-                total = total + align
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
-            if sched is not None:
-                sched.step()
-            step += 1
-            task_vals = {t: v.item() for t, v in losses.items()}
-            for k, v in {**task_vals, **logged}.items():
-                sums.setdefault(k, []).append(v)
-            if log_f:
-                log_f.write(json.dumps({"epoch": epoch, "step": step, "total": total.item(), "losses": task_vals,
-                                        "terms": logged, "weights": weights,
-                                        "align_weight": objective.w["align"] if align is not None else 0.0}) + "\n")
-        weighting.end_epoch({t: float(np.mean(sums[t])) for t in ds.tasks})
-        ndcg = val_ndcg10(student, split, device=device)
-        history.append({"epoch": epoch, "val_ndcg@10": ndcg, **{k: float(np.mean(v)) for k, v in sums.items()},
-                        "seconds": time.perf_counter() - t0})
-        bar.set_postfix(val_ndcg=f"{ndcg:.4f}", loss=f"{np.mean(sums['next_item']):.3f}")
-        if ndcg > best:
-            best, best_epoch, bad = ndcg, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
-        else:
-            bad += 1
-            if bad >= sc.patience:
-                stop_reason = "early_stopping"
+    try:
+        bar = tqdm(range(b.epochs), desc=f"{desc} epochs")
+        for epoch in bar:
+            sums, step = _train_epoch(t, batches, epoch, step, log_f)
+            ndcg = _validate(t, split)
+            history.append({"epoch": epoch, "val_ndcg@10": ndcg, **{k: float(np.mean(v)) for k, v in sums.items()},
+                            "seconds": time.perf_counter() - t0})
+            bar.set_postfix(val_ndcg=f"{ndcg:.4f}", loss=f"{np.mean(sums['next_item']):.3f}")
+            if ndcg > best:
+                best, best_epoch, bad = ndcg, epoch, 0
+                best_state = _selected_state(t)
+            else:
+                bad += 1
+                if bad >= b.patience:
+                    stop_reason = "early_stopping"
+                    break
+            if time.perf_counter() - t0 > b.time_budget_s:
+                stop_reason = "time_budget"
                 break
-        if time.perf_counter() - t0 > sc.time_budget_s:
-            stop_reason = "time_budget"
-            break
-    if log_f:
-        log_f.close()
+    finally:
+        if log_f:
+            log_f.close()
     train_seconds = time.perf_counter() - t0
-    student.load_state_dict(best_state)
-    if sc.id_dropout > 0 and student.text_proj is not None:
-        student.forget_ids(torch.from_numpy(~items_seen(arrays, ds.n_items)).to(device))
-    student.eval()
+    student = _restore_best(t, best_state, split.ds.n_items, sc)
     return FitResult(student=student, best_epoch=best_epoch, best_val_ndcg10=best, stop_reason=stop_reason,
-                     train_seconds=train_seconds, teacher_coverage=coverage, windows=n_win,
-                     components=objective.components(), history=history)
+                     train_seconds=train_seconds, teacher_coverage=coverage, windows=b.windows,
+                     components=t.objective.components(), budget=b, steps=step, history=history)
+
+
+def _validate(t: _Training, split: Split) -> float:
+    """Validation NDCG@10 of the weights being selected among: the averaged ones when averaging is on."""
+    if t.average is None:
+        return val_ndcg10(t.student, split, device=t.device)
+    with t.average.swapped_in(t.student):
+        return val_ndcg10(t.student, split, device=t.device)
+
+
+def _selected_state(t: _Training) -> dict:
+    """A copy of the state `_validate` measured (the raw state with the averaged parameters, when averaging)."""
+    state = {k: v.detach().clone() for k, v in t.student.state_dict().items()}
+    if t.average is not None:
+        state.update({n: v.detach().clone() for n, v in t.average.avg.items()})
+    return state
+
+
+def _restore_best(t: _Training, best_state: dict, n_items: int, sc: StudentConfig) -> Student:
+    """The best validation state; with ID dropout, items never seen in training lose their (random) ID embedding."""
+    t.student.load_state_dict(best_state)
+    if sc.id_dropout > 0 and t.student.text_proj is not None:
+        t.student.forget_ids(torch.from_numpy(~items_seen(t.arrays, n_items)).to(t.device))
+    return t.student.eval()
 
 
 def train_student(cfg: RunConfig, kd: bool = True) -> dict:
@@ -291,7 +446,7 @@ def train_student(cfg: RunConfig, kd: bool = True) -> dict:
                   kd=kd, kd_alpha=sc.kd_alpha, temperature=sc.temperature, kd_components=fit.components,
                   teacher_coverage=fit.teacher_coverage, best_epoch=fit.best_epoch,
                   best_val_ndcg10=fit.best_val_ndcg10, stop_reason=fit.stop_reason, epochs_run=len(fit.history),
-                  train_seconds=fit.train_seconds, windows=fit.windows,
+                  train_seconds=fit.train_seconds, windows=fit.windows, budget=fit.budget.as_dict(), steps=fit.steps,
                   params=counts["params"], buffers=counts["buffers"], student_config=asdict(sc),
                   history=fit.history, kd_guard=guard)
     write_json(out_dir / "metrics.json", report)

@@ -1,6 +1,6 @@
 """The multi-task LLM teacher: a causal LM + LoRA (peft) + task heads, reading a whole history in ONE pass.
 
-Sequence of one user (DESIGN.md, cost model):
+Sequence of one user (docs/teacher.md, "One pass per history"):
     [BOS] prefix | " Toy Story (1995)" + ":" | "4\\n" | " Fargo (1996)" + ":" | "5\\n" | ...
 Each segment is tokenized on its own and the ids are concatenated (BPE cannot merge across segments,
 so the positions we read are exact). For a target item j:
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .config import TeacherConfig
+from .windows import pad_batch, token_batches
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PREFIX = "Movies a user rated (1-5):\n"
@@ -38,6 +39,28 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return [b + 3 for b in text.encode("utf-8")]
+
+
+def byte_tokenizer_hf():
+    """ByteTokenizer as a transformers tokenizer (same ids: pad 0, bos 1, eos 2, byte b -> b + 3), so a tiny
+    random model saved with `save_pretrained` next to it is a complete, offline teacher folder (tests, and a
+    way to try a new architecture as `teacher.model` before downloading real weights)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    # GPT-2's byte -> printable-character table, which byte-level BPE vocabularies are written in
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{chars[b]: b + 3 for b in range(256)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
 class HFTokenizer:
@@ -65,6 +88,36 @@ def resolve_model(cfg: TeacherConfig) -> tuple[str, Optional[str]]:
     return str(folder), DEFAULT_GGUF
 
 
+class TeacherModelError(ValueError):
+    """teacher.model / teacher.target_modules do not fit the base LM; the message names the field and the fix."""
+
+
+def _looks_like_path(model: str) -> bool:
+    """A local path rather than a hub id ('org/name'): starts with . / ~, has a backslash or two or more '/'."""
+    return model.startswith((".", "/", "~")) or "\\" in model or model.count("/") >= 2 or model.endswith("/")
+
+
+def check_model_source(model: str, gguf: Optional[str]) -> None:
+    """Fail early, naming teacher.model, when a local folder is missing or is not a saved HF model
+    (the hub's own message for a mistyped path is 'Repo id must be in the form ...')."""
+    if model == "tiny-random":
+        return
+    folder = Path(model).expanduser()
+    if folder.exists():
+        if not folder.is_dir():
+            raise TeacherModelError(f"teacher.model={model!r} is a file; point it at the FOLDER that holds the model "
+                                    "(config.json + weights, as written by save_pretrained) and set teacher.gguf_file "
+                                    "for a GGUF file inside it")
+        need = folder / gguf if gguf else folder / "config.json"
+        if not need.exists():
+            raise TeacherModelError(f"teacher.model={model!r}: {need} not found; the folder must hold a model written by "
+                                    "save_pretrained (config.json, weights, tokenizer files)"
+                                    + ("" if gguf else " or a GGUF file named by teacher.gguf_file"))
+    elif _looks_like_path(model):
+        raise TeacherModelError(f"teacher.model={model!r}: folder not found ({folder.resolve()}); check the path "
+                                "(relative paths start from the current directory) or give a hub id 'org/name'")
+
+
 @functools.lru_cache(maxsize=2)
 def _load_base_cached(model: str, gguf: Optional[str], tiny_json: str, seed: int, random_init: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaModel
@@ -74,7 +127,14 @@ def _load_base_cached(model: str, gguf: Optional[str], tiny_json: str, seed: int
                           **json.loads(tiny_json))
         return LlamaModel(cfg).eval(), ByteTokenizer()
     kw = {"gguf_file": gguf} if gguf else {}
-    tok = AutoTokenizer.from_pretrained(model, **kw)
+    try:
+        tok = AutoTokenizer.from_pretrained(model, **kw)
+    except (OSError, ValueError) as e:  # hub ids that are neither local nor downloadable (offline, typo)
+        if Path(model).expanduser().exists():
+            raise
+        raise TeacherModelError(f"teacher.model={model!r}: no such local folder ({Path(model).resolve()}) and the hub "
+                                f"could not provide it ({type(e).__name__}: {str(e).splitlines()[0]}); check the "
+                                "folder path or the hub id") from e
     if random_init:
         from transformers import AutoConfig
         torch.manual_seed(seed)
@@ -88,23 +148,100 @@ def _load_base_cached(model: str, gguf: Optional[str], tiny_json: str, seed: int
 def load_base(cfg: TeacherConfig, seed: int = 0):
     """(decoder backbone without the LM head, tokenizer). Cached per process; callers get a private copy."""
     model, gguf = resolve_model(cfg)
+    check_model_source(model, gguf)
     backbone, tok = _load_base_cached(model, gguf, json.dumps(cfg.tiny, sort_keys=True), seed, cfg.random_init)
     return copy.deepcopy(backbone), tok
 
 
-def add_lora(backbone: nn.Module, cfg: TeacherConfig, init_lora_weights=True):
-    """peft LoRA on cfg.target_modules, restricted to the last `lora_last_layers` decoder layers.
+# ----------------------------------------------------------------------------- the decoder's layers and LoRA targets
+def decoder_layers(backbone: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(path, ModuleList) of the decoder's blocks, found from the model itself: the shallowest ModuleList with
+    one entry per layer (config.num_hidden_layers). 'layers' in Llama / Qwen2 / Mistral, 'h' in GPT-2,
+    'model.layers' or 'transformer.h' when handed a whole causal LM."""
+    n = getattr(backbone.config, "num_hidden_layers", None)
+    lists = [(name, m) for name, m in backbone.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    found = [(name, m) for name, m in lists if n is None or len(m) == n]
+    if not found:
+        raise TeacherModelError(
+            f"cannot find the decoder's layer list in {type(backbone).__name__}: no ModuleList of "
+            f"config.num_hidden_layers={n} blocks (ModuleLists: {[(name, len(m)) for name, m in lists][:10]})")
+    return min(found, key=lambda nm: nm[0].count("."))
 
-    The restriction is written as a target_modules regex (peft full-matches a str): its
-    layers_to_transform needs a parent module name before 'layers', which a bare decoder lacks."""
+
+def _adaptable(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+AUTO_TARGETS, ALL_LINEAR, REGEX_PREFIX = "auto", "all-linear", "re:"
+
+
+def _peft_default_targets(backbone: nn.Module, available: list[str]) -> list[str]:
+    """peft's per-architecture LoRA targets for the backbone's model_type (Llama/Qwen2: q_proj, v_proj;
+    GPT-2: c_attn)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+    model_type = getattr(backbone.config, "model_type", None)
+    if model_type not in DEFAULTS:
+        raise TeacherModelError(f"teacher.target_modules=['auto']: peft has no default LoRA targets for model_type "
+                                f"{model_type!r}; list module names instead, from: {available}")
+    return list(DEFAULTS[model_type])
+
+
+def _matches(path: str, entry: str) -> bool:
+    """A target entry against a module path: 're:<regex>' full-matches the path, a name matches its end."""
+    if entry.startswith(REGEX_PREFIX):
+        import re
+        return re.fullmatch(entry[len(REGEX_PREFIX):], path) is not None
+    return path == entry or path.endswith("." + entry)
+
+
+def lora_targets(backbone: nn.Module, target_modules, last_layers: Optional[int]) -> list[str]:
+    """Full module paths (relative to `backbone`) that get LoRA, checked against the model's own modules.
+
+    target_modules (teacher.target_modules), a list whose entries are
+      * module names matching the end of a path inside a decoder layer: 'q_proj', 'attn.c_attn';
+      * 're:<regex>', full-matched against the whole path: 're:h\\.\\d+\\.attn\\.c_attn';
+      * or the single entry 'auto' (peft's default for the model type; also None) or 'all-linear' (every
+        Linear/Conv1D of the layers).
+    Only Linear and Conv1D modules of the last `last_layers` decoder layers are candidates (None = all layers).
+    An entry that matches none of them is an error listing the names that exist."""
+    path, layers = decoder_layers(backbone)
+    n = len(layers)
+    first = 0 if last_layers is None else max(0, n - last_layers)
+    candidates = [f"{path}.{i}.{name}" for i in range(first, n)
+                  for name, m in layers[i].named_modules() if name and _adaptable(m)]
+    available = sorted({p.split(".", path.count(".") + 2)[-1] for p in candidates})  # names inside one layer
+    if not candidates:
+        raise TeacherModelError(f"the decoder layers of {type(backbone).__name__} hold no Linear/Conv1D module: "
+                                "LoRA has nothing to adapt")
+    spec = [target_modules] if isinstance(target_modules, str) else target_modules
+    if spec is None or list(spec) == [AUTO_TARGETS]:
+        spec = _peft_default_targets(backbone, available)
+    if list(spec) == [ALL_LINEAR]:
+        return candidates
+    if not spec:
+        raise TeacherModelError(f"teacher.target_modules is empty; name modules from {available}, or ['auto']")
+    missing = [t for t in spec if not any(_matches(p, t) for p in candidates)]
+    if missing:
+        kind = getattr(backbone.config, "model_type", type(backbone).__name__)
+        raise TeacherModelError(
+            f"teacher.target_modules {missing} match no Linear/Conv1D module of decoder layers {first}-{n - 1} of this "
+            f"{kind} model; available names: {available} (paths look like {candidates[0]!r}); or use ['auto'] for "
+            "peft's default, ['all-linear'] for all of them, or 're:<regex>' for a pattern over the paths")
+    return [p for p in candidates if any(_matches(p, t) for t in spec)]
+
+
+def add_lora(backbone: nn.Module, cfg: TeacherConfig, init_lora_weights=True):
+    """peft LoRA on the modules `lora_targets` resolves from cfg.target_modules and cfg.lora_last_layers.
+
+    peft receives the explicit list of full module paths (it matches a listed name exactly), so what gets
+    an adapter is exactly what was checked against the model."""
     from peft import LoraConfig, get_peft_model
-    n_layers = backbone.config.num_hidden_layers
-    first = 0 if cfg.lora_last_layers is None else max(0, n_layers - cfg.lora_last_layers)
-    layers = "|".join(str(i) for i in range(first, n_layers))
-    names = "|".join(cfg.target_modules)
-    target = rf"(.*\.)?layers\.({layers})\..*\.({names})"
+    from transformers.pytorch_utils import Conv1D
+    targets = lora_targets(backbone, cfg.target_modules, cfg.lora_last_layers)
+    conv1d = any(isinstance(backbone.get_submodule(t), Conv1D) for t in targets)  # GPT-2 stores weights (in, out)
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=target, init_lora_weights=init_lora_weights)
+                      target_modules=targets, fan_in_fan_out=conv1d, init_lora_weights=init_lora_weights)
     return get_peft_model(backbone, lcfg)
 
 
@@ -177,47 +314,19 @@ def make_builder(tc: TeacherConfig, tok, item_text: list[str], has_ratings: bool
 
 
 def truncate_layers(backbone: nn.Module, n: Optional[int]) -> nn.Module:
-    """Keep the first n decoder layers (the final norm stays); None or n >= depth keeps all."""
+    """Keep the first n decoder layers (the final norm stays); None or n >= depth keeps all. The layer list is
+    found by `decoder_layers` (Llama/Qwen2 'layers', GPT-2 'h', ...)."""
     if n is None or n >= backbone.config.num_hidden_layers:
         return backbone
     if n < 1:
         raise ValueError(f"teacher.layers must be >= 1 (got {n}); null keeps every layer")
-    backbone.layers = backbone.layers[:n]
+    path, layers = decoder_layers(backbone)
+    parent, _, attr = path.rpartition(".")
+    setattr(backbone.get_submodule(parent) if parent else backbone, attr, layers[:n])
     backbone.config.num_hidden_layers = n
     if getattr(backbone.config, "layer_types", None):
         backbone.config.layer_types = backbone.config.layer_types[:n]
     return backbone
-
-
-def windows(n: int, window: int, context: int) -> list[tuple[int, int, int]]:
-    """(context start c, labelled start a, end b): [a, b) partition [0, n); c = max(0, a - context)."""
-    return [(max(0, a - context), a, min(n, a + window)) for a in range(0, n, window)]
-
-
-def pad_batch(seqs: list[list[int]], pad_id: int):
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
-def token_batches(lengths: list[int], budget: int) -> list[list[int]]:
-    """Indices grouped (longest first) so that batch_size * max_len <= budget tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches, cur, cur_max = [], [], 0
-    for i in order:
-        m = max(cur_max, lengths[i])
-        if cur and m * (len(cur) + 1) > budget:
-            batches.append(cur)
-            cur, m = [], lengths[i]
-        cur.append(i)
-        cur_max = m
-    if cur:
-        batches.append(cur)
-    return batches
 
 
 # ----------------------------------------------------------------------------- heads

@@ -103,11 +103,19 @@ def write_teacher_report(cfg: RunConfig) -> Path:
         f"- parameters: {rep['params']['total']:,} total, {rep['params']['lora_trainable']:,} LoRA-trainable, "
         f"{rep['params']['heads']:,} in the heads",
     ]
+    if b.get("plan"):  # the stage's whole-stage budget split, stated before training (distill/budget.py)
+        p = b["plan"]
+        lines.append(f"- time budget {p['budget_s']:.0f} s for the whole stage: {p['spent_s']:.1f} s model + item vectors, "
+                     f"~{p['after_s']:.1f} s evaluation estimated before training (took {c['eval_seconds']:.1f} s), "
+                     f"{p['train_s']:.1f} s left for training; the stage took {b.get('stage_seconds', float('nan')):.1f} s"
+                     + (f" (**the fixed work alone exceeded the budget by ~{p['over_s']:.0f} s**)" if p["over_s"] else ""))
     man_path = run / "teacher_cache" / "manifest.json"
     if man_path.exists():
         lab = json.loads(man_path.read_text())["labelling"]
         lines.append(f"- labelling (cache): {lab['interactions']:,} positions in {lab['seconds']:.0f} s = "
-                     f"**{lab['interactions_per_s']:.1f} interactions/s** ({lab['tokens_per_s']:.0f} tokens/s)")
+                     f"**{lab['interactions_per_s']:.1f} interactions/s** ({lab['tokens_per_s']:.0f} tokens/s)"
+                     + (f"; estimated {lab['estimated_seconds']:.0f} s before it started" if "estimated_seconds" in lab
+                        else ""))
     w_path = tdir / "weighting.json"
     if w_path.exists():
         w = json.loads(w_path.read_text())

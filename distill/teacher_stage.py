@@ -3,39 +3,45 @@
 Writes runs/<name>/teacher/: adapter/ (peft save_pretrained), heads.safetensors, config.json,
 train_log.jsonl (every unweighted task loss, the weights and the weighted total per step),
 metrics.json, test_predictions.npz (the evaluated users' scores, reused by the benchmark report).
+
+`train_teacher` reads as its steps: set up (data, model, optimizer, resume) -> plan the time budget
+(what the stage must spend besides training, stated up front) -> fit (the step loop: one optimizer
+step, then log / validate / checkpoint) -> finish (best checkpoint, evaluation on the test split, save).
+`teacher.time_budget_s` bounds the WHOLE stage: training gets what is left after the model load, the
+item-vector pass and the estimated final evaluation (distill/budget.py).
 """
 from __future__ import annotations
 
 import copy
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .budget import BudgetPlan, StageClock, forward_throughput
 from .common import Timer, lr_lambda, pick_device, set_seed
 from .config import RunConfig
 from .data import Dataset, Split, load_dataset, sample_users
 from .evaluation import evaluate_predictions
-from .io import write_json
+from .io import make_readable, write_json
 from .teacher import (SequenceBuilder, Teacher, TeacherHeads, add_lora, build_item_token_input, compute_item_vectors,
-                      load_base, make_builder, pad_batch, param_count, resolve_model, save_heads, teacher_meta,
-                      token_batches, truncate_layers, windows)
+                      load_base, make_builder, param_count, resolve_model, save_heads, teacher_meta, truncate_layers)
+from .teacher_eval import eval_encodings, save_test_predictions, teacher_predict, validation_ndcg  # noqa: F401
 from .weighting import build_weighting
+from .windows import index_pairs, micro_batch, pad_batch, window_examples
+
+# teacher_predict / save_test_predictions live in teacher_eval.py (shipped.py and the export use them);
+# they are imported here for the stage's own use, and older `from distill.teacher_stage import teacher_predict`
+# keeps working.
 
 
-def _index_pairs(rows: list[int], cols: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.tensor(rows, device=device), torch.tensor(cols, device=device)
-
-
-def window_examples(split: Split, users: np.ndarray, window: int, context: int) -> list[tuple[int, int, int, int]]:
-    """(user, context start, labelled start, end) over each user's training part."""
-    return [(int(u), c, a, b) for u in users for (c, a, b) in windows(int(split.n_train[u]), window, context)]
-
-
+# ----------------------------------------------------------------------------- batches and losses
 def collate_windows(examples, split: Split, builder: SequenceBuilder, device):
     """Token batch + (row, pos) of every labelled target j and its labels."""
     ds = split.ds
@@ -54,7 +60,7 @@ def collate_windows(examples, split: Split, builder: SequenceBuilder, device):
             owner.append((u, j))
     ids, mask = pad_batch(seqs, builder.pad_id)
     return dict(ids=ids.to(device), mask=mask.to(device),
-                before=_index_pairs(before_r, before_c, device), item=_index_pairs(before_r, item_c, device),
+                before=index_pairs(before_r, before_c, device), item=index_pairs(before_r, item_c, device),
                 next_item=torch.tensor(tgt_item, device=device), rating=torch.tensor(tgt_rating, device=device),
                 owner=owner, tokens=int(mask.sum()))
 
@@ -68,50 +74,7 @@ def task_losses(out: dict, batch: dict, tasks: list[str], like_threshold: float)
     return losses
 
 
-@torch.no_grad()
-def teacher_predict(teacher: Teacher, builder: SequenceBuilder, split: Split, users: np.ndarray, stage: str,
-                    history_len: int, budget: int, device, desc="teacher eval") -> dict:
-    """One pass per user over [last `history_len` history + the target item's text]: next_item scores
-    (read before the target), rating and like logit (read at the end of the target's text)."""
-    ds = split.ds
-    encs = []
-    for u in users:
-        h_items, h_ratings = split.history(u, stage, history_len)
-        tgt, _ = split.target(u, stage)
-        items = np.append(h_items, tgt)
-        ratings = None if h_ratings is None else np.append(h_ratings, 0.0)
-        encs.append(builder.encode(items, ratings, open_last=True))
-    n = len(users)
-    scores = np.zeros((n, ds.n_items), dtype=np.float32)
-    rating = np.zeros(n, dtype=np.float32)
-    like = np.zeros(n, dtype=np.float32)
-    tokens = 0
-    t0 = time.perf_counter()
-    for batch in tqdm(token_batches([len(e.ids) for e in encs], budget), desc=desc, leave=False):
-        ids, mask = pad_batch([encs[i].ids for i in batch], builder.pad_id)
-        rows = list(range(len(batch)))
-        before = _index_pairs(rows, [encs[i].before[-1] for i in batch], device)
-        item = _index_pairs(rows, [encs[i].item_end[-1] for i in batch], device)
-        out = teacher(ids.to(device), mask.to(device), before, item)
-        scores[batch] = out["next_item"].float().cpu().numpy()
-        if "rating" in out:
-            rating[batch] = out["rating"].float().cpu().numpy()
-            like[batch] = out["like"].float().cpu().numpy()
-        tokens += int(mask.sum())
-    seconds = time.perf_counter() - t0
-    return dict(users=np.asarray(users), scores=scores, rating=rating, like_logit=like, tokens=tokens, seconds=seconds)
-
-
-def epoch_batches(n: int, batch_size: int, rng: np.random.Generator):
-    """Endless (epoch, indices) stream: a fresh permutation per epoch."""
-    epoch = 0
-    while True:
-        order = rng.permutation(n)
-        for i in range(0, n, batch_size):
-            yield epoch, order[i:i + batch_size]
-        epoch += 1
-
-
+# ----------------------------------------------------------------------------- building the teacher
 _ITEM_VECTORS: dict = {}  # per-process memo of the base LM's item vectors (deterministic, ~30 s on CPU)
 _STEP_SLEEP = float(__import__("os").environ.get("DISTILLREC_STEP_SLEEP", "0"))
 
@@ -119,6 +82,26 @@ _STEP_SLEEP = float(__import__("os").environ.get("DISTILLREC_STEP_SLEEP", "0"))
 def _shared_params(teacher: Teacher) -> list:
     """The teacher's last shared layer (the head LayerNorm read by every task): GradNorm balances on it."""
     return list(teacher.heads.norm.parameters())
+
+
+def _base_item_vectors(cfg: RunConfig, ds: Dataset, backbone, builder, device, with_item_vectors: bool):
+    """The base LM's item-text vectors (memoised per process); zeros when a checkpoint will overwrite them."""
+    tc = cfg.teacher
+    if not with_item_vectors:
+        return torch.zeros(ds.n_items, backbone.config.hidden_size)
+    key = (resolve_model(tc), json.dumps(tc.tiny, sort_keys=True), tc.max_item_tokens, ds.data_hash, cfg.seed)
+    if key not in _ITEM_VECTORS:  # same base LM + texts in this process (e.g. the weighting comparison) reuse it
+        _ITEM_VECTORS[key] = compute_item_vectors(backbone, builder, tc.infer_batch_tokens, device)
+    return _ITEM_VECTORS[key].clone()
+
+
+def _label_priors(ds: Dataset, split: Split) -> tuple[float, float]:
+    """(mean training rating, logit of the training like rate): where the rating / like heads start."""
+    if not ds.has_ratings:
+        return 0.0, 0.0
+    r = np.concatenate([split.train_ratings(u) for u in range(ds.n_users)])
+    p = float(np.clip((r >= ds.like_threshold).mean(), 1e-4, 1 - 1e-4))
+    return float(r.mean()), float(np.log(p / (1 - p)))
 
 
 def _build(cfg: RunConfig, ds: Dataset, split: Split, device, with_item_vectors: bool = True):
@@ -129,14 +112,7 @@ def _build(cfg: RunConfig, ds: Dataset, split: Split, device, with_item_vectors:
     backbone = backbone.to(device)
     builder = SequenceBuilder(tok, ds.item_text, tc.max_item_tokens, ds.has_ratings)  # item texts (vectors)
     hidden = backbone.config.hidden_size
-    key = (resolve_model(tc), json.dumps(tc.tiny, sort_keys=True), tc.max_item_tokens, ds.data_hash, cfg.seed)
-    if not with_item_vectors:
-        item_vecs = torch.zeros(ds.n_items, hidden)
-    elif key in _ITEM_VECTORS:  # same base LM + texts in this process (e.g. the weighting comparison)
-        item_vecs = _ITEM_VECTORS[key].clone()
-    else:
-        item_vecs = compute_item_vectors(backbone, builder, tc.infer_batch_tokens, device)
-        _ITEM_VECTORS[key] = item_vecs.clone()
+    item_vecs = _base_item_vectors(cfg, ds, backbone, builder, device, with_item_vectors)
     inputs = None
     if tc.input == "item_tokens":  # item vectors above come from the FULL-depth LM; the trunk is cut after
         inputs = build_item_token_input(backbone, tok, ds.item_text, tc.max_item_tokens, item_vecs).to(device)
@@ -144,13 +120,8 @@ def _build(cfg: RunConfig, ds: Dataset, split: Split, device, with_item_vectors:
     backbone = truncate_layers(backbone, tc.layers)
     torch.manual_seed(cfg.seed)  # LoRA/head init independent of what ran before
     backbone = add_lora(backbone, tc)
+    rating_mean, like_logit = _label_priors(ds, split)
     counts = split.train_item_counts()
-    rating_mean, like_logit = 0.0, 0.0
-    if ds.has_ratings:
-        r = np.concatenate([split.train_ratings(u) for u in range(ds.n_users)])
-        rating_mean = float(r.mean())
-        p = float(np.clip((r >= ds.like_threshold).mean(), 1e-4, 1 - 1e-4))
-        like_logit = float(np.log(p / (1 - p)))
     heads = TeacherHeads(hidden, tc.head_dim, item_vecs, ds.tasks,
                          torch.log1p(torch.tensor(counts, dtype=torch.float32)), rating_mean, like_logit)
     return Teacher(backbone, heads, inputs).to(device), builder
@@ -191,24 +162,20 @@ class Dist:
                     dist.all_reduce(t, op=dist.ReduceOp.SUM)
                     t /= self.world
 
+    def any_(self, flag: bool) -> bool:
+        """True on every rank when it is True on any rank (a stop decision all ranks must share)."""
+        if self.world == 1:
+            return flag
+        import torch.distributed as dist
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
     def close(self):
         if self.world > 1:
             import torch.distributed as dist
             dist.barrier()
             dist.destroy_process_group()
-
-
-def micro_batch(examples_n: int, batch_size: int, world: int, rank: int, seed: int, m: int) -> tuple[int, np.ndarray]:
-    """(epoch, example indices) of global micro-batch m for `rank`: a pure function of (seed, m), so a
-    resumed run draws exactly the batches an uninterrupted run would have drawn."""
-    per_epoch = max(1, -(-examples_n // (batch_size * world)))
-    epoch, pos = divmod(m, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(examples_n)
-    start = (pos * world + rank) * batch_size
-    idx = order[start:start + batch_size]
-    if len(idx) == 0:  # last micro-batch of an epoch, uneven split: wrap so every rank steps together
-        idx = order[:batch_size]
-    return epoch, idx
 
 
 def _amp_context(tc, device: str):
@@ -222,6 +189,7 @@ def _amp_context(tc, device: str):
     return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=dtype)
 
 
+# ----------------------------------------------------------------------------- checkpoints
 def trainable_state(teacher: Teacher, weighting) -> dict:
     """Only what training changes: LoRA weights, heads (incl. the item-vector buffer), weighting state."""
     state = {f"model.{k}": v.detach().clone() for k, v in teacher.named_parameters() if v.requires_grad}
@@ -268,49 +236,84 @@ def _save_checkpoint(path: Path, payload: dict) -> None:
         torch.save(payload, tmp)
 
 
-def _validate(teacher, builder, split, users, tc, device) -> float:
-    from . import metrics as M
-    was_training = teacher.training
-    teacher.eval()
-    pred = teacher_predict(teacher, builder, split, users, "val", tc.val_history, tc.infer_batch_tokens, device,
-                           desc="teacher val")
-    teacher.train(was_training)
-    targets, _ = split.targets(users, "val")
-    return float(M.ranking_metrics(pred["scores"], targets, [split.seen(u, "val") for u in users],
-                                   ks=(10,))["NDCG@10"].mean())
+def _matching_checkpoint(path: Path, fingerprint: str, main: bool) -> Optional[dict]:
+    """teacher/checkpoint/last.pt when it was written for this config and data, else None (with a message)."""
+    if not path.exists():
+        return None
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    if ck.get("fingerprint") == fingerprint:
+        return ck
+    if main:
+        print(f"teacher: ignoring {path} (written for another config/data); training from scratch")
+    return None
 
 
-def train_teacher(cfg: RunConfig) -> dict:
-    """Fine-tune (resuming from teacher/checkpoint/last.pt when it matches this config), validate,
-    evaluate on the protocol's test split and save. Under torchrun only rank 0 writes."""
-    run = Path(cfg.run_dir)
-    out_dir = run / "teacher"
-    ckpt_dir = out_dir / "checkpoint"
-    tc = cfg.teacher
-    dist_ = Dist(pick_device(cfg.device))
-    device = dist_.device
-    if dist_.main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-    set_seed(cfg.seed)
-    ds = load_dataset(cfg.data)
-    split = Split.leave_last_out(ds)
-    fingerprint = _config_fingerprint(cfg, ds.data_hash)
-    resume = None
-    if (ckpt_dir / "last.pt").exists():
-        ck = torch.load(ckpt_dir / "last.pt", map_location="cpu", weights_only=False)
-        if ck.get("fingerprint") == fingerprint:
-            resume = ck
-        elif dist_.main:
-            print(f"teacher: ignoring {ckpt_dir / 'last.pt'} (written for another config/data); training from scratch")
-    with Timer() as t_build:
-        teacher, builder = _build(cfg, ds, split, device, with_item_vectors=resume is None)
-    weighting = build_weighting(tc.weighting, ds.tasks, tc.loss_weights, shared=_shared_params(teacher)).to(device)
-    users = sample_users(np.arange(ds.n_users), tc.train_users, cfg.seed)
-    examples = window_examples(split, users, tc.window, tc.context)
-    val_users = sample_users(split.eval_users, tc.val_users, cfg.seed + 1)
+# ----------------------------------------------------------------------------- the stage's state
+@dataclass
+class LoopState:
+    """What the step loop changes; all of it is in last.pt, so a resumed run continues exactly."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed: float = 0.0
+    """Training seconds so far (validation included), summed over resumed processes."""
+    best: float = -1.0
+    best_step: int = 0
+    val_seconds: float = 0.0
+    period_losses: dict = field(default_factory=dict)
+    """Per task, the step losses of the open loss-trend period (DWA)."""
+    prev_epoch: int = 0
+    stop_reason: str = "max_steps"
+
+    @classmethod
+    def from_checkpoint(cls, ck: dict) -> "LoopState":
+        return cls(step=ck["step"], tokens_seen=ck["tokens_seen"], elapsed=ck["elapsed"], best=ck["best"],
+                   best_step=ck["best_step"], val_seconds=ck.get("val_seconds", 0.0),
+                   period_losses=ck.get("period_losses", {}))
+
+
+@dataclass
+class TeacherRun:
+    """Everything the steps of `train_teacher` share."""
+
+    cfg: RunConfig
+    dist: Dist
+    device: str
+    clock: StageClock
+    ds: Dataset
+    split: Split
+    teacher: Teacher
+    model: Any
+    """The teacher, wrapped in DDP under several ranks."""
+    builder: Any
+    weighting: Any
+    users: np.ndarray
+    examples: list
+    val_users: np.ndarray
+    eval_users: np.ndarray
+    lora_params: list
+    opt: Any
+    sched: Any
+    fingerprint: str
+    build_seconds: float
+    state: LoopState
+    plan: Optional[BudgetPlan] = None
+    log_f: Any = None
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.run_dir) / "teacher"
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoint"
+
+
+# ----------------------------------------------------------------------------- step 1: set up
+def _optimizer(teacher: Teacher, weighting, tc):
+    """AdamW with one learning rate per part (LoRA, heads + weighting, item-vector projection, soft-token input)
+    and linear warm-up + cosine decay over max_steps."""
     lora_params = [p for p in teacher.backbone.parameters() if p.requires_grad]
-    if teacher.inputs is not None and tc.refresh_item_vectors and dist_.main:
-        print("teacher: input='item_tokens' reads no item text in the trunk; item vectors are not refreshed")
     proj_params = list(teacher.heads.item_proj.parameters())
     head_params = [p for n, p in teacher.heads.named_parameters() if not n.startswith("item_proj.")]
     groups = [{"params": lora_params, "lr": tc.lr},
@@ -320,154 +323,248 @@ def train_teacher(cfg: RunConfig) -> dict:
         groups.append({"params": list(teacher.inputs.parameters()), "lr": tc.input_lr})
     opt = torch.optim.AdamW(groups, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(max(1, int(tc.warmup_frac * tc.max_steps)), tc.max_steps))
-    step, tokens_seen, elapsed, best, best_step = 0, 0, 0.0, -1.0, 0
+    return opt, sched, lora_params
+
+
+def _setup(cfg: RunConfig, clock: StageClock) -> TeacherRun:
+    """Data, the teacher (or its checkpoint), weighting, the training windows, the optimizer; resume state."""
+    tc = cfg.teacher
+    dist_ = Dist(pick_device(cfg.device))
+    device = dist_.device
+    out_dir = Path(cfg.run_dir) / "teacher"
+    if dist_.main:
+        (out_dir / "checkpoint").mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.seed)
+    ds = load_dataset(cfg.data)
+    split = Split.leave_last_out(ds)
+    fingerprint = _config_fingerprint(cfg, ds.data_hash)
+    resume = _matching_checkpoint(out_dir / "checkpoint" / "last.pt", fingerprint, dist_.main)
+    with Timer() as t_build:
+        teacher, builder = _build(cfg, ds, split, device, with_item_vectors=resume is None)
+    weighting = build_weighting(tc.weighting, ds.tasks, tc.loss_weights, shared=_shared_params(teacher)).to(device)
+    users = sample_users(np.arange(ds.n_users), tc.train_users, cfg.seed)
+    if teacher.inputs is not None and tc.refresh_item_vectors and dist_.main:
+        print("teacher: input='item_tokens' reads no item text in the trunk; item vectors are not refreshed")
+    opt, sched, lora_params = _optimizer(teacher, weighting, tc)
+    state = LoopState()
     if resume is not None:
         load_trainable_state(teacher, weighting, resume["state"])
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
         torch.set_rng_state(resume["torch_rng"])
-        step, tokens_seen, elapsed = resume["step"], resume["tokens_seen"], resume["elapsed"]
-        best, best_step = resume["best"], resume["best_step"]
+        state = LoopState.from_checkpoint(resume)
         if dist_.main:
-            print(f"teacher: resuming from step {step} ({ckpt_dir / 'last.pt'})")
+            print(f"teacher: resuming from step {state.step} ({out_dir / 'checkpoint' / 'last.pt'})")
     model = teacher
     if dist_.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(teacher, device_ids=[dist_.local_rank] if device.startswith("cuda") else None)
-    log_path = out_dir / "train_log.jsonl"
-    if dist_.main:  # keep exactly the log lines of the steps that the checkpoint holds
-        kept = log_path.read_text().splitlines()[:step] if resume is not None and log_path.exists() else []
-        log_f = open(log_path, "w")
-        log_f.writelines(line + "\n" for line in kept)
-    t0 = time.perf_counter() - elapsed
-    val_seconds = 0.0 if resume is None else resume.get("val_seconds", 0.0)
-    stop_reason = "max_steps"
-    teacher.train()
-    bar = tqdm(total=tc.max_steps, initial=step, desc="teacher LoRA fine-tune", disable=not dist_.main)
-    epoch_losses: dict[str, list[float]] = {} if resume is None else resume.get("period_losses", {})
-    prev_epoch = micro_batch(len(examples), tc.batch_size, dist_.world, dist_.rank, cfg.seed, step * tc.grad_accum)[0]
-    while step < tc.max_steps:
-        if time.perf_counter() - t0 > tc.time_budget_s:
-            stop_reason = "time_budget"
+    examples = window_examples(split, users, tc.window, tc.context)
+    state.prev_epoch = micro_batch(len(examples), tc.batch_size, dist_.world, dist_.rank, cfg.seed,
+                                   state.step * tc.grad_accum)[0]
+    return TeacherRun(cfg=cfg, dist=dist_, device=device, clock=clock, ds=ds, split=split, teacher=teacher,
+                      model=model, builder=builder, weighting=weighting, users=users, examples=examples,
+                      val_users=sample_users(split.eval_users, tc.val_users, cfg.seed + 1),
+                      eval_users=sample_users(split.eval_users, tc.eval_users, cfg.seed), lora_params=lora_params,
+                      opt=opt, sched=sched, fingerprint=fingerprint, build_seconds=t_build.seconds, state=state)
+
+
+# ----------------------------------------------------------------------------- step 2: plan the budget
+def _plan_budget(r: TeacherRun) -> BudgetPlan:
+    """Split teacher.time_budget_s: measured so far (load, item vectors) + the final evaluation estimated from
+    its exact token count and a measured throughput + what is left for training. Printed before training."""
+    tc = r.cfg.teacher
+    encs = eval_encodings(r.builder, r.split, r.eval_users, "test", tc.eval_history)
+    tps = forward_throughput(r.teacher, [e.ids for e in encs], r.builder.pad_id, tc.infer_batch_tokens, r.device)
+    plan = BudgetPlan(budget_s=float(tc.time_budget_s), spent_s=r.clock.elapsed(),
+                      after_tokens=sum(len(e.ids) for e in encs), tokens_per_s=tps,
+                      after_what=f"evaluation of {len(r.eval_users)} test users")
+    if r.dist.main:
+        print("teacher: " + plan.describe(hint="raise teacher.time_budget_s or lower teacher.eval_users"), flush=True)
+    return plan
+
+
+# ----------------------------------------------------------------------------- step 3: fit
+def _open_log(r: TeacherRun) -> None:
+    """train_log.jsonl holding exactly the lines of the steps the (resumed) state holds; rank 0 only."""
+    if not r.dist.main:
+        return
+    log_path = r.out_dir / "train_log.jsonl"
+    kept = log_path.read_text().splitlines()[:r.state.step] if r.state.step and log_path.exists() else []
+    r.log_f = open(log_path, "w")
+    r.log_f.writelines(line + "\n" for line in kept)
+
+
+def _out_of_time(r: TeacherRun, train_elapsed: float) -> bool:
+    """Past the training share of the stage budget (one step is always taken); the same answer on every rank."""
+    return r.dist.any_(r.state.step >= 1 and train_elapsed > r.plan.train_s)
+
+
+def _close_period(r: TeacherRun) -> None:
+    """DWA re-weights from the mean task losses of the last two periods."""
+    r.weighting.end_epoch({t: float(np.mean(v)) for t, v in r.state.period_losses.items()})
+    r.state.period_losses = {}
+
+
+def _train_step(r: TeacherRun) -> dict:
+    """One optimizer step over grad_accum micro-batches; returns the step's log record."""
+    tc, s = r.cfg.teacher, r.state
+    r.opt.zero_grad(set_to_none=True)
+    step_losses: dict[str, float] = {}
+    weights: dict = {}
+    for a in range(tc.grad_accum):
+        epoch, idx = micro_batch(len(r.examples), tc.batch_size, r.dist.world, r.dist.rank, r.cfg.seed,
+                                 s.step * tc.grad_accum + a)
+        if epoch != s.prev_epoch:
+            if not tc.adapt_every:  # DWA adapts from per-period mean losses; here a period = an epoch
+                _close_period(r)
+            s.prev_epoch = epoch
+            if tc.refresh_item_vectors and r.teacher.inputs is None:
+                _refresh_item_vectors(r.teacher, r.builder, tc, r.device)
+        batch = collate_windows([r.examples[k] for k in idx], r.split, r.builder, r.device)
+        with _amp_context(tc, r.device):
+            out = r.model(batch["ids"], batch["mask"], batch["before"], batch["item"])
+        out = {k: v.float() for k, v in out.items()}
+        losses = task_losses(out, batch, r.ds.tasks, r.ds.like_threshold)
+        total, weights = r.weighting(losses)
+        (total / tc.grad_accum).backward()
+        s.tokens_seen += batch["tokens"] * r.dist.world
+        for t, v in losses.items():
+            step_losses[t] = step_losses.get(t, 0.0) + v.item() / tc.grad_accum
+    r.dist.average_([p.grad for p in r.weighting.parameters()])
+    torch.nn.utils.clip_grad_norm_([p for g in r.opt.param_groups for p in g["params"]], 1.0)
+    r.opt.step()
+    r.sched.step()
+    s.step += 1
+    for t, v in step_losses.items():
+        s.period_losses.setdefault(t, []).append(v)
+    if tc.adapt_every and s.step % tc.adapt_every == 0:  # close a loss-trend period (DWA)
+        _close_period(r)
+    return {"step": s.step, "epoch": s.prev_epoch, "total": sum(weights[t] * step_losses[t] for t in step_losses),
+            "lr": r.sched.get_last_lr()[0], "losses": step_losses, "weights": weights}
+
+
+def _maybe_validate(r: TeacherRun, rec: dict, t0: float) -> None:
+    """Every val_every steps (rank 0): validation NDCG@10 into the log, best.pt when it improves."""
+    tc, s = r.cfg.teacher, r.state
+    if not (tc.val_every and s.step % tc.val_every == 0):
+        return
+    if r.dist.main:
+        t_val = time.perf_counter()
+        rec["train_seconds"] = round(t_val - t0 - s.val_seconds, 2)  # training time only (learning curves)
+        rec["val_ndcg@10"] = validation_ndcg(r.teacher, r.builder, r.split, r.val_users, tc.val_history,
+                                             tc.infer_batch_tokens, r.device)
+        s.val_seconds += time.perf_counter() - t_val
+        if rec["val_ndcg@10"] > s.best:
+            s.best, s.best_step = rec["val_ndcg@10"], s.step
+            _save_checkpoint(r.ckpt_dir / "best.pt", {"state": trainable_state(r.teacher, r.weighting), "step": s.step})
+    r.dist.barrier()
+
+
+def _log_and_checkpoint(r: TeacherRun, rec: dict, t0: float) -> None:
+    """Rank 0: the step's log line, and last.pt every checkpoint_every steps and at max_steps."""
+    tc, s = r.cfg.teacher, r.state
+    if not r.dist.main:
+        return
+    r.log_f.write(json.dumps(rec) + "\n")
+    r.log_f.flush()
+    if s.step % tc.checkpoint_every == 0 or s.step == tc.max_steps:
+        _save_checkpoint(r.ckpt_dir / "last.pt", dict(
+            fingerprint=r.fingerprint, state=trainable_state(r.teacher, r.weighting), optimizer=r.opt.state_dict(),
+            scheduler=r.sched.state_dict(), torch_rng=torch.get_rng_state(), step=s.step, tokens_seen=s.tokens_seen,
+            elapsed=time.perf_counter() - t0, best=s.best, best_step=s.best_step, period_losses=s.period_losses,
+            val_seconds=s.val_seconds))
+
+
+def _fit(r: TeacherRun) -> float:
+    """The step loop until max_steps or the training share of the budget; returns the training seconds."""
+    tc, s = r.cfg.teacher, r.state
+    _open_log(r)
+    t0 = time.perf_counter() - s.elapsed
+    r.teacher.train()
+    bar = tqdm(total=tc.max_steps, initial=s.step, desc="teacher LoRA fine-tune", disable=not r.dist.main)
+    while s.step < tc.max_steps:
+        if _out_of_time(r, time.perf_counter() - t0):
+            s.stop_reason = "time_budget"
             break
-        opt.zero_grad(set_to_none=True)
-        step_losses: dict[str, float] = {}
-        for a in range(tc.grad_accum):
-            epoch, idx = micro_batch(len(examples), tc.batch_size, dist_.world, dist_.rank, cfg.seed,
-                                     step * tc.grad_accum + a)
-            if epoch != prev_epoch:
-                if not tc.adapt_every:  # DWA adapts from per-period mean losses; here a period = an epoch
-                    weighting.end_epoch({t: float(np.mean(v)) for t, v in epoch_losses.items()})
-                    epoch_losses = {}
-                prev_epoch = epoch
-                if tc.refresh_item_vectors and teacher.inputs is None:
-                    _refresh_item_vectors(teacher, builder, tc, device)
-            batch = collate_windows([examples[k] for k in idx], split, builder, device)
-            with _amp_context(tc, device):
-                out = model(batch["ids"], batch["mask"], batch["before"], batch["item"])
-            out = {k: v.float() for k, v in out.items()}
-            losses = task_losses(out, batch, ds.tasks, ds.like_threshold)
-            total, weights = weighting(losses)
-            (total / tc.grad_accum).backward()
-            tokens_seen += batch["tokens"] * dist_.world
-            for t, v in losses.items():
-                step_losses[t] = step_losses.get(t, 0.0) + v.item() / tc.grad_accum
-        dist_.average_([p.grad for p in weighting.parameters()])
-        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-        opt.step()
-        sched.step()
-        step += 1
-        total_w = sum(weights[t] * step_losses[t] for t in step_losses)
-        for t, v in step_losses.items():
-            epoch_losses.setdefault(t, []).append(v)
-        if tc.adapt_every and step % tc.adapt_every == 0:  # close a loss-trend period (DWA)
-            weighting.end_epoch({t: float(np.mean(v)) for t, v in epoch_losses.items()})
-            epoch_losses = {}
+        rec = _train_step(r)
         bar.update(1)
-        bar.set_postfix({t: f"{v:.3f}" for t, v in step_losses.items()})
-        rec = {"step": step, "epoch": prev_epoch, "total": total_w, "lr": sched.get_last_lr()[0],
-               "losses": step_losses, "weights": weights}
-        if tc.val_every and step % tc.val_every == 0:
-            if dist_.main:
-                t_val = time.perf_counter()
-                rec["train_seconds"] = round(t_val - t0 - val_seconds, 2)  # training time only (learning curves)
-                rec["val_ndcg@10"] = _validate(teacher, builder, split, val_users, tc, device)
-                val_seconds += time.perf_counter() - t_val
-                if rec["val_ndcg@10"] > best:
-                    best, best_step = rec["val_ndcg@10"], step
-                    _save_checkpoint(ckpt_dir / "best.pt", {"state": trainable_state(teacher, weighting), "step": step})
-            dist_.barrier()
+        bar.set_postfix({t: f"{v:.3f}" for t, v in rec["losses"].items()})
+        _maybe_validate(r, rec, t0)
         if _STEP_SLEEP:  # test hook: slow steps down so a test can kill the process mid-run
             time.sleep(_STEP_SLEEP)
-        if dist_.main:
-            log_f.write(json.dumps(rec) + "\n")
-            log_f.flush()
-            if step % tc.checkpoint_every == 0 or step == tc.max_steps:
-                _save_checkpoint(ckpt_dir / "last.pt", dict(
-                    fingerprint=fingerprint, state=trainable_state(teacher, weighting), optimizer=opt.state_dict(),
-                    scheduler=sched.state_dict(), torch_rng=torch.get_rng_state(), step=step, tokens_seen=tokens_seen,
-                    elapsed=time.perf_counter() - t0, best=best, best_step=best_step, period_losses=epoch_losses,
-                    val_seconds=val_seconds))
+        _log_and_checkpoint(r, rec, t0)
     bar.close()
-    train_seconds = time.perf_counter() - t0
-    teacher.eval()
-    digest = float(sum(p.detach().double().sum() for p in lora_params))
-    if not dist_.main:
-        print(f"rank {dist_.rank} trainable-weight digest {digest:.10e}", flush=True)
-        dist_.close()
-        return {"rank": dist_.rank, "digest": digest, "steps": step}
-    print(f"rank {dist_.rank} trainable-weight digest {digest:.10e}", flush=True)
-    log_f.close()
-    if tc.val_every and best_step and (ckpt_dir / "best.pt").exists():
-        load_trainable_state(teacher, weighting, torch.load(ckpt_dir / "best.pt", map_location="cpu",
-                                                            weights_only=False)["state"])
-    report = _evaluate_and_save(cfg, ds, split, teacher, builder, examples, users, weighting, device, dict(
-        train_users=len(users), windows=len(examples), steps=step, max_steps=tc.max_steps,
-        time_budget_s=tc.time_budget_s, stop_reason=stop_reason, batch_size=tc.batch_size, grad_accum=tc.grad_accum,
-        world_size=dist_.world, eval_history=tc.eval_history,
-        item_vector_refreshes=prev_epoch if tc.refresh_item_vectors and teacher.inputs is None else 0,  # one per epoch boundary crossed
-        val_every=tc.val_every, best_step=best_step or step,
-        best_val_ndcg10=best if best >= 0 else None), t_build.seconds, train_seconds, tokens_seen, lora_params,
-        extra=dict(trainable_weight_digest=digest))
-    dist_.close()
+    if r.log_f is not None:
+        r.log_f.close()
+    r.teacher.eval()
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- step 4: finish
+def _finish(r: TeacherRun, train_seconds: float) -> dict:
+    """Best checkpoint back in, test-split evaluation, artifacts and metrics.json (rank 0)."""
+    tc, s = r.cfg.teacher, r.state
+    digest = float(sum(p.detach().double().sum() for p in r.lora_params))
+    print(f"rank {r.dist.rank} trainable-weight digest {digest:.10e}", flush=True)
+    if not r.dist.main:
+        r.dist.close()
+        return {"rank": r.dist.rank, "digest": digest, "steps": s.step}
+    if tc.val_every and s.best_step and (r.ckpt_dir / "best.pt").exists():
+        load_trainable_state(r.teacher, r.weighting, torch.load(r.ckpt_dir / "best.pt", map_location="cpu",
+                                                                weights_only=False)["state"])
+    budget = dict(
+        train_users=len(r.users), windows=len(r.examples), steps=s.step, max_steps=tc.max_steps,
+        time_budget_s=tc.time_budget_s, stop_reason=s.stop_reason, batch_size=tc.batch_size, grad_accum=tc.grad_accum,
+        world_size=r.dist.world, eval_history=tc.eval_history,
+        # one item-vector refresh per epoch boundary crossed
+        item_vector_refreshes=s.prev_epoch if tc.refresh_item_vectors and r.teacher.inputs is None else 0,
+        val_every=tc.val_every, best_step=s.best_step or s.step,
+        best_val_ndcg10=s.best if s.best >= 0 else None, plan=r.plan.as_dict())
+    report = _evaluate_and_save(r, budget, train_seconds, extra=dict(trainable_weight_digest=digest))
+    r.dist.close()
     return report
 
 
-def save_test_predictions(out_dir: Path, pred: dict) -> None:
-    """teacher/test_predictions.npz (atomic): the evaluated users' scores, reused by the ablation and the bench."""
-    from .io import atomic_path
-    with atomic_path(Path(out_dir) / "test_predictions.npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, users=pred["users"], scores=pred["scores"], rating=pred["rating"], like_logit=pred["like_logit"])
+def train_teacher(cfg: RunConfig, clock=time.perf_counter) -> dict:
+    """Fine-tune (resuming from teacher/checkpoint/last.pt when it matches this config), validate,
+    evaluate on the protocol's test split and save, within teacher.time_budget_s for the whole stage.
+    Under torchrun only rank 0 writes."""
+    run = _setup(cfg, StageClock(clock))
+    run.plan = _plan_budget(run)
+    train_seconds = _fit(run)
+    return _finish(run, train_seconds)
 
 
-def _evaluate_and_save(cfg, ds, split, teacher, builder, examples, users, weighting, device, budget: dict,
-                       build_seconds, train_seconds, tokens_seen, lora_params, extra: dict) -> dict:
-    tc = cfg.teacher
-    out_dir = Path(cfg.run_dir) / "teacher"
+def _evaluate_and_save(r: TeacherRun, budget: dict, train_seconds: float, extra: dict) -> dict:
+    tc, ds, split, builder, teacher = r.cfg.teacher, r.ds, r.split, r.builder, r.teacher
+    out_dir = r.out_dir
     # tokens of one full epoch over the windows vs the same users' histories written once
     window_tokens = sum(len(builder.encode(ds.items[u][c:b], None if ds.ratings is None else ds.ratings[u][c:b]).ids)
-                        for (u, c, a, b) in examples)
-    dataset_tokens = sum(builder.dataset_tokens(split.train_items(u), split.train_ratings(u)) for u in users)
-    eval_users = sample_users(split.eval_users, tc.eval_users, cfg.seed)
-    pred = teacher_predict(teacher, builder, split, eval_users, "test", tc.eval_history, tc.infer_batch_tokens, device)
-    metrics = evaluate_predictions(pred, split, "test", seed=cfg.seed)
+                        for (u, c, a, b) in r.examples)
+    dataset_tokens = sum(builder.dataset_tokens(split.train_items(u), split.train_ratings(u)) for u in r.users)
+    pred = teacher_predict(teacher, builder, split, r.eval_users, "test", tc.eval_history, tc.infer_batch_tokens,
+                           r.device)
+    metrics = evaluate_predictions(pred, split, "test", seed=r.cfg.seed)
     teacher.backbone.save_pretrained(str(out_dir / "adapter"))
-    meta = teacher_meta(tc, ds.tasks, ds.n_items, teacher.backbone.config.hidden_size, cfg.seed)
+    make_readable(out_dir / "adapter")  # peft writes the weights 0600
+    meta = teacher_meta(tc, ds.tasks, ds.n_items, teacher.backbone.config.hidden_size, r.cfg.seed)
     meta.update(data_hash=ds.data_hash, vocab=teacher.inputs.vocab if teacher.inputs is not None else None)
     save_heads(teacher.heads, out_dir, meta, teacher.inputs)
     save_test_predictions(out_dir, pred)
-    budget["eval_users"] = len(eval_users)
+    budget["eval_users"] = len(r.eval_users)
+    budget["stage_seconds"] = round(r.clock.elapsed(), 2)  # the whole stage, for comparison with time_budget_s
+    s = r.state
     report = dict(
-        metrics=metrics, stage="test", eval_users=len(eval_users), seed=cfg.seed, device=str(device),
+        metrics=metrics, stage="test", eval_users=len(r.eval_users), seed=r.cfg.seed, device=str(r.device),
         weighting=tc.weighting, budget=budget,
-        cost=dict(build_seconds=build_seconds, train_seconds=train_seconds, train_tokens=tokens_seen,
-                  train_tokens_per_s=tokens_seen / max(train_seconds, 1e-9),
+        cost=dict(build_seconds=r.build_seconds, train_seconds=train_seconds, train_tokens=s.tokens_seen,
+                  train_tokens_per_s=s.tokens_seen / max(train_seconds, 1e-9),
                   llm_tokens_per_dataset_token=window_tokens / max(1, dataset_tokens),
                   eval_tokens=pred["tokens"], eval_seconds=pred["seconds"],
-                  eval_users_per_s=len(eval_users) / max(pred["seconds"], 1e-9)),
+                  eval_users_per_s=len(r.eval_users) / max(pred["seconds"], 1e-9)),
         params=dict(total=param_count(teacher.backbone) + param_count(teacher.heads),
-                    lora_trainable=sum(p.numel() for p in lora_params), heads=param_count(teacher.heads)),
+                    lora_trainable=sum(p.numel() for p in r.lora_params), heads=param_count(teacher.heads)),
         **extra,
     )
     write_json(out_dir / "metrics.json", report)

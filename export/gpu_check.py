@@ -1,11 +1,12 @@
 """GPU check of an exported runtime folder: do TensorRT and CUDA really serve, does FP16 run, are the TensorRT
 engine / timing caches written? numpy + onnxruntime only (no torch), so it runs on a bare GPU box.
 
-    python -m export.gpu_check runs/<name>/onnx [--out report.json] [--budget-s 240]
+    python -m export.gpu_check runs/<name>/onnx [--out report.json] [--budget-s 240] [--trt-cache-root DIR]
 
 For each (variant, provider) it builds a `Recommender`, records what onnxruntime actually runs (and any
 fallback warning), compares the outputs with FP32 on the CPU provider on the same requests (max |diff| per
-output, top-10 overlap) and times a few calls. Then it lists <folder>/trt_cache. A teacher.onnx in the folder is
+output, top-10 overlap) and times a few calls. Then it lists the TensorRT cache folders the runtime used
+(outside the model folder: export.runtime.trt_cache_dir). The run's teacher_onnx/teacher.onnx (or --teacher) is
 run on CUDA too. The report (JSON) is printed and written to --out. Exit status 0 unless the script itself
 breaks: a provider that does not serve is a finding, recorded as such.
 """
@@ -20,8 +21,11 @@ import time
 import traceback
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
+
+from export import contract as C
 
 
 def _env() -> dict:
@@ -64,14 +68,16 @@ def _top10(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(ta.tolist(), tb.tolist())]))
 
 
-def check_one(folder: Path, variant: str, providers: list, reqs: list, ref: list) -> dict:
+def check_one(folder: Path, variant: str, providers: list, reqs: list, ref: list,
+              trt_cache_root: Optional[Path] = None) -> dict:
     from export.runtime import Recommender
     rec: dict = {"variant": variant, "requested": providers}
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            r = Recommender(folder, providers=providers, variant=variant)
+            r = Recommender(folder, providers=providers, variant=variant, trt_cache_root=trt_cache_root)
+        rec["trt_cache"] = None if r.trt_cache is None else str(r.trt_cache)
         rec["session_seconds"] = round(time.perf_counter() - t0, 2)
         rec["actual"] = r.providers
         rec["serves"] = r.providers[0]
@@ -143,6 +149,10 @@ def main(argv=None) -> int:
     ap.add_argument("folder", type=Path, help="runtime folder (runs/<name>/onnx)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop starting new checks after this long")
+    ap.add_argument("--trt-cache-root", type=Path, default=None,
+                    help=f"TensorRT cache root (default ${C.TRT_CACHE_ENV} or ~/.cache/distillrec/trt)")
+    ap.add_argument("--teacher", type=Path, default=None,
+                    help=f"teacher ONNX to run on CUDA (default <run>/{C.TEACHER_ONNX_RELPATH})")
     args = ap.parse_args(argv)
     import onnxruntime as ort
     report: dict = {"env": _env()}
@@ -154,13 +164,12 @@ def main(argv=None) -> int:
             report["env"]["preload_dlls"] = f"{type(e).__name__}: {e}"
     print(json.dumps(report["env"], indent=1), flush=True)
     folder = args.folder
-    meta = json.loads((folder / "runtime.json").read_text())
+    meta = json.loads((folder / C.RUNTIME_META_FILE).read_text())
     variants = sorted((meta.get("variants") or {"fp32": {}}).keys())
     reqs = _requests(int(meta["n_items"]), int(meta["max_history"]))
     from export.runtime import Recommender
     cpu = Recommender(folder, providers=["cpu"], variant="fp32" if "fp32" in variants else None)
     ref = [{k: v.astype(np.float64) for k, v in cpu.predict_arrays(*q).items()} for q in reqs]
-    cache = folder / "trt_cache"
     plan = [(v, ["tensorrt", "cuda", "cpu"]) for v in ("fp32", "fp16") if v in variants]
     plan += [(v, ["cuda", "cpu"]) for v in ("fp32", "fp16", "int8", "opt") if v in variants]
     plan += [("fp16", ["cpu"])] if "fp16" in variants else []  # must be refused with a clear message
@@ -170,15 +179,18 @@ def main(argv=None) -> int:
         if time.perf_counter() - start > args.budget_s:
             report["checks"].append({"variant": variant, "requested": providers, "skipped": "time budget"})
             continue
-        rec = check_one(folder, variant, providers, reqs, ref)
+        rec = check_one(folder, variant, providers, reqs, ref, args.trt_cache_root)
         if variant == "fp16" and providers == ["cpu"]:  # the expected outcome is a clear refusal
             rec["expected"] = "UnsupportedProviderError (FP16 is GPU-only)"
             rec["ok"] = "GPU-only" in rec.get("error", "")
         print(json.dumps(rec), flush=True)
         report["checks"].append(rec)
-    report["trt_cache"] = sorted(f"{p.name} ({p.stat().st_size} B)" for p in cache.iterdir()) if cache.is_dir() else []
-    if (folder / "teacher.onnx").is_file() and time.perf_counter() - start < args.budget_s:
-        report["teacher"] = check_teacher(folder / "teacher.onnx")
+    caches = sorted({c["trt_cache"] for c in report["checks"] if c.get("trt_cache")})
+    report["trt_cache"] = {c: sorted(f"{p.name} ({p.stat().st_size} B)" for p in Path(c).iterdir())
+                           for c in caches if Path(c).is_dir()}
+    teacher = args.teacher or C.teacher_onnx_path(folder.resolve().parent)
+    if teacher.is_file() and time.perf_counter() - start < args.budget_s:
+        report["teacher"] = check_teacher(teacher)
     report["seconds"] = round(time.perf_counter() - start, 1)
     text = json.dumps(report, indent=1)
     print(text)

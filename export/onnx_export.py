@@ -1,9 +1,11 @@
 """Export the student to ONNX (dynamic batch / history / candidates), verify the graph, check parity.
 
-Artifacts written to `runs/<name>/onnx/` (DESIGN.md, "Artifacts"):
+Artifacts written to `runs/<name>/onnx/` (file names: export/contract.py; docs/export.md):
   student.onnx   the exported graph; the item table is a constant (freeze_item_table)
   parity.json    max |onnx - torch| per output at several (batch, history, candidates) points
   runtime.json   everything `export/runtime.py` needs besides the graph (raw item ids, popularity, ...)
+
+The teacher (export_run(teacher=True)) goes to `runs/<name>/teacher_onnx/`, outside the serving folder.
 
 student.onnx and runtime.json are only (re)placed once the graph check and the parity check pass;
 parity.json is written either way so a failure can be inspected.
@@ -27,20 +29,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill.config import ExportConfig
+from export.config import ExportConfig
 from distill.io import atomic_path, write_json
 from distill.student import Student
 
-SCHEMA_VERSION = 1
-INPUT_NAMES = ("history_items", "history_ratings", "history_length", "candidates")
-INPUT_DTYPES = {"history_items": "int64", "history_ratings": "float32", "history_length": "int64",
-                "candidates": "int64"}
-INPUT_AXES = {"history_items": ("batch", "history"), "history_ratings": ("batch", "history"),
-              "history_length": ("batch",), "candidates": ("batch", "candidates")}
-# task -> ONNX output name, in output order
-TASK_OUTPUTS = {"next_item": "next_item_scores", "rating": "rating", "like": "like_logit"}
-RATING_RANGE = [1, 5]
-EXPORT_HINT = "run `distillrec export <run>`"
+from export import contract as C
+# the artifact contract (names, dtypes, axes, file names) lives in export/contract.py; re-exported here
+from export.contract import (EXPORT_HINT, INPUT_AXES, INPUT_DTYPES, INPUT_NAMES, RATING_RANGE,  # noqa: F401
+                             SCHEMA_VERSION, TASK_OUTPUTS)
 
 
 class ExportError(ValueError):
@@ -302,7 +298,7 @@ def _runtime_meta(student: Student, meta: dict, wrapper: ServingStudent, cfg: Ex
                           f"expected {student.n_items}")
     return {
         "schema_version": SCHEMA_VERSION,
-        "model_file": "student.onnx",
+        "model_file": C.STUDENT_FILE,
         "n_items": student.n_items,
         "item_ids": item_ids,
         "item_popularity": [int(x) for x in popularity],
@@ -313,6 +309,8 @@ def _runtime_meta(student: Student, meta: dict, wrapper: ServingStudent, cfg: Ex
         "inputs": [{"name": n, "dtype": INPUT_DTYPES[n], "shape": list(INPUT_AXES[n])} for n in INPUT_NAMES],
         "outputs": list(wrapper.output_names),
         "rating_range": list(RATING_RANGE),
+        # a model trained on click-only data never saw a rating: the runtime rejects ratings sent to it
+        "uses_ratings": bool(meta.get("has_ratings", C.uses_ratings(wrapper.tasks))),
         "data_hash": meta.get("data_hash"),
         "opset": int(cfg.opset),
         "providers": list(cfg.providers),
@@ -359,7 +357,7 @@ def export_student(student_dir: Path, onnx_dir: Path, cfg: ExportConfig, seed: i
     example = tuple(torch.from_numpy(ex[k]) for k in INPUT_NAMES)
 
     onnx_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path = onnx_dir / "student.onnx"
+    onnx_path = onnx_dir / C.STUDENT_FILE
     refs = reference_outputs(wrapper, max_history, seed)
     t0 = time.perf_counter()
     import onnx
@@ -374,7 +372,7 @@ def export_student(student_dir: Path, onnx_dir: Path, cfg: ExportConfig, seed: i
         except ExportError as e:
             rec = getattr(e, "parity", None)
             if rec is not None:
-                write_json(onnx_dir / "parity.json", {**rec, "opset": cfg.opset})
+                write_json(onnx_dir / C.PARITY_FILE, {**rec, "opset": cfg.opset})
             raise
     parity = {**parity, "opset": cfg.opset, "op_types": graph_op_types(graph)}
 
@@ -384,13 +382,13 @@ def export_student(student_dir: Path, onnx_dir: Path, cfg: ExportConfig, seed: i
                          n_items=student.n_items, strict=strict)
     variants_s = time.perf_counter() - t1
     parity["variants"] = var
-    write_json(onnx_dir / "parity.json", parity)
-    runtime["variants"] = {"fp32": {"file": "student.onnx", "precision": "fp32", "gpu_only": False}}
+    write_json(onnx_dir / C.PARITY_FILE, parity)
+    runtime["variants"] = {"fp32": {"file": C.STUDENT_FILE, "precision": "fp32", "gpu_only": False}}
     for kind, rec in var.items():
         if rec.get("passed"):
             runtime["variants"][kind] = {"file": rec["file"], "precision": rec["precision"],
                                          "gpu_only": rec["gpu_only"]}
-    write_json(onnx_dir / "runtime.json", runtime)
+    write_json(onnx_dir / C.RUNTIME_META_FILE, runtime)
 
     def _short(rec):
         return {k: rec.get(k) for k in ("file", "passed", "size_bytes", "max_abs_diff", "max_rel_diff",
@@ -398,8 +396,8 @@ def export_student(student_dir: Path, onnx_dir: Path, cfg: ExportConfig, seed: i
 
     return {
         "onnx": str(onnx_path),
-        "runtime": str(onnx_dir / "runtime.json"),
-        "parity": str(onnx_dir / "parity.json"),
+        "runtime": str(onnx_dir / C.RUNTIME_META_FILE),
+        "parity": str(onnx_dir / C.PARITY_FILE),
         "parity_passed": parity["passed"],
         "max_abs_diff": parity["max_abs_diff"],
         "size_bytes": onnx_path.stat().st_size,
@@ -418,9 +416,10 @@ def export_run(run_dir: Path, cfg: ExportConfig, seed: int = 0, variants: Option
     """The export stage: runs/<name>/student -> runs/<name>/onnx (student.onnx + variants, parity, runtime).
 
     teacher=True (or ExportConfig.teacher once the config has it) also exports the teacher
-    (export/teacher_export.py: onnx/teacher.onnx + teacher_parity.json) when runs/<name>/teacher exists."""
+    (export/teacher_export.py: teacher_onnx/teacher.onnx + teacher_parity.json, outside the serving folder
+    onnx/) when runs/<name>/teacher exists."""
     run_dir = Path(run_dir)
-    summary = export_student(run_dir / "student", run_dir / "onnx", cfg, seed=seed, variants=variants,
+    summary = export_student(run_dir / "student", C.serving_dir(run_dir), cfg, seed=seed, variants=variants,
                              int8_include_catalog_matmul=int8_include_catalog_matmul,
                              strict_variants=strict_variants)
     if bool(_opt(cfg, "teacher", teacher, False)):
@@ -428,7 +427,8 @@ def export_run(run_dir: Path, cfg: ExportConfig, seed: int = 0, variants: Option
             if teacher:  # asked for explicitly: an error; from the config default: a note
                 raise ExportError(f"{run_dir / 'teacher'} is missing: run the teacher stage first, or export "
                                   f"without the teacher")
-            logging.getLogger("distillrec.export").warning("no teacher in %s: onnx/teacher.onnx not exported", run_dir)
+            logging.getLogger("distillrec.export").warning("no teacher in %s: %s not exported", run_dir,
+                                                           C.TEACHER_ONNX_RELPATH)
             return summary
         from export.teacher_export import export_teacher
         summary["teacher"] = export_teacher(run_dir, opset=cfg.opset, seed=seed)

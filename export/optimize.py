@@ -27,7 +27,8 @@ from typing import Optional
 
 import numpy as np
 
-VARIANT_FILES = {"opt": "student.opt.onnx", "int8": "student.int8.onnx", "fp16": "student.fp16.onnx"}
+from export.contract import META_PRECISION, META_VARIANT, VARIANT_FILES  # noqa: F401  (the artifact contract)
+
 DEFAULT_VARIANTS = ("opt", "int8", "fp16")
 TOP_K = 10
 VARIANT_TOLERANCES = {
@@ -39,8 +40,6 @@ VARIANT_TOLERANCES = {
     # fp16 compute: 1% of the output scale on every output, and the same ranking floor as INT8
     "fp16": {"top10_overlap_min": 0.9, "max_rel_diff": 1e-2},
 }
-META_PRECISION = "distillrec.precision"
-META_VARIANT = "distillrec.variant"
 _log = logging.getLogger("distillrec.export")
 
 

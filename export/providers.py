@@ -2,7 +2,7 @@
 
 Stdlib + onnxruntime only (the serving runtime imports this module; no torch, no numpy needed).
 
-    providers = build_providers(["tensorrt", "cuda", "cpu"], cache_dir=run / "onnx" / "trt_cache",
+    providers = build_providers(["tensorrt", "cuda", "cpu"], cache_dir=Path("~/.cache/distillrec/trt/ab12"),
                                 max_history=50)
     sess, info = create_session("student.onnx", providers)
     info["actual"]   # what onnxruntime really runs, read back from the session
@@ -17,25 +17,30 @@ driver, wrong CUDA/cuDNN/TensorRT libraries) still LISTS CUDA and TensorRT in
 `get_available_providers()`; creating the session then only logs an error and silently runs everything
 on CPU. `create_session` compares the first requested provider with `session.get_providers()[0]` and, on
 a mismatch, emits a `ProviderFallbackWarning` (warnings + logging) naming both.
+
+TensorRT engine / timing caches go to `cache_dir`, which the caller picks OUTSIDE the model folder (the
+runtime: export.runtime.trt_cache_dir). A cache folder that cannot be created is not fatal: TensorRT then
+runs without a cache (engines are rebuilt at every start) and a warning says so.
+
+Provider names and their priority are part of the artifact contract (export/contract.py).
 """
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from export.contract import CPU, CUDA, TRT  # noqa: F401  (re-exported: P.CPU, P.TRT, ...)
+from export.contract import INPUT_AXES
+from export.contract import PROVIDER_ALIASES as ALIASES
+from export.contract import PROVIDER_PRIORITY as PRIORITY
+
 log = logging.getLogger("distillrec.providers")
 
-TRT = "TensorrtExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
-ALIASES = {"tensorrt": TRT, "trt": TRT, "cuda": CUDA, "gpu": CUDA, "cpu": CPU}
-PRIORITY = {TRT: 0, CUDA: 1, CPU: 3}  # everything else: 2 (kept in the order given)
-
-# Inputs of the student graph and their axes (export/onnx_export.py: INPUT_AXES).
-STUDENT_INPUTS = {"history_items": ("batch", "history"), "history_ratings": ("batch", "history"),
-                  "history_length": ("batch",), "candidates": ("batch", "candidates")}
+# Inputs of the student graph and their axes (export/contract.py).
+STUDENT_INPUTS = dict(INPUT_AXES)
 # TensorRT optimization profile: min / opt / max size of every dynamic axis. TensorRT builds one engine
 # per profile; a request outside [min, max] falls back to building a new engine (slow), so max must
 # cover what the service will see. history.max is the model's max_history (the runtime truncates to it).
@@ -148,10 +153,40 @@ def build_providers(names: Optional[Sequence[ProviderSpec]], cache_dir: Optional
         out.append((full, opts) if opts else full)
     if CPU not in [_name(p) for p in out]:
         out.append(CPU)  # the fallback every build has
-    if TRT in [_name(p) for p in out] and cache_dir is not None:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    record = {"requested": requested, "available": available, "dropped": dropped, "chosen": [_name(p) for p in out]}
+    record = {"requested": requested, "available": available, "dropped": dropped, "chosen": [_name(p) for p in out],
+              "trt_cache": None}
+    if TRT in record["chosen"] and cache_dir is not None:
+        if _prepare_cache_dir(Path(cache_dir)):
+            record["trt_cache"] = str(cache_dir)
+        else:
+            out = [_without_cache(p, str(cache_dir)) for p in out]
     return out, record
+
+
+_CACHE_KEYS = ("trt_engine_cache_enable", "trt_engine_cache_path", "trt_timing_cache_enable",
+               "trt_timing_cache_path")
+
+
+def _prepare_cache_dir(path: Path) -> bool:
+    """Create the TensorRT cache folder; False (with a warning) when it cannot be created or written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return True
+    except OSError as e:
+        log.warning("TensorRT cache folder %s is not writable (%s: %s): TensorRT runs without an engine cache "
+                    "and rebuilds its engines at every start; pass trt_cache_dir= or set $DISTILLREC_TRT_CACHE "
+                    "to a writable folder", path, type(e).__name__, e)
+        return False
+
+
+def _without_cache(p, cache: str):
+    """Drop the cache options this module set (a caller's own (name, options) pair is left as given)."""
+    if isinstance(p, (tuple, list)) and _name(p) == TRT and p[1].get("trt_engine_cache_path") == cache:
+        return (p[0], {k: v for k, v in p[1].items() if k not in _CACHE_KEYS})
+    return p
 
 
 def _name(p) -> str:

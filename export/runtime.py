@@ -10,26 +10,46 @@ max_history keeps its most recent max_history interactions (the order given is c
 item of the full history counts as seen for `exclude_seen`.
 
 One InferenceSession is shared; `InferenceSession.run` is thread-safe and this object holds no mutable
-state after construction, so a Recommender can serve concurrent requests.
+state after construction, so a Recommender can serve concurrent requests. Because concurrent calls share the
+session's intra-op thread pool, the default is NOT "all cores per call": see `default_intra_op_threads`.
 
-Providers and variants: see the Recommender docstring and docs/export.md.
+Errors: input a caller sent that the model cannot take raises `RequestError` (a ValueError; the HTTP service
+answers it with 400). A broken model folder raises `RuntimeArtifactError`; a wrong constructor argument a
+plain ValueError.
+
+TensorRT engine / timing caches are written under a cache folder outside the model folder (which may be a
+read-only mount): see `trt_cache_dir`.
+
+Providers and variants: see the Recommender docstring and docs/export.md. File and tensor names come from the
+artifact contract, export/contract.py.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import numbers
+import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import onnxruntime as ort
 
-from export.providers import CPU, ProviderFallbackWarning, build_providers, create_session  # noqa: F401
+from export import contract as C
+from export.contract import INPUT_NAMES, SCHEMA_VERSION  # noqa: F401  (re-exported)
+from export.providers import (CPU, TRT, ProviderFallbackWarning, build_providers, canonical_name,  # noqa: F401
+                              create_session)
 
-SCHEMA_VERSION = 1
-INPUT_NAMES = ("history_items", "history_ratings", "history_length", "candidates")
-_FIX = "run `distillrec export <run>`"
-_REQUIRED = ("item_ids", "max_history", "tasks", "outputs", "n_items")
+_FIX = C.EXPORT_HINT
+_REQUIRED = C.REQUIRED_META_KEYS
+MAX_DEFAULT_THREADS = 4
+"""Cap of the default intra-op thread count (see default_intra_op_threads)."""
+
+
+class RequestError(ValueError):
+    """The request cannot be answered as sent (unknown ids, bad ratings, k, shapes, ...): the caller's fault.
+
+    The HTTP service maps exactly this type to 400; any other exception is a server fault (500)."""
 
 
 class RuntimeArtifactError(RuntimeError):
@@ -49,36 +69,134 @@ def _provider_name(p) -> str:
     return p[0] if isinstance(p, (tuple, list)) else str(p)
 
 
+def _wants_tensorrt(providers) -> bool:
+    """Whether a provider list names TensorRT (unknown names are left for build_providers to reject)."""
+    for p in providers:
+        try:
+            if canonical_name(_provider_name(p)) == TRT:
+                return True
+        except ValueError:
+            pass
+    return False
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, else os.cpu_count())."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def default_intra_op_threads(processes: int = 1) -> int:
+    """Intra-op threads per session when none are given: min(4, usable cores // (2 x processes)), at least 1.
+
+    One session is shared by every request thread (FastAPI's threadpool) and concurrent `run` calls share its
+    intra-op pool. With onnxruntime's own default (one thread per physical core) every batch-1 call would try
+    to spread a sub-millisecond graph over all cores while other calls wait for the same pool. Half the cores
+    (split between `processes` worker processes) leaves the rest to the request threads; beyond 4 threads the
+    student's small MatMuls gain nothing. Pass intra_op_threads=0 for onnxruntime's all-cores default (best
+    for one large batch at a time), or a number.
+    """
+    return max(1, min(MAX_DEFAULT_THREADS, usable_cpus() // (2 * max(1, int(processes)))))
+
+
+def _cache_root() -> Path:
+    env = os.environ.get(C.TRT_CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "distillrec" / "trt"
+
+
+def model_hash(path: Union[str, Path], chars: int = 16) -> str:
+    """sha256 of a model file's bytes, shortened: the TensorRT cache sub-folder of that exact model."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:chars]
+
+
+def trt_cache_dir(model_path: Union[str, Path], root: Union[str, Path, None] = None) -> Path:
+    """Where TensorRT keeps the engine + timing caches of one model: <root>/<model hash>.
+
+    root: the argument, else $DISTILLREC_TRT_CACHE, else $XDG_CACHE_HOME/distillrec/trt (~/.cache/...).
+    Never inside the model folder, so a read-only model mount works; one sub-folder per model file content,
+    so a re-exported model never picks up the engines of the previous one."""
+    base = Path(root).expanduser() if root is not None else _cache_root()
+    return base / model_hash(model_path)
+
+
+def top_k_indices(scores: np.ndarray, k: int, banned=None) -> np.ndarray:
+    """Indices of the k highest scores outside `banned`, highest first, ties by the lower index.
+
+    The same answer as `np.argsort(-scores, kind="stable")` over the unbanned items, cut to k, without sorting
+    the catalog: np.argpartition finds the k-th highest value t, everything above t plus the first (by index)
+    items equal to t make the k, and only those k are sorted. Banned items are removed, never just pushed to
+    the end; NaN scores rank last. Fewer than k come back when fewer than k items are not banned.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if banned:
+        keep = np.ones(s.shape[0], dtype=bool)
+        keep[np.fromiter(banned, dtype=np.int64, count=len(banned))] = False
+        idx = np.flatnonzero(keep)
+        vals = s[idx]
+    else:
+        idx, vals = np.arange(s.shape[0]), s
+    if np.isnan(vals).any():
+        vals = np.where(np.isnan(vals), -np.inf, vals)
+    n, k = vals.shape[0], int(k)
+    if k <= 0 or n == 0:
+        return np.empty(0, dtype=np.int64)
+    if k < n:
+        t = vals[np.argpartition(-vals, k - 1)[k - 1]]  # the k-th highest value
+        above = np.flatnonzero(vals > t)
+        sel = np.concatenate([above, np.flatnonzero(vals == t)[:k - above.size]])
+    else:
+        sel = np.arange(n)
+    return idx[sel[np.lexsort((sel, -vals[sel]))]]
+
+
 class Recommender:
     """Raw-id recommender over one exported model file of a runtime folder (runs/<name>/onnx).
 
     providers: names in any order, e.g. ["tensorrt", "cuda", "cpu"] (default: runtime.json "providers");
       they are put in TensorRT -> CUDA -> CPU order, filtered to this onnxruntime build, and CPU is always the
-      last resort. TensorRT gets FP16, engine + timing caches in <folder>/trt_cache and min/opt/max profile
-      shapes for every input (`trt_profile` overrides them, see export.providers.DEFAULT_PROFILE).
+      last resort. TensorRT gets FP16, engine + timing caches in `trt_cache_dir(model, trt_cache_root)` (outside
+      the model folder; `.trt_cache` is the folder used, None when TensorRT is not in play) and min/opt/max
+      profile shapes for every input (`trt_profile` overrides them, see export.providers.DEFAULT_PROFILE).
       `.requested_providers` is what was asked for, `.providers` what the session really runs (read back from
       onnxruntime); when they differ a ProviderFallbackWarning is emitted (and logged), or, with
       strict_providers=True, UnsupportedProviderError is raised.
     variant / model_file: which model of the folder to serve: a variant name of runtime.json "variants"
       ("fp32", "opt", "int8", "fp16") or a file name. The FP16 variant is GPU-only: loading it where
       onnxruntime would run it on the CPU provider raises UnsupportedProviderError.
+    intra_op_threads: None = default_intra_op_threads() (a share of the cores, since request threads share
+      the session), 0 = onnxruntime's default (one thread per physical core), n = n. Always set explicitly in
+      the session options; `.intra_op_threads` is the value used.
+    trt_cache_root: root folder of TensorRT caches (default $DISTILLREC_TRT_CACHE or ~/.cache/distillrec/trt).
+    empty_history: "error" (RequestError) or "popularity": empty histories are answered from
+      runtime.json item_popularity without running the model (recommend: most popular unexcluded items;
+      score: the candidates' popularity, no rating/like estimate).
     """
 
     def __init__(self, folder, providers: Optional[list] = None, unknown_items: str = "error",
                  empty_history: str = "error", intra_op_threads: Optional[int] = None,
                  model_file: Optional[str] = None, variant: Optional[str] = None, strict_providers: bool = False,
-                 trt_profile: Optional[dict] = None):
+                 trt_profile: Optional[dict] = None, trt_cache_root: Union[str, Path, None] = None):
         if unknown_items not in ("error", "drop"):
             raise ValueError(f"unknown_items must be 'error' or 'drop', got {unknown_items!r}")
         if empty_history not in ("error", "popularity"):
             raise ValueError(f"empty_history must be 'error' or 'popularity', got {empty_history!r}")
-        if intra_op_threads is not None and (not isinstance(intra_op_threads, int) or intra_op_threads < 0):
+        if intra_op_threads is not None and (isinstance(intra_op_threads, bool) or not isinstance(intra_op_threads, int)
+                                             or intra_op_threads < 0):
             raise ValueError(f"intra_op_threads must be a non-negative int or None, got {intra_op_threads!r}")
         if model_file is not None and variant is not None:
             raise ValueError("pass either model_file or variant, not both")
         self.folder = Path(folder)
         self.unknown_items, self.empty_history = unknown_items, empty_history
-        self.meta = self._load_meta(self.folder / "runtime.json")
+        self.meta = self._load_meta(self.folder / C.RUNTIME_META_FILE)
         m = self.meta
         self.item_ids: list[str] = [str(x) for x in m["item_ids"]]
         self.n_items = len(self.item_ids)
@@ -88,16 +206,20 @@ class Recommender:
         self.tasks: list[str] = list(m["tasks"])
         self.output_names: list[str] = list(m["outputs"])
         self.like_threshold = float(m.get("like_threshold", 4.0))
-        self.rating_range = tuple(m.get("rating_range", [1, 5]))
+        self.rating_range = tuple(m.get("rating_range", list(C.RATING_RANGE)))
+        # click-only data trains no rating/like head and feeds rating 0 everywhere: ratings are not an input
+        self.uses_ratings = bool(m.get("uses_ratings", C.uses_ratings(self.tasks)))
         pop = np.asarray(m.get("item_popularity") or [0] * self.n_items, dtype=np.float64)
         if pop.shape != (self.n_items,):
-            raise RuntimeArtifactError(f"{self.folder / 'runtime.json'}: item_popularity has {pop.shape[0]} "
+            raise RuntimeArtifactError(f"{self.folder / C.RUNTIME_META_FILE}: item_popularity has {pop.shape[0]} "
                                        f"entries for {self.n_items} items; {_FIX}")
         self.item_popularity = pop
         self.variant, self.precision, file_name = self._pick_model(model_file, variant)
         self.model_path = self.folder / file_name
-        self.session, self.provider_record = self._make_session(providers, intra_op_threads, strict_providers,
-                                                                trt_profile)
+        self.intra_op_threads = default_intra_op_threads() if intra_op_threads is None else intra_op_threads
+        self.trt_cache: Optional[Path] = None
+        self.session, self.provider_record = self._make_session(providers, self.intra_op_threads,
+                                                                strict_providers, trt_profile, trt_cache_root)
         self.providers: list[str] = list(self.session.get_providers())
         self.requested_providers: list[str] = list(self.provider_record["requested"])
 
@@ -108,19 +230,19 @@ class Recommender:
         v = self.meta.get("variants")
         if isinstance(v, dict) and v:
             return v
-        return {"fp32": {"file": self.meta.get("model_file", "student.onnx"), "precision": "fp32", "gpu_only": False}}
+        return {"fp32": {"file": self.meta.get("model_file", C.STUDENT_FILE), "precision": "fp32", "gpu_only": False}}
 
     def _pick_model(self, model_file, variant) -> tuple[Optional[str], Optional[str], str]:
         """-> (variant name or None, precision or None, file name)."""
         variants = self.variants
         if variant is not None:
             if variant not in variants:
-                raise RuntimeArtifactError(f"variant {variant!r} is not in {self.folder / 'runtime.json'} "
+                raise RuntimeArtifactError(f"variant {variant!r} is not in {self.folder / C.RUNTIME_META_FILE} "
                                            f"(available: {sorted(variants)}); a variant that failed its parity "
                                            f"check is not listed, see parity.json; {_FIX}")
             v = variants[variant]
             return variant, v.get("precision"), str(v["file"])
-        name = model_file or self.meta.get("model_file", "student.onnx")
+        name = model_file or self.meta.get("model_file", C.STUDENT_FILE)
         if Path(name).name != name:
             raise ValueError(f"model_file must be a file name inside {self.folder}, got {name!r}")
         for k, v in variants.items():
@@ -145,7 +267,7 @@ class Recommender:
         if missing:
             raise RuntimeArtifactError(f"{path} lacks {missing}; {_FIX}")
         if not isinstance(meta["item_ids"], list) or len(meta["item_ids"]) != meta["n_items"] \
-                or "next_item_scores" not in meta["outputs"]:
+                or C.SCORES_OUTPUT not in meta["outputs"]:
             raise RuntimeArtifactError(f"{path} is inconsistent (item_ids vs n_items, or no next_item_scores "
                                        f"output); {_FIX}")
         return meta
@@ -159,18 +281,18 @@ class Recommender:
             f"(variant='fp32' / 'opt' / 'int8'); for FP16 use providers=['tensorrt', 'cuda'] with "
             f"onnxruntime-gpu on a machine with a working GPU.")
 
-    def _make_session(self, providers, intra_op_threads, strict: bool, trt_profile):
+    def _make_session(self, providers, intra_op_threads: int, strict: bool, trt_profile, trt_cache_root):
         path = self.model_path
         if not path.is_file():
             raise RuntimeArtifactError(f"{path} is missing; {_FIX}")
         wanted = list(providers or self.meta.get("providers") or [CPU])
-        chosen, record = build_providers(wanted, cache_dir=self.folder / "trt_cache", max_history=self.max_history,
-                                         profile=trt_profile)
+        cache = trt_cache_dir(path, trt_cache_root) if _wants_tensorrt(wanted) else None
+        chosen, record = build_providers(wanted, cache_dir=cache, max_history=self.max_history, profile=trt_profile)
+        self.trt_cache = Path(record["trt_cache"]) if record.get("trt_cache") else None
         if self.precision == "fp16" and [_provider_name(p) for p in chosen] == [CPU]:
             raise self._fp16_refusal("can only run it on", record)
         opts = ort.SessionOptions()
-        if intra_op_threads is not None:
-            opts.intra_op_num_threads = intra_op_threads
+        opts.intra_op_num_threads = int(intra_op_threads)  # explicit, see default_intra_op_threads
         try:
             sess, record = create_session(path, chosen, record, sess_options=opts, what=str(path))
         except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
@@ -178,7 +300,7 @@ class Recommender:
                                        f"({type(e).__name__}: {str(e).strip()[:300]}); {_FIX}") from e
         if self.precision is None:  # a file runtime.json does not list: the export stamps its precision
             meta = sess.get_modelmeta().custom_metadata_map or {}
-            self.precision = meta.get("distillrec.precision")
+            self.precision = meta.get(C.META_PRECISION)
         if self.precision == "fp16" and record["actual"][0] == CPU:
             raise self._fp16_refusal("fell back to", record)
         if strict and record["fallback"]:
@@ -194,10 +316,10 @@ class Recommender:
     def _check_history(self, history, what: str = "history") -> list:
         if isinstance(history, np.ndarray):
             if history.ndim != 1:
-                raise ValueError(f"{what} must be a 1-D sequence of item ids, got an array of shape {history.shape}")
+                raise RequestError(f"{what} must be a 1-D sequence of item ids, got an array of shape {history.shape}")
             history = history.tolist()
         if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
-            raise ValueError(f"{what} must be a list/sequence of item ids, got {type(history).__name__}")
+            raise RequestError(f"{what} must be a list/sequence of item ids, got {type(history).__name__}")
         return list(history)
 
     def _to_key(self, x) -> str:
@@ -205,7 +327,7 @@ class Recommender:
             return x
         if isinstance(x, (numbers.Integral, np.integer)) and not isinstance(x, (bool, np.bool_)):
             return str(int(x))
-        raise ValueError(f"item ids must be str (or int), got {type(x).__name__} {x!r}")
+        raise RequestError(f"item ids must be str (or int), got {type(x).__name__} {x!r}")
 
     def _lookup(self, ids: list, what: str, allow_drop: bool) -> tuple[list[int], list[int]]:
         """-> (internal ids, positions kept). Unknown ids raise (or are dropped when configured)."""
@@ -221,7 +343,7 @@ class Recommender:
         if unknown and not (allow_drop and self.unknown_items == "drop"):
             shown = ", ".join(repr(u) for u in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
             hint = " (or construct the Recommender with unknown_items='drop')" if allow_drop else ""
-            raise ValueError(f"{len(unknown)} unknown item id(s) in {what}: {shown}; the catalog has "
+            raise RequestError(f"{len(unknown)} unknown item id(s) in {what}: {shown}; the catalog has "
                              f"{self.n_items} items{hint}")
         return out, kept
 
@@ -231,44 +353,49 @@ class Recommender:
         if isinstance(ratings, np.ndarray):
             if ratings.ndim != 1 or not (np.issubdtype(ratings.dtype, np.integer)
                                          or np.issubdtype(ratings.dtype, np.floating)):
-                raise ValueError(f"{what} ratings must be a 1-D numeric array, got dtype {ratings.dtype} "
+                raise RequestError(f"{what} ratings must be a 1-D numeric array, got dtype {ratings.dtype} "
                                  f"shape {ratings.shape}")
             vals = ratings.astype(np.float64)
         else:
             if isinstance(ratings, (str, bytes)) or not isinstance(ratings, Sequence):
-                raise ValueError(f"{what} ratings must be a list of numbers, got {type(ratings).__name__}")
+                raise RequestError(f"{what} ratings must be a list of numbers, got {type(ratings).__name__}")
             for r in ratings:
                 if isinstance(r, (bool, np.bool_)) or not isinstance(r, (numbers.Real, np.number)):
-                    raise ValueError(f"{what} ratings must be numbers, got {type(r).__name__} {r!r}")
+                    raise RequestError(f"{what} ratings must be numbers, got {type(r).__name__} {r!r}")
             vals = np.asarray(list(ratings), dtype=np.float64)
         if vals.shape[0] != n:
-            raise ValueError(f"{what}: {vals.shape[0]} ratings for {n} history items; pass one rating per item")
+            raise RequestError(f"{what}: {vals.shape[0]} ratings for {n} history items; pass one rating per item")
         if not np.all(np.isfinite(vals)):
-            raise ValueError(f"{what} ratings contain NaN/inf: {vals[~np.isfinite(vals)].tolist()[:10]}")
+            raise RequestError(f"{what} ratings contain NaN/inf: {vals[~np.isfinite(vals)].tolist()[:10]}")
         lo, hi = self.rating_range
         bad = (vals != 0) & ((vals < lo) | (vals > hi))
         if bad.any():
-            raise ValueError(f"{what} ratings must lie in [{lo}, {hi}] (0 = unknown); got {vals[bad].tolist()[:10]}")
+            raise RequestError(f"{what} ratings must lie in [{lo}, {hi}] (0 = unknown); got {vals[bad].tolist()[:10]}")
         return vals.astype(np.float32)
 
     def _prepare(self, histories, ratings) -> tuple[list[list[int]], list[np.ndarray], list[set]]:
         """Validate a batch: -> (truncated internal histories, their ratings, full seen sets)."""
         if isinstance(histories, (str, bytes)) or not isinstance(histories, (Sequence, np.ndarray)):
-            raise ValueError(f"histories must be a list of histories, got {type(histories).__name__}")
+            raise RequestError(f"histories must be a list of histories, got {type(histories).__name__}")
         histories = list(histories)
         if not histories:
-            raise ValueError("histories is empty: pass at least one history")
+            raise RequestError("histories is empty: pass at least one history")
         if ratings is not None:
             if isinstance(ratings, (str, bytes)) or not isinstance(ratings, (Sequence, np.ndarray)):
-                raise ValueError(f"ratings must be a list (one per history), got {type(ratings).__name__}")
+                raise RequestError(f"ratings must be a list (one per history), got {type(ratings).__name__}")
             ratings = list(ratings)
             if len(ratings) != len(histories):
-                raise ValueError(f"{len(ratings)} rating lists for {len(histories)} histories")
+                raise RequestError(f"{len(ratings)} rating lists for {len(histories)} histories")
         items, rates, seen = [], [], []
         for row, h in enumerate(histories):
             what = f"history[{row}]" if len(histories) > 1 else "history"
             h = self._check_history(h, what)
             r = self._check_ratings(None if ratings is None else ratings[row], len(h), what)
+            if not self.uses_ratings and np.any(r != 0):
+                field = f"ratings[{row}]" if len(histories) > 1 else "ratings"
+                raise RequestError(f"{field}: this model does not use ratings (it was trained on data without "
+                                   f"ratings, tasks={self.tasks}), so they would only distort the answer; send "
+                                   f"the history without ratings (or with 0 = unknown)")
             ids, kept = self._lookup(h, what, allow_drop=True)
             r = r[kept]
             seen.append(set(ids))
@@ -303,7 +430,7 @@ class Recommender:
     def _int_array(x, name: str) -> np.ndarray:
         a = np.asarray(x)
         if a.dtype.kind not in "iu":
-            raise ValueError(f"{name} must hold integers (int64 ids / lengths), got dtype {a.dtype}")
+            raise RequestError(f"{name} must hold integers (int64 ids / lengths), got dtype {a.dtype}")
         return np.ascontiguousarray(a, dtype=np.int64)
 
     def predict_arrays(self, history_items, history_ratings, history_length, candidates=None) -> dict:
@@ -315,27 +442,27 @@ class Recommender:
         length = self._int_array(history_length, "history_length")
         r = np.asarray(history_ratings)
         if r.dtype.kind not in "iuf":
-            raise ValueError(f"history_ratings must be numeric, got dtype {r.dtype}")
+            raise RequestError(f"history_ratings must be numeric, got dtype {r.dtype}")
         rates = np.ascontiguousarray(r, dtype=np.float32)
         if items.ndim != 2 or rates.shape != items.shape or length.shape != (items.shape[0],):
-            raise ValueError(f"expected history_items/history_ratings [B, L] and history_length [B]; got "
+            raise RequestError(f"expected history_items/history_ratings [B, L] and history_length [B]; got "
                              f"{items.shape}, {rates.shape}, {length.shape}")
         b, L = items.shape
         if b < 1 or L < 1:
-            raise ValueError(f"batch and history axes must be >= 1 (pad an empty history to length 1 with "
+            raise RequestError(f"batch and history axes must be >= 1 (pad an empty history to length 1 with "
                              f"history_length 0); got {items.shape}")
         if not np.all(np.isfinite(rates)):
-            raise ValueError("history_ratings contain NaN/inf")
+            raise RequestError("history_ratings contain NaN/inf")
         if candidates is None:
             candidates = np.zeros((b, 1), dtype=np.int64)
         cand = self._int_array(candidates, "candidates")
         if cand.ndim != 2 or cand.shape[0] != b or cand.shape[1] < 1:
-            raise ValueError(f"candidates must be [B={b}, C>=1], got {cand.shape}")
+            raise RequestError(f"candidates must be [B={b}, C>=1], got {cand.shape}")
         if length.min() < 0 or length.max() > L:
-            raise ValueError(f"history_length must lie in [0, {L}], got {length.tolist()}")
+            raise RequestError(f"history_length must lie in [0, {L}], got {length.tolist()}")
         for name, a in (("history_items", items), ("candidates", cand)):
             if a.min() < 0 or a.max() >= self.n_items:
-                raise ValueError(f"{name} holds ids outside [0, {self.n_items})")
+                raise RequestError(f"{name} holds ids outside [0, {self.n_items})")
         if L > self.max_history:
             items = np.ascontiguousarray(items[:, -self.max_history:])
             rates = np.ascontiguousarray(rates[:, -self.max_history:])
@@ -347,14 +474,14 @@ class Recommender:
     def _check_k(self, k) -> int:
         k = self.top_k if k is None else k
         if isinstance(k, bool) or not isinstance(k, (numbers.Integral, np.integer)) or k <= 0:
-            raise ValueError(f"k must be a positive int, got {k!r}")
+            raise RequestError(f"k must be a positive int, got {k!r}")
         return int(k)
 
     def _exclusions(self, exclude, b: int) -> list[set]:
         if exclude is None:
             return [set() for _ in range(b)]
         if isinstance(exclude, (str, bytes)) or not isinstance(exclude, (Sequence, np.ndarray)) or len(exclude) != b:
-            raise ValueError(f"exclude must be a list with one id list per history ({b})")
+            raise RequestError(f"exclude must be a list with one id list per history ({b})")
         out = []
         for row, ex in enumerate(exclude):
             if ex is None:
@@ -366,34 +493,29 @@ class Recommender:
         return out
 
     def _top_k(self, scores: np.ndarray, banned: set, k: int) -> list[tuple[str, float]]:
-        s = scores.astype(np.float64, copy=True)
-        if banned:
-            s[list(banned)] = -np.inf
-        k = min(k, self.n_items - len(banned))
-        if k <= 0:
-            return []
-        order = np.argsort(-s, kind="stable")[:k]
-        return [(self.item_ids[i], float(scores[i])) for i in order]
+        return [(self.item_ids[i], float(scores[i])) for i in top_k_indices(scores, k, banned)]
 
     def recommend_batch(self, histories, ratings=None, k: Optional[int] = None, exclude_seen: bool = True,
                         exclude=None) -> list[list[tuple[str, float]]]:
         """Top-k (item id, score) per history, one session call for the batch.
 
         `exclude`: None or one list of ids per history, masked out besides the seen items.
-        Empty histories raise unless empty_history='popularity' (then: most popular unexcluded items).
+        Empty histories raise unless empty_history='popularity' (then: most popular unexcluded items, and the
+        model runs only on the other rows). Fewer than k items come back when seen + excluded items leave fewer
+        than k in the catalog (none when they cover it).
         """
         k = self._check_k(k)
         items, rates, seen = self._prepare(histories, ratings)
         excl = self._exclusions(exclude, len(items))
         empty = [row for row, h in enumerate(items) if not h]
         if empty and self.empty_history != "popularity":
-            raise ValueError(f"empty history at row(s) {empty[:20]} (after dropping unknown ids); pass at least "
+            raise RequestError(f"empty history at row(s) {empty[:20]} (after dropping unknown ids); pass at least "
                              f"one known item or construct the Recommender with empty_history='popularity'")
         live = [row for row in range(len(items)) if items[row]]
         results: list[list[tuple[str, float]]] = [[] for _ in items]
         if live:
             arr_i, arr_r, length = self._pad([items[r] for r in live], [rates[r] for r in live])
-            scores = self.predict_arrays(arr_i, arr_r, length)["next_item_scores"]
+            scores = self.predict_arrays(arr_i, arr_r, length)[C.SCORES_OUTPUT]
             for j, row in enumerate(live):
                 banned = (seen[row] if exclude_seen else set()) | excl[row]
                 results[row] = self._top_k(scores[j], banned, k)
@@ -409,43 +531,50 @@ class Recommender:
 
     # ------------------------------------------------------------------------------------------ score
     def score_batch(self, histories, candidates, ratings=None) -> list[dict[str, np.ndarray]]:
-        """rating / like (probability) / like_logit per candidate, for each history (one session call)."""
+        """rating / like (probability) / like_logit per candidate, for each history (one session call).
+
+        With empty_history='popularity', a row whose history is empty (after dropping unknown ids) is answered
+        without the model: {"popularity": the candidates' item_popularity} and no rating / like estimate. The
+        model runs only on the other rows (not at all when every row is empty)."""
         heads = [t for t in ("rating", "like") if t in self.tasks]
         if not heads:
-            raise ValueError(f"this model has no rating/like head (tasks={self.tasks}); only recommend() works")
+            raise RequestError(f"this model has no rating/like head (tasks={self.tasks}); only recommend() works")
         items, rates, _ = self._prepare(histories, ratings)
         if isinstance(candidates, (str, bytes)) or not isinstance(candidates, (Sequence, np.ndarray)) \
                 or len(candidates) != len(items):
-            raise ValueError(f"candidates must be a list with one id list per history ({len(items)})")
+            raise RequestError(f"candidates must be a list with one id list per history ({len(items)})")
         cand_ids = []
         for row, c in enumerate(candidates):
             what = f"candidates[{row}]" if len(items) > 1 else "candidates"
             c = self._check_history(c, what)
             if not c:
-                raise ValueError(f"{what} is empty: pass at least one item to score")
+                raise RequestError(f"{what} is empty: pass at least one item to score")
             ids, _ = self._lookup(c, what, allow_drop=False)
             cand_ids.append(ids)
         empty = [row for row, h in enumerate(items) if not h]
         if empty and self.empty_history != "popularity":
-            raise ValueError(f"empty history at row(s) {empty[:20]} (after dropping unknown ids); construct the "
+            raise RequestError(f"empty history at row(s) {empty[:20]} (after dropping unknown ids); construct the "
                              f"Recommender with empty_history='popularity' to score from an empty history")
-        arr_i, arr_r, length = self._pad(items, rates)
-        C = max(len(c) for c in cand_ids)
-        arr_c = np.zeros((len(items), C), dtype=np.int64)
-        for row, c in enumerate(cand_ids):
-            arr_c[row, :len(c)] = c
+        results: list[dict[str, np.ndarray]] = [
+            {"popularity": self.item_popularity[c].astype(np.float32)} if not items[row] else {}
+            for row, c in enumerate(cand_ids)]
+        live = [row for row in range(len(items)) if items[row]]
+        if not live:
+            return results
+        arr_i, arr_r, length = self._pad([items[r] for r in live], [rates[r] for r in live])
+        width = max(len(cand_ids[r]) for r in live)
+        arr_c = np.zeros((len(live), width), dtype=np.int64)
+        for j, row in enumerate(live):
+            arr_c[j, :len(cand_ids[row])] = cand_ids[row]
         out = self.predict_arrays(arr_i, arr_r, length, arr_c)
-        results = []
-        for row, c in enumerate(cand_ids):
-            n = len(c)
-            res = {}
+        for j, row in enumerate(live):
+            n, res = len(cand_ids[row]), results[row]
             if "rating" in out:
-                res["rating"] = out["rating"][row, :n].copy()
+                res["rating"] = out["rating"][j, :n].copy()
             if "like_logit" in out:
-                logit = out["like_logit"][row, :n].copy()
+                logit = out["like_logit"][j, :n].copy()
                 res["like_logit"] = logit
                 res["like"] = _sigmoid(logit)
-            results.append(res)
         return results
 
     def score(self, history, candidates, ratings=None) -> dict[str, np.ndarray]:

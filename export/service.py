@@ -13,18 +13,32 @@ Endpoints (JSON in, JSON out):
     GET  /health           -> {status: "ok", provider, providers, model}   (runs one tiny inference)
     GET  /metadata         -> runtime.json without the item list, plus the providers actually running
 
-Errors are JSON `{"detail": "<message>", ...}`: 400 for input the runtime rejects (unknown ids, empty history,
-NaN or out-of-range ratings, k <= 0, no rating/like head, batch too large) with the runtime's own message;
-422 for a body of the wrong shape or types, with one message naming every bad field. Never a 500 for bad input.
+Errors are JSON `{"detail": "<message>", ...}`: 400 for input the runtime rejects (`export.runtime.RequestError`:
+unknown ids, empty history, NaN or out-of-range ratings, ratings sent to a model that does not use them, k <= 0
+or above the limit, no rating/like head, batch too large) with the runtime's own message; 422 for a body of the
+wrong shape or types, with one message naming every bad field. Any other exception is a server fault: 500 with
+`{"detail": "internal error", "request_id": ...}`; the exception and its traceback go to the log under that
+request id, never into the response. Never a 500 for bad input.
+
+A recommendation shorter than k (seen + excluded items leave fewer than k of the catalog, or none) carries a
+`note` saying so instead of a silently short or empty list.
 
 Imports only fastapi / pydantic (+ uvicorn inside `serve`) and export.runtime: no torch. The endpoints are
 plain `def`, so FastAPI runs the blocking onnxruntime call in its threadpool; one Recommender (one
-InferenceSession, thread-safe) is shared by every request.
+InferenceSession, thread-safe) is shared by every request. `create_app` is three named steps:
+`_load_recommender` -> `_Handlers` (the endpoint functions) -> `_install_error_handlers` + `_add_routes`.
+Several workers: `serve(workers=N)` hands each worker process a picklable `ServiceSettings` through the app
+factory `build_app`; nothing is passed through (or written to) os.environ.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import os
+import re
+import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -34,12 +48,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from export.runtime import Recommender
+from export.runtime import Recommender, RequestError, default_intra_op_threads
 
-__all__ = ["create_app", "serve", "DEFAULT_MAX_BATCH"]
+__all__ = ["create_app", "build_app", "serve", "ServiceSettings", "DEFAULT_MAX_BATCH", "DEFAULT_MAX_K"]
+
+log = logging.getLogger("distillrec.service")
 
 DEFAULT_MAX_BATCH = 1024
 """Largest number of histories one /recommend/batch or /score/batch request may carry."""
+DEFAULT_MAX_K = 1000
+"""Largest k a request may ask for (also capped by the catalog size)."""
 
 # ------------------------------------------------------------------------------------------------ schemas
 # Strict types: "5" is not a rating and 1.5 / true are not item ids (pydantic's lax mode would coerce them).
@@ -57,7 +75,7 @@ class RecommendRequest(_Body):
     ratings: Optional[list[Rating]] = None
     """One per history item, 1..5, or 0 for unknown. Omitted: every rating unknown."""
     k: Optional[StrictInt] = None
-    """How many items to return (default: runtime.json top_k)."""
+    """How many items to return (default: runtime.json top_k); at most min(max_k, catalog size)."""
     exclude: Optional[list[ItemId]] = None
     """Extra ids never to recommend (ids outside the catalog are ignored)."""
     exclude_seen: StrictBool = True
@@ -85,7 +103,7 @@ class ScoreBatchRequest(_Body):
 
 # ------------------------------------------------------------------------------------------------ helpers
 class _BadRequest(Exception):
-    """Input the runtime rejected: answered as 400 with the runtime's message."""
+    """Input the runtime (RequestError) or the service limits rejected: answered as 400 with that message."""
 
 
 def _finite(x) -> Optional[float]:
@@ -99,10 +117,12 @@ def _items(pairs) -> list[dict]:
 
 
 def _score_out(candidates: list, res: dict) -> dict:
+    """source "model", or "popularity" for an empty history under empty_history='popularity' (no rating/like)."""
     out: dict[str, Any] = {"candidates": [str(c) for c in candidates]}
-    for key in ("rating", "like", "like_logit"):
+    for key in ("rating", "like", "like_logit", "popularity"):
         if key in res:
             out[key] = [_finite(v) for v in np.asarray(res[key]).tolist()]
+    out["source"] = "popularity" if "popularity" in res else "model"
     return out
 
 
@@ -153,29 +173,188 @@ def _model_name(rec: Recommender) -> str:
     return f"{run}/{rec.model_path.name}"
 
 
-# ------------------------------------------------------------------------------------------------ app
-def create_app(onnx_dir_or_recommender: Union[str, os.PathLike, Recommender], *, providers: Optional[list] = None,
-               unknown_items: str = "error", empty_history: str = "error", intra_op_threads: Optional[int] = None,
-               model_file: Optional[str] = None, model_name: Optional[str] = None,
-               max_batch: int = DEFAULT_MAX_BATCH) -> FastAPI:
-    """A FastAPI app serving one Recommender (built here from an onnx folder, or the one given).
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
-    The Recommender options (providers, unknown_items, empty_history, intra_op_threads, model_file) apply only
-    when a folder is given. A broken folder raises `RuntimeArtifactError` here, before any port is bound.
-    """
-    if isinstance(onnx_dir_or_recommender, Recommender):
-        rec = onnx_dir_or_recommender
-    else:
-        rec = Recommender(onnx_dir_or_recommender, providers=providers, unknown_items=unknown_items,
-                          empty_history=empty_history, intra_op_threads=intra_op_threads, model_file=model_file)
-    if not isinstance(max_batch, int) or max_batch < 1:
-        raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
-    name = model_name or _model_name(rec)
-    provider = rec.providers[0]
 
-    app = FastAPI(title="distillrec", version="1", summary="Recommendations from the distilled student (ONNX)")
-    app.state.recommender = rec
-    app.state.model_name = name
+def _request_id(request: Request) -> str:
+    """The caller's X-Request-ID when it is a plain token, else a fresh one (it is logged and echoed)."""
+    given = request.headers.get("x-request-id", "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+
+
+def _shortfall_note(n_got: int, k: int, n_items: int) -> Optional[str]:
+    """Why a recommendation holds fewer than k items (None when it holds k)."""
+    if n_got >= k:
+        return None
+    if n_got == 0:
+        return (f"no items left to recommend: the seen items (exclude_seen) and `exclude` cover all {n_items} "
+                f"catalog items")
+    return (f"only {n_got} of the requested k={k} items: the other catalog items ({n_items} in all) are seen "
+            f"(exclude_seen) or in `exclude`")
+
+
+# ------------------------------------------------------------------------------------------------ settings
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Everything one service process needs to build its app; picklable, so `serve(workers=N)` hands it to each
+    worker process through the app factory `build_app` (no environment variables)."""
+
+    folder: str
+    """The runtime folder (runs/<name>/onnx)."""
+    providers: Optional[tuple] = None
+    """Execution providers in any order (default: runtime.json "providers"), see export.runtime.Recommender."""
+    unknown_items: str = "error"
+    """"error": an unknown id is a 400; "drop": unknown ids are left out of the history."""
+    empty_history: str = "error"
+    """"error": an empty history is a 400; "popularity": answered from item popularity without the model."""
+    intra_op_threads: Optional[int] = None
+    """onnxruntime intra-op threads per session (None: export.runtime.default_intra_op_threads)."""
+    model_file: Optional[str] = None
+    """Which model file of the folder to serve (default: runtime.json model_file, student.onnx)."""
+    model_name: Optional[str] = None
+    """Name reported in every answer (default: <run>/<model file>)."""
+    max_batch: int = DEFAULT_MAX_BATCH
+    """Most histories per /recommend/batch or /score/batch request."""
+    max_k: int = DEFAULT_MAX_K
+    """Largest k a request may ask for; the catalog size caps it too."""
+    trt_cache_root: Optional[str] = None
+    """Root of the TensorRT engine caches (default $DISTILLREC_TRT_CACHE or ~/.cache/distillrec/trt)."""
+
+    def __post_init__(self):
+        _check_limits(max_batch=self.max_batch, max_k=self.max_k)
+
+
+def _check_limits(**limits) -> None:
+    for name, v in limits.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
+# ------------------------------------------------------------------------------------------------ handlers
+class _Handlers:
+    """The endpoint functions over one Recommender: validate the service limits, call the runtime, shape JSON.
+
+    Plain `def` methods: FastAPI runs them in its threadpool (the onnxruntime call blocks)."""
+
+    def __init__(self, rec: Recommender, name: str, max_batch: int, max_k: int):
+        self.rec, self.name, self.max_batch = rec, name, max_batch
+        self.provider = rec.providers[0]
+        self.k_limit = min(max_k, rec.n_items)
+        self.max_k = max_k
+
+    # ---- helpers
+    def _tag(self, body: dict) -> dict:
+        body["model"] = self.name
+        body["provider"] = self.provider
+        return body
+
+    @staticmethod
+    def _call(fn, *args, **kwargs):
+        """The runtime validates ids / ratings / k / histories: its RequestError is the client's fault (400)."""
+        try:
+            return fn(*args, **kwargs)
+        except RequestError as e:
+            raise _BadRequest(str(e)) from e
+
+    def _check_batch(self, n: int, what: str) -> None:
+        if n > self.max_batch:
+            raise _BadRequest(f"{what} holds {n} histories; this service accepts at most max_batch={self.max_batch} "
+                              f"per request (split the batch)")
+
+    def _k(self, k: Optional[int]) -> int:
+        """The k to serve: the request's (at most the limit) or the model's top_k (cut to the catalog)."""
+        if k is None:
+            return min(self.rec.top_k, self.k_limit)
+        if k > self.k_limit:
+            raise _BadRequest(f"k={k} exceeds the limit of {self.k_limit} (the catalog has {self.rec.n_items} "
+                              f"items; this service's max_k is {self.max_k}); ask for at most {self.k_limit}")
+        return k  # k <= 0 is left to the runtime, which names it
+
+    def _ranked(self, got: list, k: int) -> dict:
+        body = {"items": _items(got)}
+        note = _shortfall_note(len(got), k, self.rec.n_items)
+        if note:
+            body["note"] = note
+        return body
+
+    # ---- endpoints
+    def recommend(self, req: RecommendRequest) -> dict:
+        k = self._k(req.k)
+        got = self._call(self.rec.recommend, req.history, ratings=req.ratings, k=k, exclude_seen=req.exclude_seen,
+                         exclude=req.exclude)
+        return self._tag(self._ranked(got, k))
+
+    def recommend_batch(self, req: RecommendBatchRequest) -> dict:
+        self._check_batch(len(req.histories), "histories")
+        k = self._k(req.k)
+        got = self._call(self.rec.recommend_batch, req.histories, ratings=req.ratings, k=k,
+                         exclude_seen=req.exclude_seen, exclude=req.exclude)
+        return self._tag({"results": [self._ranked(r, k) for r in got]})
+
+    def score(self, req: ScoreRequest) -> dict:
+        got = self._call(self.rec.score, req.history, req.candidates, ratings=req.ratings)
+        return self._tag(_score_out(req.candidates, got))
+
+    def score_batch(self, req: ScoreBatchRequest) -> dict:
+        self._check_batch(len(req.histories), "histories")
+        got = self._call(self.rec.score_batch, req.histories, req.candidates, ratings=req.ratings)
+        return self._tag({"results": [_score_out(c, r) for c, r in zip(req.candidates, got)]})
+
+    def health(self, request: Request):
+        """One real batch-1 inference (an all-padding history): proves the session runs, not just that it loaded."""
+        rec = self.rec
+        try:
+            out = rec.predict_arrays(np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float32), np.zeros(1, np.int64))
+            ok = all(np.all(np.isfinite(v)) for v in out.values())
+            detail = None if ok else "the model returned non-finite scores for an empty history"
+        except Exception as e:  # report, never crash the probe; the error text goes to the log only
+            rid = _request_id(request)
+            log.error("health check inference failed (request_id=%s): %s: %s", rid, type(e).__name__, e,
+                      exc_info=e)
+            ok, detail = False, f"inference failed; see the service log (request_id {rid})"
+        body = {"status": "ok" if ok else "error", "model": self.name, "provider": self.provider,
+                "providers": list(rec.providers)}
+        if detail:
+            body["detail"] = detail
+        return JSONResponse(status_code=200 if ok else 503, content=body)
+
+    def metadata(self) -> dict:
+        rec, m = self.rec, self.rec.meta
+        return {
+            "model": self.name,
+            "model_file": rec.model_path.name,
+            "schema_version": m.get("schema_version"),
+            "n_items": rec.n_items,
+            "tasks": list(rec.tasks),
+            "uses_ratings": rec.uses_ratings,
+            "max_history": rec.max_history,
+            "top_k": rec.top_k,
+            "max_k": self.k_limit,
+            "like_threshold": rec.like_threshold,
+            "rating_range": list(rec.rating_range),
+            "inputs": m.get("inputs"),
+            "outputs": list(rec.output_names),
+            "data_hash": m.get("data_hash"),
+            "opset": m.get("opset"),
+            "providers": list(rec.providers),
+            "requested_providers": m.get("providers"),
+            "intra_op_threads": rec.intra_op_threads,
+            "unknown_items": rec.unknown_items,
+            "empty_history": rec.empty_history,
+            "max_batch": self.max_batch,
+        }
+
+
+# ------------------------------------------------------------------------------------------------ app steps
+def _load_recommender(source: Union[str, os.PathLike, Recommender], options: dict) -> Recommender:
+    """Step 1: the Recommender given, or one built from the folder (a broken folder raises here)."""
+    if isinstance(source, Recommender):
+        return source
+    return Recommender(source, **options)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Step 2: 422 for a malformed body, 400 for rejected input, a generic 500 (logged, never echoed) otherwise."""
 
     @app.exception_handler(RequestValidationError)
     def _on_validation_error(request: Request, exc: RequestValidationError):
@@ -187,128 +366,99 @@ def create_app(onnx_dir_or_recommender: Union[str, os.PathLike, Recommender], *,
         return JSONResponse(status_code=400, content={"detail": str(exc)})
 
     @app.exception_handler(Exception)
-    def _on_error(request: Request, exc: Exception):  # a bug, not bad input: still answer in JSON
-        return JSONResponse(status_code=500, content={"detail": f"internal error: {type(exc).__name__}: {exc}"})
+    def _on_error(request: Request, exc: Exception):  # a bug or a failing session, not bad input
+        rid = _request_id(request)
+        log.error("internal error on %s %s (request_id=%s): %s: %s", request.method, request.url.path, rid,
+                  type(exc).__name__, exc, exc_info=exc)
+        return JSONResponse(status_code=500, content={"detail": "internal error", "request_id": rid},
+                            headers={"x-request-id": rid})
 
-    def _tag(body: dict) -> dict:
-        body["model"] = name
-        body["provider"] = provider
-        return body
 
-    def _call(fn, *args, **kwargs):
-        # the runtime validates ids / ratings / k / histories and raises ValueError with a precise message
-        try:
-            return fn(*args, **kwargs)
-        except ValueError as e:
-            raise _BadRequest(str(e)) from e
+def _add_routes(app: FastAPI, h: _Handlers) -> None:
+    """Step 3: the six endpoints."""
+    app.add_api_route("/recommend", h.recommend, methods=["POST"])
+    app.add_api_route("/recommend/batch", h.recommend_batch, methods=["POST"])
+    app.add_api_route("/score", h.score, methods=["POST"])
+    app.add_api_route("/score/batch", h.score_batch, methods=["POST"])
+    app.add_api_route("/health", h.health, methods=["GET"])
+    app.add_api_route("/metadata", h.metadata, methods=["GET"])
 
-    def _check_batch(n: int, what: str) -> None:
-        if n > max_batch:
-            raise _BadRequest(f"{what} holds {n} histories; this service accepts at most max_batch={max_batch} "
-                             f"per request (split the batch)")
 
-    @app.post("/recommend")
-    def recommend(req: RecommendRequest) -> dict:
-        got = _call(rec.recommend, req.history, ratings=req.ratings, k=req.k, exclude_seen=req.exclude_seen,
-                            exclude=req.exclude)
-        return _tag({"items": _items(got)})
+def create_app(onnx_dir_or_recommender: Union[str, os.PathLike, Recommender], *, providers: Optional[list] = None,
+               unknown_items: str = "error", empty_history: str = "error", intra_op_threads: Optional[int] = None,
+               model_file: Optional[str] = None, model_name: Optional[str] = None,
+               max_batch: int = DEFAULT_MAX_BATCH, max_k: int = DEFAULT_MAX_K,
+               trt_cache_root: Optional[str] = None) -> FastAPI:
+    """A FastAPI app serving one Recommender (built here from an onnx folder, or the one given).
 
-    @app.post("/recommend/batch")
-    def recommend_batch(req: RecommendBatchRequest) -> dict:
-        _check_batch(len(req.histories), "histories")
-        got = _call(rec.recommend_batch, req.histories, ratings=req.ratings, k=req.k, exclude_seen=req.exclude_seen,
-                                  exclude=req.exclude)
-        return _tag({"results": [{"items": _items(r)} for r in got]})
+    The Recommender options (providers, unknown_items, empty_history, intra_op_threads, model_file,
+    trt_cache_root) apply only when a folder is given. A broken folder raises `RuntimeArtifactError` here,
+    before any port is bound; a bad max_batch / max_k raises ValueError.
+    """
+    _check_limits(max_batch=max_batch, max_k=max_k)
+    options = dict(providers=None if providers is None else list(providers), unknown_items=unknown_items,
+                   empty_history=empty_history, intra_op_threads=intra_op_threads, model_file=model_file,
+                   trt_cache_root=trt_cache_root)
+    rec = _load_recommender(onnx_dir_or_recommender, options)
+    handlers = _Handlers(rec, model_name or _model_name(rec), max_batch, max_k)
 
-    @app.post("/score")
-    def score(req: ScoreRequest) -> dict:
-        got = _call(rec.score, req.history, req.candidates, ratings=req.ratings)
-        return _tag(_score_out(req.candidates, got))
-
-    @app.post("/score/batch")
-    def score_batch(req: ScoreBatchRequest) -> dict:
-        _check_batch(len(req.histories), "histories")
-        got = _call(rec.score_batch, req.histories, req.candidates, ratings=req.ratings)
-        return _tag({"results": [_score_out(c, r) for c, r in zip(req.candidates, got)]})
-
-    @app.get("/health")
-    def health():
-        # one real batch-1 inference (an all-padding history): proves the session runs, not just that it loaded
-        try:
-            out = rec.predict_arrays(np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float32),
-                                     np.zeros(1, np.int64))
-            ok = all(np.all(np.isfinite(v)) for v in out.values())
-            detail = None if ok else "the model returned non-finite scores for an empty history"
-        except Exception as e:  # report, never crash the probe
-            ok, detail = False, f"{type(e).__name__}: {e}"
-        body = {"status": "ok" if ok else "error", "model": name, "provider": provider,
-                "providers": list(rec.providers)}
-        if detail:
-            body["detail"] = detail
-        return JSONResponse(status_code=200 if ok else 503, content=body)
-
-    @app.get("/metadata")
-    def metadata() -> dict:
-        m = rec.meta
-        return {
-            "model": name,
-            "model_file": rec.model_path.name,
-            "schema_version": m.get("schema_version"),
-            "n_items": rec.n_items,
-            "tasks": list(rec.tasks),
-            "max_history": rec.max_history,
-            "top_k": rec.top_k,
-            "like_threshold": rec.like_threshold,
-            "rating_range": list(rec.rating_range),
-            "inputs": m.get("inputs"),
-            "outputs": list(rec.output_names),
-            "data_hash": m.get("data_hash"),
-            "opset": m.get("opset"),
-            "providers": list(rec.providers),
-            "requested_providers": m.get("providers"),
-            "unknown_items": rec.unknown_items,
-            "empty_history": rec.empty_history,
-            "max_batch": max_batch,
-        }
-
+    app = FastAPI(title="distillrec", version="1", summary="Recommendations from the distilled student (ONNX)")
+    app.state.recommender = rec
+    app.state.model_name = handlers.name
+    _install_error_handlers(app)
+    _add_routes(app, handlers)
     return app
 
 
+def build_app(settings: ServiceSettings) -> FastAPI:
+    """The app factory: what each uvicorn worker process calls (functools.partial(build_app, settings))."""
+    opts = asdict(settings)
+    folder = opts.pop("folder")
+    return create_app(folder, **opts)
+
+
 # ------------------------------------------------------------------------------------------------ server
-_ENV = "DISTILLREC_SERVE_OPTIONS"
-
-
-def _app_from_env() -> FastAPI:
-    """uvicorn factory for workers > 1 (each worker process builds its own app from the options in env)."""
-    import json
-    opts = json.loads(os.environ[_ENV])
-    return create_app(opts.pop("onnx_dir"), **opts)
-
-
 def serve(onnx_dir, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, *,
           providers: Optional[list] = None, unknown_items: str = "error", empty_history: str = "error",
           intra_op_threads: Optional[int] = None, model_file: Optional[str] = None,
-          max_batch: int = DEFAULT_MAX_BATCH, log_level: str = "info") -> None:
+          max_batch: int = DEFAULT_MAX_BATCH, max_k: int = DEFAULT_MAX_K, trt_cache_root: Optional[str] = None,
+          log_level: str = "info") -> None:
     """Run the service with uvicorn until interrupted (Ctrl-C / SIGTERM).
 
     workers > 1 starts that many processes, each with its own onnxruntime session; unless intra_op_threads is
-    given they split the CPU cores between them instead of each taking all of them.
+    given, each takes default_intra_op_threads(workers) threads, so together they do not oversubscribe the
+    cores. The settings reach the workers as the arguments of the app factory, not through os.environ.
     """
-    import uvicorn
-
-    if not isinstance(workers, int) or workers < 1:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive int, got {workers!r}")
-    opts = dict(providers=providers, unknown_items=unknown_items, empty_history=empty_history,
-                intra_op_threads=intra_op_threads, model_file=model_file, max_batch=max_batch)
+    if intra_op_threads is None and workers > 1:
+        intra_op_threads = default_intra_op_threads(workers)
+    settings = ServiceSettings(folder=str(Path(onnx_dir).resolve()), providers=None if providers is None
+                               else tuple(providers), unknown_items=unknown_items, empty_history=empty_history,
+                               intra_op_threads=intra_op_threads, model_file=model_file, max_batch=max_batch,
+                               max_k=max_k, trt_cache_root=trt_cache_root)
     # build once here: a missing / corrupt run folder fails now with its message, before any port is bound
-    app = create_app(onnx_dir, **opts)
+    app = build_app(settings)
     if workers == 1:
+        import uvicorn
         uvicorn.run(app, host=host, port=port, log_level=log_level)
         return
-    import json
-    if intra_op_threads is None:
-        opts["intra_op_threads"] = max(1, (os.cpu_count() or 1) // workers)
     del app
-    os.environ[_ENV] = json.dumps({"onnx_dir": str(Path(onnx_dir).resolve()), **opts})
-    uvicorn.run("export.service:_app_from_env", factory=True, host=host, port=port, workers=workers,
-                log_level=log_level)
+    _run_workers(settings, host, port, workers, log_level)
+
+
+def _run_workers(settings: ServiceSettings, host: str, port: int, workers: int, log_level: str) -> None:
+    """uvicorn's multi-process supervisor with the app factory bound to `settings` (pickled to each worker).
+
+    This is what uvicorn.run does for workers > 1, except that uvicorn.run insists on an import string, which
+    cannot carry arguments (hence the environment variable this replaces)."""
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    config = uvicorn.Config(functools.partial(build_app, settings), factory=True, host=host, port=port,
+                            workers=workers, log_level=log_level)
+    sock = config.bind_socket()
+    try:
+        Multiprocess(config, sockets=[sock]).run()
+    finally:
+        sock.close()

@@ -1,6 +1,10 @@
 """Export the teacher (LLM with its LoRA merged + task heads) to ONNX: the benchmark's fastest fair teacher.
 
-    export_teacher(run_dir) -> runs/<name>/onnx/teacher.onnx + teacher_parity.json
+    export_teacher(run_dir) -> runs/<name>/teacher_onnx/teacher.onnx + teacher_parity.json
+
+The teacher (~0.5 GB for SmolLM2-135M) is written outside runs/<name>/onnx/, the folder production ships
+(paths: export/contract.py). A teacher.onnx that an older export left in onnx/ is removed once the new one
+is placed.
 
 Graph signature (what serve_bench's TeacherOnnxSystem feeds):
   inputs   input_ids       int64 [batch, tokens]   right-padded token ids (distill.teacher.SequenceBuilder)
@@ -10,7 +14,7 @@ Graph signature (what serve_bench's TeacherOnnxSystem feeds):
   outputs  next_item_scores float32 [batch, n_items]  (read at before_pos)
            rating           float32 [batch]           (read at item_pos; when the teacher has the task)
            like_logit       float32 [batch]           (read at item_pos; when the teacher has the task)
-This is `teacher_predict` (distill/teacher_stage.py) with one (row, position) pair per row.
+This is `teacher_predict` (distill/teacher_eval.py) with one (row, position) pair per row.
 
 Exporter choice: optimum's ONNX exporter lives in `optimum-onnx` (optimum 2.x holds no ONNX code); its only
 release, 0.1.0, requires transformers < 4.58 while this project runs transformers 5.x, so it cannot be
@@ -34,9 +38,10 @@ import torch
 from torch import nn
 
 from distill.io import atomic_path, write_json
+from export import contract as C
 
-INPUT_NAMES = ("input_ids", "attention_mask", "before_pos", "item_pos")
-TASK_OUTPUTS = {"next_item": "next_item_scores", "rating": "rating", "like": "like_logit"}
+INPUT_NAMES = C.TEACHER_INPUT_NAMES
+TASK_OUTPUTS = C.TASK_OUTPUTS
 PARITY_TOL = 1e-3
 EXTERNAL_DATA_BYTES = 2 * 1024 ** 3 - 64 * 1024 ** 2  # protobuf's 2 GB limit, with headroom for the graph
 
@@ -175,9 +180,27 @@ def _compare(names: list[str], sess, feeds: list[dict], refs: list, tol: float) 
             "problems": problems, "passed": not problems}
 
 
+def _remove_legacy_teacher(run_dir: Path) -> list[str]:
+    """Exports before the teacher_onnx/ folder put teacher.onnx into onnx/ (the serving folder): remove it."""
+    removed = []
+    legacy = C.serving_dir(run_dir)
+    for name in (C.TEACHER_ONNX_FILE, C.TEACHER_ONNX_FILE + ".data", C.TEACHER_PARITY_FILE):
+        p = legacy / name
+        if p.is_file():
+            p.unlink()
+            removed.append(str(p))
+    if removed:
+        logging.getLogger("distillrec.export").warning(
+            "removed the teacher an older export left in the serving folder (now in %s): %s",
+            C.teacher_onnx_dir(run_dir), removed)
+    return removed
+
+
 def export_teacher(run_dir: Path, opset: int = 20, seed: int = 0, tol: float = PARITY_TOL,
                    out_dir: Optional[Path] = None) -> dict:
-    """runs/<name>/teacher -> runs/<name>/onnx/teacher.onnx + teacher_parity.json. Returns a summary.
+    """runs/<name>/teacher -> runs/<name>/teacher_onnx/teacher.onnx + teacher_parity.json. Returns a summary.
+
+    out_dir overrides the folder (default: export.contract.teacher_onnx_dir(run_dir)).
 
     teacher.onnx is only (re)placed when the parity check passes; teacher_parity.json is written either way.
     """
@@ -188,7 +211,7 @@ def export_teacher(run_dir: Path, opset: int = 20, seed: int = 0, tol: float = P
 
     from distill.teacher import load_teacher
     run_dir = Path(run_dir)
-    onnx_dir = Path(out_dir) if out_dir is not None else run_dir / "onnx"
+    onnx_dir = Path(out_dir) if out_dir is not None else C.teacher_onnx_dir(run_dir)
     t0 = time.perf_counter()
     teacher, tok, meta = load_teacher(run_dir / "teacher", merge=True)
     load_s = time.perf_counter() - t0
@@ -211,7 +234,7 @@ def export_teacher(run_dir: Path, opset: int = 20, seed: int = 0, tol: float = P
     example["before_pos"][1] = min(int(example["before_pos"][1]), 18)
 
     onnx_dir.mkdir(parents=True, exist_ok=True)
-    path = onnx_dir / "teacher.onnx"
+    path = onnx_dir / C.TEACHER_ONNX_FILE
     with atomic_path(path) as tmp:
         export_s = _export(wrapper, example, opset, tmp)
         graph = onnx.load(str(tmp), load_external_data=False)
@@ -233,12 +256,14 @@ def export_teacher(run_dir: Path, opset: int = 20, seed: int = 0, tol: float = P
                    outputs=wrapper.output_names, op_types=ops, base_model=meta.get("teacher", {}).get("model"),
                    n_items=int(wrapper.item_table_t.shape[1]))
         if not rec["passed"]:
-            write_json(onnx_dir / "teacher_parity.json", rec)
+            write_json(onnx_dir / C.TEACHER_PARITY_FILE, rec)
             raise TeacherExportError("teacher ONNX parity failed: " + "; ".join(rec["problems"]))
     rec["size_bytes"] = path.stat().st_size
     rec["export_seconds"] = round(export_s, 2)
     rec["load_seconds"] = round(load_s, 2)
-    write_json(onnx_dir / "teacher_parity.json", rec)
-    return {"onnx": str(path), "parity": str(onnx_dir / "teacher_parity.json"), "parity_passed": True,
+    write_json(onnx_dir / C.TEACHER_PARITY_FILE, rec)
+    if out_dir is None:
+        _remove_legacy_teacher(run_dir)
+    return {"onnx": str(path), "parity": str(onnx_dir / C.TEACHER_PARITY_FILE), "parity_passed": True,
             "max_abs_diff": rec["max_abs_diff"], "size_bytes": rec["size_bytes"], "outputs": wrapper.output_names,
             "opset": opset, "export_seconds": rec["export_seconds"]}

@@ -36,7 +36,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from export.runtime import INPUT_NAMES, Recommender, RuntimeArtifactError
+from export import contract as C
+from export.contract import INPUT_NAMES
+from export.runtime import Recommender, RuntimeArtifactError
 
 __all__ = ["write_repository", "write_run_repository", "config_text", "model_config_pb2", "onnx_signature",
            "TritonRepositoryError"]
@@ -134,6 +136,11 @@ def _tensor_block(entries: list[dict]) -> list[str]:
     return lines
 
 
+def _profile_shapes(sizes: dict) -> dict:
+    """{input name: [size of each of its axes]} for the student's inputs (export/contract.py INPUT_AXES)."""
+    return {name: [int(sizes[a]) for a in axes] for name, axes in C.INPUT_AXES.items()}
+
+
 def _profile(shapes: dict) -> str:
     return ",".join(f"{n}:{'x'.join(str(int(x)) for x in s)}" for n, s in shapes.items())
 
@@ -167,11 +174,9 @@ def config_text(inputs: list[dict], outputs: list[dict], *, model_name: str, max
             # one optimization profile covering every request the config admits (backend-side shapes: [B] for
             # history_length after the reshape); without it TensorRT rebuilds its engine whenever a shape grows
             b, opt_b = int(max_batch_size), int(max(preferred_batch_sizes or [1]))
-            lo = {"history_items": [1, 1], "history_ratings": [1, 1], "history_length": [1], "candidates": [1, 1]}
-            opt = {"history_items": [opt_b, max_history], "history_ratings": [opt_b, max_history],
-                   "history_length": [opt_b], "candidates": [opt_b, 1]}
-            hi = {"history_items": [b, max_history], "history_ratings": [b, max_history], "history_length": [b],
-                  "candidates": [b, max_candidates]}
+            lo = _profile_shapes({"batch": 1, "history": 1, "candidates": 1})
+            opt = _profile_shapes({"batch": opt_b, "history": max_history, "candidates": 1})
+            hi = _profile_shapes({"batch": b, "history": max_history, "candidates": max_candidates})
             params += [("trt_profile_min_shapes", _profile(lo)), ("trt_profile_opt_shapes", _profile(opt)),
                        ("trt_profile_max_shapes", _profile(hi))]
         L += ["optimization {", "  execution_accelerators {", "    gpu_execution_accelerator [", "      {",
@@ -188,8 +193,8 @@ def config_text(inputs: list[dict], outputs: list[dict], *, model_name: str, max
             dims = list(e["dims"])
             if max_batch_size == 0:  # the batch axis is part of dims: one request of batch 1
                 dims[0] = 1
-            dims = [max_history if d == -1 and e["name"] in ("history_items", "history_ratings") else 1 if d == -1
-                    else d for d in dims]
+            has_history = "history" in C.INPUT_AXES.get(e["name"], ())
+            dims = [max_history if d == -1 and has_history else 1 if d == -1 else d for d in dims]
             L += ["    inputs {", f"      key: {_q(e['name'])}", "      value: {",
                   f"        data_type: {e['data_type']}", f"        dims: {_dims(dims)}", "        zero_data: true",
                   "      }", "    }"]
@@ -320,7 +325,7 @@ def write_repository(onnx_dir, out_dir, *, model_name: str = "distillrec_student
     """
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     try:
-        meta = Recommender._load_meta(onnx_dir / "runtime.json")
+        meta = Recommender._load_meta(onnx_dir / C.RUNTIME_META_FILE)
     except RuntimeArtifactError as e:
         raise TritonRepositoryError(str(e)) from e
     if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 0:
@@ -339,7 +344,7 @@ def write_repository(onnx_dir, out_dir, *, model_name: str = "distillrec_student
     if not model_name or "/" in model_name or model_name.startswith("."):
         raise ValueError(f"model_name must be a plain folder name, got {model_name!r}")
 
-    model_path = onnx_dir / (model_file or meta.get("model_file", "student.onnx"))
+    model_path = onnx_dir / (model_file or meta.get("model_file", C.STUDENT_FILE))
     if not model_path.is_file():
         raise TritonRepositoryError(f"{model_path} is missing; {_FIX}")
     sig = onnx_signature(model_path)
@@ -377,7 +382,7 @@ def write_repository(onnx_dir, out_dir, *, model_name: str = "distillrec_student
         for extra in _external_data_files(model_path):
             shutil.copyfile(extra, staging / "1" / extra.name)
         (staging / "config.pbtxt").write_text(text)
-        shutil.copyfile(onnx_dir / "runtime.json", staging / "runtime.json")
+        shutil.copyfile(onnx_dir / C.RUNTIME_META_FILE, staging / C.RUNTIME_META_FILE)
         old = None
         if final.exists():
             old = out_dir / f".{model_name}.old-{uuid.uuid4().hex[:8]}"
@@ -397,7 +402,7 @@ def write_repository(onnx_dir, out_dir, *, model_name: str = "distillrec_student
 
 def _gpu_from_providers(providers) -> bool:
     names = [p[0] if isinstance(p, (list, tuple)) else str(p) for p in (providers or [])]
-    return any(n in ("TensorrtExecutionProvider", "CUDAExecutionProvider") for n in names)
+    return any(n in (C.TRT, C.CUDA) for n in names)
 
 
 def write_run_repository(run_dir, cfg=None, **overrides) -> Path:
@@ -415,8 +420,8 @@ def write_run_repository(run_dir, cfg=None, **overrides) -> Path:
     if "gpu" not in opts and cfg is not None and getattr(cfg, "export", None) is not None:
         opts["gpu"] = _gpu_from_providers(getattr(cfg.export, "providers", None))
     opts.update(overrides)
-    onnx_dir = run_dir / "onnx"
-    if not (onnx_dir / "runtime.json").is_file():
-        raise TritonRepositoryError(f"{onnx_dir / 'runtime.json'} is missing; run `distillrec export {run_dir}` "
+    onnx_dir = C.serving_dir(run_dir)
+    if not (onnx_dir / C.RUNTIME_META_FILE).is_file():
+        raise TritonRepositoryError(f"{onnx_dir / C.RUNTIME_META_FILE} is missing; run `distillrec export {run_dir}` "
                                     f"first")
     return write_repository(onnx_dir, run_dir / "triton", **opts)

@@ -14,13 +14,17 @@ Warm-up calls are excluded; a point runs until `min_samples` calls AND `min_seco
 capped at teacher_max_samples / teacher_max_seconds and only runs `teacher_batch_sizes`; stated). Speed-ups
 are ratios of p50s measured in this run: vs the teacher in PyTorch, and vs the teacher's fastest form.
 Peak RSS of each system comes from a process of its own (serve_bench.probe); quality comes from the
-protocol's test set through each system's own runtime (serve_bench.report writes the tables and plots).
+protocol's test set through each system's own runtime, with the catalog coverage and popularity bias of each
+system's top-K and a check against the non-learned baselines (serve_bench.quality); the ablation's own report
+is read, never rewritten (serve_bench.report writes the tables and plots). torch is imported only to measure a
+PyTorch system.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
-import os
-import platform
+import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,14 +32,16 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from distill.common import machine_info
-from distill.config import RunConfig, config_to_dict
+from distill.baselines import BASELINES, evaluate_baselines, popularity_scores
+from distill.common import pick_device
 from distill.data import Split, load_dataset
 from distill.evaluation import evaluate_predictions, history_arrays, subset
 from distill.io import read_json, write_json
+from distill.machine import host_info, torch_info
 
 from . import floor as F
 from .probe import measure_rss
+from .quality import baseline_check, catalog_table, merge_baseline_checks
 from .report import load_ablation, write_report
 from .systems import (STUDENT_VARIANTS, TEACHER_ONNX_FILE, StudentOnnxSystem, StudentTorchSystem, System,
                       TeacherOnnxSystem, TeacherTorchSystem, onnx_param_count, teacher_feed)
@@ -109,38 +115,34 @@ def _ndcg(q: Optional[dict]) -> Optional[float]:
 
 
 def machine_and_versions(device: str) -> dict:
+    """The machine (distill.machine.host_info), numpy / onnxruntime versions, and torch's facts only when a
+    PyTorch system ran in this process (torch is not imported to describe the machine)."""
     import onnxruntime as ort
-    import torch
-    info = machine_info()
+    info = host_info()
     info.update(numpy=np.__version__, onnxruntime=ort.__version__, ort_providers=ort.get_available_providers(),
-                machine=platform.machine(), device=device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        import psutil
-        info["physical_cores"] = psutil.cpu_count(logical=False)
-        info["memory_gb"] = round(psutil.virtual_memory().total / 2 ** 30, 1)
-    except ImportError:
-        pass
-    try:
-        info["affinity_cpus"] = len(os.sched_getaffinity(0))
-    except AttributeError:
-        pass
-    info["torch_interop_threads"] = torch.get_num_interop_threads()
-    if torch.cuda.is_available():
-        info["cuda"] = torch.version.cuda
+                device=device)
+    if "torch" in sys.modules:
+        info.update(torch_info())
     return info
+
+
+def teacher_sections(cfg) -> dict:
+    """The config sections a teacher system is rebuilt from in the RSS probe's process (data, teacher)."""
+    return dict(data=dataclasses.asdict(cfg.data), teacher=dataclasses.asdict(cfg.teacher))
+
+
+def thread_settings() -> dict:
+    """What "all threads" and "1 thread" mean in this run (torch's count only when torch was used)."""
+    out = dict(ort_all_threads="intra_op_num_threads=0 (onnxruntime default: one thread per physical core)",
+               single_thread=1, concurrency_intra_op_threads=1)
+    if "torch" in sys.modules:
+        out["torch_all_threads"] = sys.modules["torch"].get_num_threads()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- the bench
 class _Bench:
-    def __init__(self, cfg: RunConfig):
-        from distill.common import pick_device
+    def __init__(self, cfg):
         self.cfg, self.bc = cfg, cfg.bench
         self.run = Path(cfg.run_dir)
         self.device = pick_device(cfg.device)
@@ -218,10 +220,10 @@ class _Bench:
         builder = teacher.builder
         self.time_system(teacher, teacher=True)
         self.register(teacher, "teacher", dict(kind="teacher_torch", run=str(run), device=self.device,
-                                               cfg=config_to_dict(self.cfg)))
+                                               cfg=teacher_sections(self.cfg)))
         del teacher
         gc.collect()
-        path = run / "onnx" / TEACHER_ONNX_FILE
+        path = run / TEACHER_ONNX_FILE
         if not bc.teacher_onnx:
             return
         if not path.exists():
@@ -328,7 +330,9 @@ class _Bench:
     def _gpu_providers(self, gp: str) -> list:
         try:
             from export.providers import build_providers
-            provs, _ = build_providers([gp], cache_dir=self.run / "onnx" / "trt_cache", max_history=self.max_len)
+            from export.runtime import trt_cache_dir
+            provs, _ = build_providers([gp], cache_dir=trt_cache_dir(self.run / "onnx" / "student.onnx"),
+                                       max_history=self.max_len)
             return provs
         except Exception:  # noqa: BLE001 - the providers helper is optional here
             return [gp, "CPUExecutionProvider"]
@@ -492,7 +496,10 @@ def evaluate_targets(report: dict) -> list[dict]:
             sp = pf["p50_ms"] / pi["p50_ms"]
             out.append(dict(target=f"INT8 >= {TARGET_INT8_SPEEDUP}x faster than FP32 on CPU at batch 32, <= 1% "
                                    f"relative NDCG@10 loss",
-                            measured=f"{sp:.2f}x faster, NDCG@10 loss {100 * lost:+.2f}% (all test users)",
+                            measured=f"FP32 p50 / INT8 p50 = {sp:.2f}x ({pf['p50_ms']:.3f} / {pi['p50_ms']:.3f} ms); "
+                                     f"NDCG@10 change vs FP32 {-100 * lost:+.2f}% "
+                                     f"({'a gain' if lost < 0 else 'a loss' if lost > 0 else 'unchanged'}; "
+                                     f"all test users)",
                             value=sp, met=sp >= TARGET_INT8_SPEEDUP and lost <= TARGET_INT8_NDCG_LOSS))
     if len(out) < 4:
         out.append(dict(target=f"INT8 >= {TARGET_INT8_SPEEDUP}x faster than FP32 on CPU at batch 32, <= 1% relative "
@@ -510,47 +517,47 @@ def evaluate_targets(report: dict) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-def run_bench(cfg: RunConfig) -> dict:
-    import shutil
-
-    from distill.baselines import evaluate_baselines
-    run = Path(cfg.run_dir)
-    bc = cfg.bench
+def check_inputs(run: Path) -> tuple[dict, dict]:
+    """The teacher's and the student's metrics.json; every artifact the bench needs must exist."""
     t_meta = read_json(run / "teacher" / "metrics.json", "the teacher stage (`distillrec teacher <run>`)")
     s_meta = read_json(run / "student" / "metrics.json", "the student stage (`distillrec student <run>`)")
     if not (run / "onnx" / "student.onnx").exists():
         raise FileNotFoundError(f"{run / 'onnx' / 'student.onnx'} is missing; run `distillrec export {run}`")
-    t_start = time.perf_counter()
-    _T0[0] = t_start
-    B = _Bench(cfg)
-    import torch
-    threads = dict(torch_all_threads=torch.get_num_threads(), ort_all_threads="intra_op_num_threads=0 (onnxruntime "
-                   "default: one thread per physical core)", single_thread=1, concurrency_intra_op_threads=1)
+    return t_meta, s_meta
+
+
+def measure_systems(B: _Bench) -> dict:
+    """Time every system (teachers, students), then the floor and the peak RSS; speed-ups within the run."""
     _log(f"bench: {len(B.sets['natural'])} natural-length requests, "
          f"{len(B.sets[B.fixed]) if B.fixed else 0} fixed-length requests; device {B.device}")
-    try:
-        B.teachers()
-        B.students()
-        floor = B.floor()
-        rss = B.rss()
-    except BaseException:
-        shutil.rmtree(B.tmp, ignore_errors=True)
-        raise
-    add_speedups(B.points, B.systems, bc.n_candidates)
+    B.teachers()
+    B.students()
+    floor = B.floor()
+    rss = B.rss()
+    add_speedups(B.points, B.systems, B.bc.n_candidates)
+    return dict(floor=floor, rss=rss)
 
-    # quality: every system on the same test users; the teacher's budget covered a subset
-    split, seed = B.split, cfg.seed
-    t_pred = _load_pred(run / "teacher" / "test_predictions.npz")
-    t_users = t_pred["users"]
+
+def system_predictions(B: _Bench) -> tuple[dict, dict]:
+    """Test predictions: (on all test users: students + ONNX variants, on the teacher's users: teacher forms)."""
+    run = B.run
     preds_all = {"student": _load_pred(run / "student" / "test_predictions.npz")}
     if (run / "student_nokd" / "test_predictions.npz").exists():
         preds_all["student (no KD)"] = _load_pred(run / "student_nokd" / "test_predictions.npz")
     preds_all.update(B.preds_all)
+    preds_sub = {"teacher": _load_pred(run / "teacher" / "test_predictions.npz"), **B.preds_sub}
+    return preds_all, preds_sub
+
+
+def evaluate_quality(B: _Bench, preds_all: dict, preds_sub: dict) -> dict:
+    """Every system and baseline on all test users and on the teacher's users (its budget covered a subset);
+    each registered system gets its NDCG@10 on both."""
+    split, seed = B.split, B.cfg.seed
+    t_users = preds_sub["teacher"]["users"]
     _log("  quality: evaluating every system on the protocol's test users ...")
     quality_all = {k: evaluate_predictions(v, split, "test", seed=seed) for k, v in preds_all.items()}
     quality_all.update(evaluate_baselines(split, "test", split.eval_users, seed=seed))
-    quality_sub = {"teacher": evaluate_predictions(t_pred, split, "test", seed=seed)}
-    quality_sub.update({k: evaluate_predictions(v, split, "test", seed=seed) for k, v in B.preds_sub.items()})
+    quality_sub = {k: evaluate_predictions(v, split, "test", seed=seed) for k, v in preds_sub.items()}
     quality_sub.update({k: evaluate_predictions(subset(v, t_users), split, "test", seed=seed)
                         for k, v in preds_all.items()})
     quality_sub.update(evaluate_baselines(split, "test", t_users, seed=seed))
@@ -558,57 +565,119 @@ def run_bench(cfg: RunConfig) -> dict:
         k = s.get("quality_key")
         s["ndcg10_all_users"] = _ndcg(quality_all.get(k)) if k else None
         s["ndcg10_teacher_users"] = _ndcg(quality_sub.get(k)) if k else None
+    return dict(quality_teacher_subset=dict(users=len(t_users), rows=quality_sub),
+                quality_all_users=dict(users=len(split.eval_users), rows=quality_all))
 
-    loadtest = None
-    if bc.loadtest:
-        from .loadtest import run_loadtest
-        _log(f"  load test: {bc.loadtest_clients} clients x {bc.loadtest_seconds} s on 127.0.0.1 ...")
-        try:
-            loadtest = run_loadtest(run, bc.loadtest_clients, bc.loadtest_seconds, seed=seed)
-        except ImportError as e:
-            loadtest = dict(skipped=f"the HTTP service cannot be imported ({e})")
-        except Exception as e:  # noqa: BLE001 - reported in the targets table
-            loadtest = dict(error=f"{type(e).__name__}: {str(e)[:400]}")
-        _log(f"  load test: {loadtest}")
 
+def catalog_coverage(B: _Bench, preds_all: dict, preds_sub: dict) -> dict:
+    """Catalog coverage and popularity bias of each system's top-K (serve_bench.quality), the popularity
+    baseline beside them: on all test users (systems that have them) and on the teacher's users (all)."""
+    split, k = B.split, B.bc.top_k
+    counts = popularity_scores(split, "test")
+    pop = dict(users=split.eval_users, scores=np.broadcast_to(counts, (len(split.eval_users), len(counts))))
+    preds = {**preds_all, **preds_sub, "popularity": pop}
+    t_users = preds_sub["teacher"]["users"]
+
+    def seen_of(u):
+        return split.seen(u, "test")
+    return dict(k=k, catalog_items=int(len(counts)), catalog_mean_train_count=float(counts.mean()),
+                counts="interactions known before the test targets (the popularity baseline's counts)",
+                all_users=catalog_table(preds, split.eval_users, seen_of, counts, k),
+                teacher_users=catalog_table(preds, t_users, seen_of, counts, k))
+
+
+def check_baselines(quality: dict) -> dict:
+    """Which systems fall below the best baseline (serve_bench.quality.baseline_check): all users first,
+    the teacher's users for the systems evaluated only there."""
+    qa, qs = quality["quality_all_users"], quality["quality_teacher_subset"]
+    return merge_baseline_checks([
+        baseline_check(dict(label="all test users", **qa), BASELINES),
+        baseline_check(dict(label="the teacher's evaluation users", **qs), BASELINES)])
+
+
+def load_test(run: Path, bc, seed: int) -> Optional[dict]:
+    """The HTTP service under load (bench.loadtest), or why it was not measured; None when disabled."""
+    if not bc.loadtest:
+        return None
+    from .loadtest import run_loadtest
+    _log(f"  load test: {bc.loadtest_clients} clients x {bc.loadtest_seconds} s on 127.0.0.1 ...")
+    try:
+        out = run_loadtest(run, bc.loadtest_clients, bc.loadtest_seconds, seed=seed)
+    except ImportError as e:
+        out = dict(skipped=f"the HTTP service cannot be imported ({e})")
+    except Exception as e:  # noqa: BLE001 - reported in the targets table
+        out = dict(error=f"{type(e).__name__}: {str(e)[:400]}")
+    _log(f"  load test: {out}")
+    return out
+
+
+def workload_section(B: _Bench) -> dict:
+    bc, rs_nat = B.bc, B.sets["natural"]
+    return dict(requests=len(rs_nat), history=f"last <= {B.max_len} interactions before each test event",
+                mean_history=float(rs_nat.length.mean()), fixed_set=B.fixed,
+                fixed_requests=len(B.sets[B.fixed]) if B.fixed else 0, fixed_history=bc.fixed_history,
+                candidates=bc.n_candidates, teacher_candidates=bc.teacher_candidates, top_k=bc.top_k,
+                batch_sizes=list(bc.batch_sizes), teacher_batch_sizes=B._teacher_batches(),
+                fixed_batch_sizes=list(bc.fixed_batch_sizes),
+                single_thread_batch_sizes=list(bc.single_thread_batch_sizes),
+                concurrency=list(bc.concurrency), warmup=bc.warmup, min_samples=bc.min_samples,
+                min_seconds=bc.min_seconds, max_seconds=bc.max_seconds, teacher_max_samples=bc.teacher_max_samples,
+                teacher_max_seconds=bc.teacher_max_seconds)
+
+
+def stage_summaries(run: Path, t_meta: dict, s_meta: dict) -> dict:
+    """What the report says about the teacher's budget, the student's training and the ONNX parity."""
     parity = read_json(run / "onnx" / "parity.json", "the export stage")
-    headline = {}
-    for name in B.systems:
-        headline[name] = {str(p["batch"]): p for p in B.points
-                          if p["system"] == name and p["requests"] == "natural" and p["workload"] == "topk"
-                          and p["threads"] == "all"}
-    rs_nat = B.sets["natural"]
-    report = dict(
-        machine=machine_and_versions(B.device), device=B.device, seed=seed, threads=threads,
-        workload=dict(requests=len(rs_nat), history="last <= 50 interactions before each test event",
-                      mean_history=float(rs_nat.length.mean()), fixed_set=B.fixed,
-                      fixed_requests=len(B.sets[B.fixed]) if B.fixed else 0, fixed_history=bc.fixed_history,
-                      candidates=bc.n_candidates, teacher_candidates=bc.teacher_candidates, top_k=bc.top_k,
-                      batch_sizes=list(bc.batch_sizes), teacher_batch_sizes=B._teacher_batches(),
-                      fixed_batch_sizes=list(bc.fixed_batch_sizes),
-                      single_thread_batch_sizes=list(bc.single_thread_batch_sizes),
-                      concurrency=list(bc.concurrency), warmup=bc.warmup, min_samples=bc.min_samples,
-                      min_seconds=bc.min_seconds, max_seconds=bc.max_seconds, teacher_max_samples=bc.teacher_max_samples,
-                      teacher_max_seconds=bc.teacher_max_seconds),
-        systems=B.systems, skipped=B.skipped, notes=B.notes,
-        points=B.points, latency=headline, concurrency=B.concurrency,
-        sizes={n: dict(params=int(s["params"]), bytes=int(s["bytes"])) for n, s in B.systems.items()},
-        rss=rss, floor=floor, profile=B.profiles,
-        quality_teacher_subset=dict(users=len(t_users), rows=quality_sub),
-        quality_all_users=dict(users=len(split.eval_users), rows=quality_all),
-        loadtest=loadtest,
+    return dict(
         teacher=dict(budget=t_meta.get("budget", {}), cost=t_meta.get("cost", {}), params=t_meta.get("params", {})),
         student=dict(params=s_meta.get("params"), train_seconds=s_meta.get("train_seconds"),
                      best_epoch=s_meta.get("best_epoch"), stop_reason=s_meta.get("stop_reason"),
                      teacher_coverage=s_meta.get("teacher_coverage")),
-        parity=dict(max_abs_diff=parity.get("max_abs_diff"), passed=parity.get("passed")),
-    )
-    report["ablation"] = load_ablation(run, B.ds.data_hash, config_to_dict(cfg)["student"])
+        parity=dict(max_abs_diff=parity.get("max_abs_diff"), passed=parity.get("passed")))
+
+
+def latency_headline(B: _Bench) -> dict:
+    """{system: {batch: point}} of the natural-length top-K grid at all threads."""
+    return {name: {str(p["batch"]): p for p in B.points if p["system"] == name and p["requests"] == "natural"
+                   and p["workload"] == "topk" and p["threads"] == "all"} for name in B.systems}
+
+
+def assemble_report(B: _Bench, measured: dict, quality: dict, catalog: dict, loadtest: Optional[dict],
+                    summaries: dict) -> dict:
+    report = dict(
+        machine=machine_and_versions(B.device), device=B.device, seed=B.cfg.seed, threads=thread_settings(),
+        workload=workload_section(B), systems=B.systems, skipped=B.skipped, notes=B.notes,
+        points=B.points, latency=latency_headline(B), concurrency=B.concurrency,
+        sizes={n: dict(params=int(s["params"]), bytes=int(s["bytes"])) for n, s in B.systems.items()},
+        rss=measured["rss"], floor=measured["floor"], profile=B.profiles,
+        **quality, baseline_check=check_baselines(quality), catalog=catalog, loadtest=loadtest, **summaries)
+    report["ablation"] = load_ablation(B.run, B.ds.data_hash, dataclasses.asdict(B.cfg.student))
     report["targets"] = evaluate_targets(report)
+    return report
+
+
+def run_bench(cfg) -> dict:
+    """The whole benchmark of a run folder: check inputs -> measure systems -> quality, catalog coverage and
+    baseline check -> load test -> assemble -> write bench/report.{json,md} and the plots.
+
+    cfg: the run's config (its data, teacher, student and bench sections, seed, device and run_dir)."""
+    run = Path(cfg.run_dir)
+    t_meta, s_meta = check_inputs(run)
+    t_start = time.perf_counter()
+    _T0[0] = t_start
+    B = _Bench(cfg)
+    try:
+        measured = measure_systems(B)
+        preds_all, preds_sub = system_predictions(B)
+        quality = evaluate_quality(B, preds_all, preds_sub)
+        catalog = catalog_coverage(B, preds_all, preds_sub)
+        loadtest = load_test(run, cfg.bench, cfg.seed)
+        report = assemble_report(B, measured, quality, catalog, loadtest, stage_summaries(run, t_meta, s_meta))
+    finally:
+        shutil.rmtree(B.tmp, ignore_errors=True)
     report["bench_seconds"] = time.perf_counter() - t_start
     out = run / "bench"
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "report.json", report)
     write_report(report, out)
-    shutil.rmtree(B.tmp, ignore_errors=True)
     return report

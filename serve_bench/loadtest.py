@@ -45,17 +45,16 @@ def _real_histories(run_dir: Path, n: int, seed: int) -> Optional[list[dict]]:
 
     from distill.config import config_from_dict
     from distill.data import Split, load_dataset
-    values = yaml.safe_load(cfg_path.read_text())
-    values.pop("_meta", None)
-    cfg = config_from_dict(values)
-    ds = load_dataset(cfg.data)
+    values = yaml.safe_load(cfg_path.read_text()) or {}
+    data_cfg = config_from_dict({"data": values.get("data") or {}}).data  # the only section needed here
+    ds = load_dataset(data_cfg)
     split = Split.leave_last_out(ds)
     raw_ids = json.loads((run_dir / "onnx" / "runtime.json").read_text())["item_ids"]
     rng = np.random.default_rng([seed, 31])
     users = rng.choice(split.eval_users, size=min(n, len(split.eval_users)), replace=False)
     bodies = []
     for u in users:
-        items, ratings = split.history(int(u), "test", cfg.data.max_history)
+        items, ratings = split.history(int(u), "test", data_cfg.max_history)
         body = {"history": [str(raw_ids[i]) for i in items], "k": 10}
         if ratings is not None:
             body["ratings"] = [float(r) for r in ratings]
@@ -67,13 +66,16 @@ def _random_histories(onnx_dir: Path, n: int, seed: int) -> list[dict]:
     meta = json.loads((onnx_dir / "runtime.json").read_text())
     ids = [str(x) for x in meta["item_ids"]]
     L = int(meta.get("max_history", 50))
+    uses_ratings = bool(meta.get("uses_ratings", True))  # a click-only model rejects ratings (400)
     rng = np.random.default_rng([seed, 37])
     bodies = []
     for _ in range(n):
         k = int(rng.integers(1, max(2, min(L, len(ids))) + 1))
         pick = rng.choice(len(ids), size=min(k, len(ids)), replace=False)
-        bodies.append({"history": [ids[i] for i in pick], "ratings": [int(r) for r in rng.integers(1, 6, size=len(pick))],
-                       "k": 10})
+        body = {"history": [ids[i] for i in pick], "k": min(10, len(ids))}
+        if uses_ratings:
+            body["ratings"] = [int(r) for r in rng.integers(1, 6, size=len(pick))]
+        bodies.append(body)
     return bodies
 
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from distill.io import atomic_path, atomic_write_text, write_json
+from distill.io import atomic_path, atomic_write_text
 from distill.metrics import format_metrics_table
 
 
@@ -262,30 +262,48 @@ def _budget(report: dict) -> str:
                      f"{s.get('best_epoch')}, stop: {s.get('stop_reason')}); teacher soft labels cover "
                      f"{100 * (s.get('teacher_coverage') or 0):.1f}% of its training positions.")
     par = report.get("parity") or {}
-    parts.append(f"ONNX parity (max |diff| vs PyTorch): {par.get('max_abs_diff')} (passed: {par.get('passed')}).")
+    diff = par.get("max_abs_diff")
+    if isinstance(diff, dict):
+        diff = ", ".join(f"{k} {v:.1e}" for k, v in diff.items())
+    verdict = {True: "passed", False: "FAILED"}.get(par.get("passed"), "not recorded")
+    parts.append(f"ONNX parity (max |diff| vs PyTorch): {diff} ({verdict}).")
     return "\n".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------- ablation
-def load_ablation(run: Path, data_hash: Optional[str] = None, student_config: Optional[dict] = None) -> dict:
-    """The ablation report (student/report.json, `distillrec ablate`) condensed for the bench report.
+ABLATION_REPORTS = ("ablation/report.json", "student/report.json")
+"""Where `distillrec ablate` writes its report (its own folder; older versions wrote into student/): the
+first that exists is read. Its report.md lies beside it and is linked from the bench report."""
 
-    Returns {"missing": reason} when there is none or it belongs to other data, else the targets, the
-    all-users and cold-start rows, parameter ratio and run time, plus `stale`: why the numbers may not
-    describe this run (the teacher cache was rewritten after the ablation, or the student config differs)."""
+
+def ablation_report_path(run: Path) -> Path:
+    """The ablation's report.json in `run` (the first of ABLATION_REPORTS that exists, else the first)."""
     run = Path(run)
-    path = run / "student" / "report.json"
+    return next((run / p for p in ABLATION_REPORTS if (run / p).exists()), run / ABLATION_REPORTS[0])
+
+
+def load_ablation(run: Path, data_hash: Optional[str] = None, student_config: Optional[dict] = None) -> dict:
+    """The ablation's own report (`distillrec ablate` -> ablation/report.json) condensed for the bench report.
+
+    The bench reads it when it runs; `ablate` never rewrites the bench report (run the bench again to fold
+    in a newer ablation). Returns {"missing": reason} when there is none or it belongs to other data, else
+    the targets, the all-users and cold-start rows, parameter ratio, run time, `report_md` (the ablation's
+    Markdown, relative to the run folder) plus `stale`: why the numbers may not describe this run (the
+    teacher cache was rewritten after the ablation, or the student config differs)."""
+    run = Path(run)
+    path = ablation_report_path(run)
     cmd = f"distillrec ablate {run}"
     if not path.exists():
-        return dict(missing=f"not run: `{cmd}` trains the ablation grid (about 30 min on 2 CPU cores) and "
-                            f"folds it into this report")
+        return dict(missing=f"not run: `{cmd}` trains the ablation grid (about 30 min on 2 CPU cores) and writes "
+                            f"{path.relative_to(run).parent}/report.md; run the bench again afterwards to show it here")
     try:
         rep = json.loads(path.read_text())
         out = dict(command=rep["command"], seeds=rep["seeds"], n_boot=rep["n_boot"],
                    minutes=rep["training_time"]["ablation_total_seconds"] / 60, targets=rep["targets"],
                    all_users=rep["all_users"], cold_start=rep["cold_start"],
                    ratio_params=rep["params"]["ratio_params"],
-                   cut_by_time_budget=rep["training_time"].get("runs_cut_by_time_budget", []), stale=[])
+                   cut_by_time_budget=rep["training_time"].get("runs_cut_by_time_budget", []), stale=[],
+                   report_md=str(path.relative_to(run).with_suffix(".md")))
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         return dict(missing=f"{path} is unreadable ({type(e).__name__}: {e}); run `{cmd}` again")
     if data_hash is not None and rep.get("data_hash") != data_hash:
@@ -310,10 +328,11 @@ def ablation_section(report: dict) -> str:
         return "_No ablation information in this report (written by an older version)._"
     if ab.get("missing"):
         return f"_{ab['missing'][0].upper()}{ab['missing'][1:]}._"
-    lines = [f"From `student/report.md` (`{ab['command']}`): every model trained once per seed {ab['seeds']}, "
-             f"{ab['minutes']:.1f} min in all; cells mean ± std over seeds [95% CI over users of seed "
-             f"{ab['seeds'][0]}, {ab['n_boot']} resamples]. Student parameters: {100 * ab['ratio_params']:.3f}% "
-             f"of the teacher's."]
+    md = ab.get("report_md", "ablation/report.md")
+    lines = [f"Condensed from the ablation's own report [{md}](../{md}) (`{ab['command']}`): every model trained "
+             f"once per seed {ab['seeds']}, {ab['minutes']:.1f} min in all; cells mean ± std over seeds [95% CI "
+             f"over users of seed {ab['seeds'][0]}, {ab['n_boot']} resamples]. Student parameters: "
+             f"{100 * ab['ratio_params']:.3f}% of the teacher's."]
     if ab["stale"]:
         lines += ["", f"**Stale:** {'; '.join(ab['stale'])}. Run `{ab['command']}` again for numbers of this run."]
     if ab["cut_by_time_budget"]:
@@ -328,55 +347,115 @@ def ablation_section(report: dict) -> str:
     return "\n".join(lines)
 
 
-def refresh_ablation(run: Path, student_config: Optional[dict] = None) -> bool:
-    """Fold a new ablation report into an existing bench report (`distillrec ablate` after `bench`).
-    Returns False when there is no bench report yet (the bench folds the ablation in when it runs)."""
-    path = Path(run) / "bench" / "report.json"
-    if not path.exists():
-        return False
-    report = json.loads(path.read_text())
-    report["ablation"] = load_ablation(Path(run), student_config=student_config)
-    write_json(path, report)
-    atomic_write_text(path.parent / "report.md", render_markdown(report))
-    return True
+# ---------------------------------------------------------------------------------------------- verdict
+def _below_line(c: dict) -> str:
+    sign = "<" if c["better"] == "higher" else ">"
+    return (f"- **{c['system']}**: {c['metric']} {c['value']:.4f} {sign} {c['baseline']} {c['baseline_value']:.4f} "
+            f"({c['better']} is better; {c['on']}, {c['users']} users)")
 
 
-# ---------------------------------------------------------------------------------------------- markdown
-def render_markdown(report: dict) -> str:
-    m, w, th = report["machine"], report["workload"], report.get("threads") or {}
-    qs, qa = report["quality_teacher_subset"], report["quality_all_users"]
-    all_users_note = "" if qa["users"] == qs["users"] else " (the teacher's budget did not cover them all)"
-    fixed = w.get("fixed_set")
-    skipped = "\n".join(f"- {s['system']}: {s['reason']}" for s in report.get("skipped", [])) or "- none"
-    notes = "\n".join(f"- {n}" for n in report.get("notes", []))
-    tc, nc = w.get("teacher_candidates", 1), w.get("candidates", 100)
-    teacher_bs = w.get("teacher_batch_sizes") or w["batch_sizes"]
-    md = f"""# distillrec benchmark report
+def baseline_verdict(report: dict) -> str:
+    """The report's first lines: which systems fall below a non-learned baseline, or that none does."""
+    bc = report.get("baseline_check")
+    if not bc:
+        return "_No baseline check in this report (written by an older version)._"
+    if not bc["checks"]:
+        return "_Baseline check: no system and baseline share a metric in this report._"
+    metrics = ", ".join(dict.fromkeys(c["metric"] for c in bc["checks"]))
+    if bc["ok"]:
+        n = len({c["system"] for c in bc["checks"]})
+        return (f"**Baseline check: passed.** All {n} systems beat the best non-learned baseline on every metric "
+                f"compared ({metrics}; {len(bc['checks'])} comparisons on the same users).")
+    names = list(dict.fromkeys(c["system"] for c in bc["below"]))
+    lines = [f"**Warning: {len(names)} system(s) below a non-learned baseline** ({', '.join(names)}). A model that "
+             f"ranks worse than popularity, or predicts worse than a mean, should not be served as it is: "
+             f"check the data and the training budget (see the quality tables below).", ""]
+    lines += [_below_line(c) for c in bc["below"]]
+    return "\n".join(lines)
 
-Machine: {m.get('cpu_model', m.get('processor') or '?')} · {m.get('cpu_count')} logical CPUs
+
+# ---------------------------------------------------------------------------------------------- catalog
+def _catalog_rows(rows: dict) -> list[str]:
+    out = []
+    for name, c in rows.items():
+        lift = c.get("popularity_lift")
+        out.append(f"| {name} | {c['users']} | {c['distinct_items']:,} | {100 * c['coverage']:.1f}% | "
+                   f"{c['mean_pop_percentile']:.1f} | {c['mean_train_count']:,.1f} | "
+                   f"{'–' if lift is None else f'{lift:.2f}x'} |")
+    return out
+
+
+def catalog_section(report: dict) -> str:
+    """Coverage and popularity bias of each system's top-K lists (serve_bench.quality)."""
+    cat = report.get("catalog")
+    if not cat:
+        return "_(no catalog statistics in this report)_"
+    k, n = cat["k"], cat["catalog_items"]
+    head = [f"What each system recommends: its top-{k} unseen items for each test user. Catalog coverage = distinct "
+            f"items recommended / {n:,} catalog items. Popularity percentile of an item = its mid-rank among the "
+            f"catalog's items by training interactions (the catalog's mean is 50; 100 = only the most popular). "
+            f"Training interactions = {cat.get('counts', 'interactions before the test targets')}; the catalog's "
+            f"mean is {cat['catalog_mean_train_count']:,.1f} per item, and lift = the recommended items' mean / "
+            f"that. Coverage grows with the number of users: compare rows on the same users.", "",
+            f"| system | users | distinct items in top-{k} | catalog coverage | mean popularity percentile | "
+            f"mean training interactions per recommendation | popularity lift |",
+            "|---|---|---|---|---|---|---|"]
+    all_rows, sub_rows = cat.get("all_users") or {}, cat.get("teacher_users") or {}
+    if all_rows and sub_rows and _n_users(all_rows) == _n_users(sub_rows):
+        # the teacher covered every test user: one set of users, each system once
+        sub_rows = {name: c for name, c in sub_rows.items() if name not in all_rows}
+    return "\n".join(head + _catalog_rows(all_rows) + _catalog_rows(sub_rows))
+
+
+def _n_users(rows: dict) -> int:
+    return next(iter(rows.values()))["users"]
+
+
+# ---------------------------------------------------------------------------------------------- sections
+def machine_section(report: dict) -> str:
+    m, th = report["machine"], report.get("threads") or {}
+    torch_threads = th.get("torch_all_threads")
+    torch_part = f"PyTorch all = {torch_threads}; " if torch_threads is not None else ""
+    versions = f"Python {m.get('python')}" + (f", torch {m['torch']}" if m.get("torch") else "") + \
+        f", onnxruntime {m.get('onnxruntime')}, numpy {m.get('numpy')}"
+    return f"""Machine: {m.get('cpu_model', m.get('processor') or '?')} · {m.get('cpu_count')} logical CPUs
 ({m.get('physical_cores', '?')} physical, {m.get('affinity_cpus', '?')} usable) · {m.get('memory_gb', '?')} GB ·
 {m.get('platform')}{' · GPU ' + m['gpu'] if m.get('gpu') else ''}.
-Versions: Python {m.get('python')}, torch {m.get('torch')}, onnxruntime {m.get('onnxruntime')}, numpy {m.get('numpy')}.
-Threads: PyTorch all = {th.get('torch_all_threads')}; onnxruntime all = {th.get('ort_all_threads')}; single-thread
+Versions: {versions}.
+Threads: {torch_part}onnxruntime all = {th.get('ort_all_threads')}; single-thread
 setting = 1 (torch.set_num_threads / intra_op_num_threads). PyTorch device: {report['device']}. Seed {report['seed']}.
-Bench wall time: {report.get('bench_seconds', 0):.0f} s.
+Bench wall time: {report.get('bench_seconds', 0):.0f} s."""
 
-## Headline
+
+def headline_section(report: dict) -> str:
+    w = report["workload"]
+    return f"""## Headline
 
 Request: one protocol test user's real history (last <= 50 events before the test event) → full-catalog
 top-{w.get('top_k', 10)} of unseen items. `h{w.get('fixed_history')}` = the fixed-length set (every history exactly
 {w.get('fixed_history')} events, {w.get('fixed_requests')} users). Speed-ups are p50 ratios measured in this run.
 
-{headline_table(report)}
+{headline_table(report)}"""
 
-## Targets
+
+def targets_section(report: dict) -> str:
+    return f"""## Targets
 
 {targets_table(report)}
 
 The student ONNX row the targets are read on is the fastest CPU variant at batch 1 whose NDCG@10 stays within 1%
-of ONNX FP32 (a variant that lost quality cannot claim the latency).
+of ONNX FP32 (a variant that lost quality cannot claim the latency)."""
 
-## Latency per call: top-K over the catalog, natural-length histories, all threads
+
+def latency_section(report: dict) -> str:
+    w = report["workload"]
+    fixed = w.get("fixed_set")
+    tc, nc = w.get("teacher_candidates", 1), w.get("candidates", 100)
+    teacher_bs = w.get("teacher_batch_sizes") or w["batch_sizes"]
+    fixed_tables = (f"Top-K over the catalog:\n\n{grid_table(report, fixed, 'topk')}\n\n"
+                    f"Scoring {nc} candidates (cells marked * as above):\n\n{grid_table(report, fixed, 'candidates')}"
+                    if fixed else "_(no user has that much history)_")
+    return f"""## Latency per call: top-K over the catalog, natural-length histories, all threads
 
 {w['requests']} requests (mean history {w['mean_history']:.1f}); each batch is padded to its longest history.
 Cells: p50 / p90 / p99 per call in ms (speed-up of p50 vs the teacher's fastest form at the same batch).
@@ -399,9 +478,7 @@ the linear estimate for {nc} candidates (measured p50 × {nc}/{tc}).
 
 ### Fixed-length histories ({w.get('fixed_history')} events, no padding)
 
-{grid_table(report, fixed, 'topk') if fixed else '_(no user has that much history)_'}
-
-{grid_table(report, fixed, 'candidates') if fixed else ''}
+{fixed_tables}
 
 ### Per request and throughput (top-K, natural-length)
 
@@ -415,23 +492,31 @@ Per-request latency = call latency / batch size (the amortised cost of one reque
 
 ### Concurrency: N threads sharing one onnxruntime session (batch 1, one intra-op thread per call)
 
-{concurrency_table(report)}
+{concurrency_table(report)}"""
 
-## Floor (roofline) and where the student's time goes
+
+def floor_and_profile_section(report: dict) -> str:
+    return f"""## Floor (roofline) and where the student's time goes
 
 {floor_section(report)}
 
-{profile_section(report)}
+{profile_section(report)}"""
 
-## Size and memory
+
+def size_section(report: dict) -> str:
+    return f"""## Size and memory
 
 Peak RSS is measured in a separate process per system (`python -m serve_bench.probe`): it imports what that system's
 serving path needs (torch only for PyTorch systems), loads the model and runs requests of the top-K workload;
 peak = the process's high-water mark VmHWM (interpreter and libraries included), "added by the model" = peak - RSS after imports.
 
-{size_table(report)}
+{size_table(report)}"""
 
-## Quality on the teacher's evaluation users ({qs['users']} users; protocol test split, 95% bootstrap CIs over users)
+
+def quality_section(report: dict) -> str:
+    qs, qa = report["quality_teacher_subset"], report["quality_all_users"]
+    all_users_note = "" if qa["users"] == qs["users"] else " (the teacher's budget did not cover them all)"
+    return f"""## Quality on the teacher's evaluation users ({qs['users']} users; protocol test split, 95% bootstrap CIs over users)
 
 Every system on the same users; the ONNX rows are computed through their own runtime session.
 
@@ -443,24 +528,40 @@ Every system on the same users; the ONNX rows are computed through their own run
 
 ![quality vs latency](quality_latency.png)
 
-## Distillation ablation: what the teacher adds
+## Catalog coverage and popularity bias of the top-{(report.get('catalog') or {}).get('k', 10)}
 
-{ablation_section(report)}
+{catalog_section(report)}"""
 
-## Load test of the HTTP service
 
-{loadtest_section(report)}
+def not_measured_section(report: dict) -> str:
+    """Systems that were not measured (each with its reason), then the run's notes under their own heading."""
+    skipped = [f"- {s['system']}: {s['reason']}" for s in report.get("skipped", [])]
+    lines = ["## Systems not measured", "", "\n".join(skipped) if skipped else "None: every configured system ran."]
+    notes = [f"- {n}" for n in report.get("notes", [])]
+    if notes:
+        lines += ["", "Notes:", "", "\n".join(notes)]
+    return "\n".join(lines)
 
-## Systems not measured
 
-{skipped}
-{notes}
-
-## Budget
-
-{_budget(report)}
-"""
-    return md
+def render_markdown(report: dict) -> str:
+    """bench/report.md: the baseline verdict first, then machine, headline, targets, latency, floor, size,
+    quality (with catalog coverage), ablation, load test, what was not measured, and the budgets."""
+    sections = [
+        "# distillrec benchmark report",
+        baseline_verdict(report),
+        machine_section(report),
+        headline_section(report),
+        targets_section(report),
+        latency_section(report),
+        floor_and_profile_section(report),
+        size_section(report),
+        quality_section(report),
+        f"## Distillation ablation: what the teacher adds\n\n{ablation_section(report)}",
+        f"## Load test of the HTTP service\n\n{loadtest_section(report)}",
+        not_measured_section(report),
+        f"## Budget\n\n{_budget(report)}",
+    ]
+    return "\n\n".join(sections) + "\n"
 
 
 def write_report(report: dict, out: Path) -> None:

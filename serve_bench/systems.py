@@ -4,12 +4,12 @@ request = (history_items int64 [B, L], history_ratings float32 [B, L], history_l
 candidates int64 [B, C]), internal item ids, left padded (serve_bench.workload).
 
   TeacherTorchSystem   the LLM teacher in PyTorch, LoRA merged into the base weights, inference mode
-  TeacherOnnxSystem    onnx/teacher.onnx (inputs input_ids, attention_mask, before_pos, item_pos) on onnxruntime
+  TeacherOnnxSystem    teacher_onnx/teacher.onnx (inputs input_ids, attention_mask, before_pos, item_pos) on onnxruntime
   StudentTorchSystem   the student in PyTorch (item table frozen, inference mode)
   StudentOnnxSystem    an exported student file through the serving runtime (export.runtime.Recommender)
 
 How the teacher answers a request: it reads the history as text and then ONE candidate's text
-(DESIGN.md: the state before the candidate's text gives the full-catalog next_item scores, the state at
+(docs/protocol.md: the state before the candidate's text gives the full-catalog next_item scores, the state at
 the end of it gives that candidate's rating / like). Scoring C candidates therefore takes C sequences
 (history + candidate c), run as C rows of one batch: the cost grows linearly in C (no KV-cache sharing).
 The benchmark measures the teacher on `teacher_candidates` candidates per request and says so.
@@ -33,7 +33,7 @@ STUDENT_VARIANTS = {  # variant -> (model file, label)
     "int8": ("student.int8.onnx", "student (ONNX, INT8)"),
     "fp16": ("student.fp16.onnx", "student (ONNX, FP16)"),
 }
-TEACHER_ONNX_FILE = "teacher.onnx"
+TEACHER_ONNX_FILE = "teacher_onnx/teacher.onnx"  # run-relative, outside onnx/ (= export.contract.TEACHER_ONNX_RELPATH)
 
 
 def short_provider(p: str) -> str:
@@ -139,6 +139,11 @@ class StudentTorchSystem(_TorchThreads, System):
             return {k: out[k].float().cpu().numpy() for k in ("next_item", "rating", "like") if k in out}
 
 
+def _ort_threads(n: Optional[int]) -> int:
+    """The bench's thread setting -> Recommender's intra_op_threads: None (all threads) = 0, onnxruntime's default."""
+    return 0 if n is None else int(n)
+
+
 class StudentOnnxSystem(System):
     """One exported student file on one provider, through export.runtime.Recommender (the serving path)."""
 
@@ -156,8 +161,10 @@ class StudentOnnxSystem(System):
         first = self.providers_arg[0]
         self.requested_provider = first[0] if isinstance(first, (tuple, list)) else str(first)
         self._Recommender = Recommender
+        # the bench's "all threads" (None) is onnxruntime's own default (0 = one thread per core), not the
+        # runtime's shared-session default (min(4, cores // 2)): the report states which it measured
         self.rt = Recommender(self.onnx_dir, providers=self.providers_arg, model_file=self.model_file,
-                              intra_op_threads=intra_op_threads)
+                              intra_op_threads=_ort_threads(intra_op_threads))
         self._by_threads = {intra_op_threads: self.rt}
         self.provider = self.rt.providers[0]
         self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
@@ -178,7 +185,7 @@ class StudentOnnxSystem(System):
     def session_with_threads(self, n: Optional[int]):
         if n not in self._by_threads:
             self._by_threads[n] = self._Recommender(self.onnx_dir, providers=self.providers_arg,
-                                                    model_file=self.model_file, intra_op_threads=n)
+                                                    model_file=self.model_file, intra_op_threads=_ort_threads(n))
         return self._by_threads[n]
 
     @contextlib.contextmanager
@@ -314,7 +321,7 @@ class TeacherTorchSystem(_TorchThreads, System):
 
 
 class TeacherOnnxSystem(System):
-    """onnx/teacher.onnx on onnxruntime; tokenization as in PyTorch (the same SequenceBuilder)."""
+    """teacher_onnx/teacher.onnx on onnxruntime; tokenization as in PyTorch (the same SequenceBuilder)."""
 
     kind = "teacher"
     runtime = "onnxruntime"

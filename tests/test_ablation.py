@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distill.ablation import (RANK_KD_WEIGHT, VARIANTS, _resolve_overrides, _skip_reason, aggregate_seeds,
-                              paired_difference, run_ablation)
+from distill.ablation import (POPULARITY_FACTOR, RANK_KD_WEIGHT, VARIANTS, _below_popularity, _resolve_overrides,
+                              _skip_reason, aggregate_seeds, paired_difference, report_paths, run_ablation)
 from distill.cache import build_cache
-from distill.cli import _write_run_config
+from distillrec.cli import _write_run_config
 from distill.config import load_config
 from distill.data import Split, load_dataset
 from distill.metrics import format_metrics_table
@@ -45,12 +45,21 @@ def _entries(rows):
 
 
 def test_report_files_are_written(report):
+    """The ablation writes its own report, ablation/report.{json,md}, and nothing under bench/ or student/."""
     run = report["run"]
-    assert json.loads((run / "student" / "report.json").read_text())["seeds"] == [0, 1]
-    md = (run / "student" / "report.md").read_text()
+    json_path, md_path = report_paths(run)
+    assert (json_path, md_path) == (run / "ablation" / "report.json", run / "ablation" / "report.md")
+    assert json.loads(json_path.read_text()) == json.loads(json.dumps(report["rep"]))
+    assert sorted(p.name for p in json_path.parent.iterdir()) == ["report.json", "report.md"]
+    assert not (run / "bench").exists() and not (run / "student" / "report.json").exists()
+    md = md_path.read_text()
     for text in ("## Targets", "## All test users (943)", "## Teacher's evaluation users (16", "## Cold start",
-                 "## Parameters", "## Training time", "next_item/NDCG@10", VARIANTS["no_kl"][0]):
+                 "## Parameters", "## Training time", "next_item/NDCG@10", VARIANTS["no_kl"][0],
+                 "1 epochs of 2 optimizer steps", "= 2 steps"):
         assert text in md, text
+    # every target is a row of the Markdown table with its verdict
+    for t in report["rep"]["targets"]:
+        assert f"| {t['target']} | {'**yes**' if t['met'] else '**no**'} |" in md
 
 
 def test_bench_report_reads_the_ablation_report(report):
@@ -61,6 +70,7 @@ def test_bench_report_reads_the_ablation_report(report):
     assert "missing" not in ab and ab["stale"] == []
     assert ab["targets"] == report["rep"]["targets"] and ab["all_users"]["users"] == 943
     assert ab["seeds"] == [0, 1] and ab["ratio_params"] == report["rep"]["params"]["ratio_params"]
+    assert ab["report_md"] == "ablation/report.md"
 
 
 def test_rows_and_counts(report):
@@ -76,6 +86,8 @@ def test_rows_and_counts(report):
         runs = rep["variants"][k]["runs"]
         assert [r["seed"] for r in runs] == [0, 1]
         assert all(r["epochs_run"] == 1 for r in runs)
+        # the stage's budget rule: max(one pass, min_steps_per_epoch) steps per epoch, capped here at 2
+        assert all(r["steps"] == r["steps_per_epoch"] == 2 for r in runs)
     assert rep["variants"]["no_kl"]["components"]["kl"] == 0.0 and rep["variants"]["kd_full"]["components"]["kl"] > 0
     assert rep["variants"]["no_kd"]["components"]["alpha"] == 0.0
     # the rank_kd row is kd_full with the ranking distillation on (the config has it off: RANK_KD_WEIGHT)
@@ -130,12 +142,22 @@ def test_params_targets_and_timing(report):
     assert p["ratio_params"] == pytest.approx(p["student_params"] / t_params)
     names = [t["target"] for t in rep["targets"]]
     assert sum("student >= teacher" in n for n in names) == 3
+    # the no-KD student against popularity, with the numbers of the all-users table
+    pop_t = next(t for t in rep["targets"] if "x popularity" in t["target"])
+    rows = rep["all_users"]["rows"]
+    no, pop = (rows[k]["next_item"]["NDCG@10"]["value"] for k in (VARIANTS["no_kd"][0], "popularity"))
+    assert pop_t["met"] is bool(no >= POPULARITY_FACTOR * pop) and f"{no:.4f} / {pop:.4f}" in pop_t["detail"]
+    # every trained row below popularity is flagged, no baseline is
+    below = {b["row"] for b in rep["below_popularity"]}
+    assert below == {k for k, r in rows.items() if k not in ("popularity", "global_mean", "user_mean", "item_mean")
+                     and r["next_item"]["NDCG@10"]["value"] < pop}
     assert any("beyond the seed spread" in n for n in names) and any("2%" in n for n in names)
     assert all(isinstance(t["met"], bool) for t in rep["targets"])
     # the tiny teacher is smaller than the student: the size target must be reported as missed
     assert next(t for t in rep["targets"] if "2%" in t["target"])["met"] is False
     tt = rep["training_time"]
     assert tt["per_model_budget"]["epochs"] == 1 and len(tt["kd_full_train_seconds"]) == 2
+    assert tt["per_model_budget"]["max_steps"] == 2 and tt["per_model_budget"]["min_steps_per_epoch"] == 0
     assert tt["ablation_total_seconds"] > 0
     assert tt["runs_cut_by_time_budget"] == []  # 1 epoch per model: epochs bind, never the 60 s cap
 
@@ -177,3 +199,11 @@ def test_aggregate_and_paired_difference_units():
     better["scores"][np.arange(60), targets] = 1e3  # and a perfect ranker
     d = paired_difference(better, pred, split, n_boot=50)
     assert d["rating"]["RMSE"]["ci"][1] < 0 and d["next_item"]["NDCG@10"]["ci"][0] > 0
+
+
+def test_rows_below_popularity_are_flagged():
+    def row(v):
+        return {"next_item": {"NDCG@10": {"value": v}}}
+    rows = {"student": row(0.05), "weak student": row(0.03), "popularity": row(0.04), "item_mean": {"rating": {}}}
+    assert _below_popularity(rows) == [dict(row="weak student", ndcg10=0.03, popularity_ndcg10=0.04)]
+    assert _below_popularity({"student": row(0.01)}) == []  # no popularity row (a log without it): nothing to flag

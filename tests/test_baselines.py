@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 from distill.baselines import baseline_predictions, evaluate_baselines, popularity_scores
-from distill.config import DataConfig
-from distill.data import Dataset, DataError, Split, load_dataset
+from distill.data import Dataset, Split
 
 
 def toy(with_ratings=True) -> Split:
@@ -94,14 +93,6 @@ def test_users_without_eval_event_rejected():
         baseline_predictions(toy(), "val", [2])
     with pytest.raises(ValueError, match="stage"):
         baseline_predictions(toy(), "train", EVAL)
-
-
-@pytest.fixture(scope="module")
-def ml100k_split():
-    try:
-        return Split.leave_last_out(load_dataset(DataConfig()))
-    except DataError as e:  # the recbole wheel is not installed
-        pytest.skip(str(e))
 
 
 def test_ml100k_baselines_plausible(ml100k_split):

@@ -1,7 +1,9 @@
 """serve_bench machinery: timing / percentiles (fake clock, no time asserted), workload building, the RSS
-probe in its own process, the floor on a known graph, the profile, targets and the report writer from a
-synthetic report dict."""
+probe in its own process, the floor on a known graph, the profile, targets, catalog coverage / popularity bias,
+the baseline check and the report writer from a synthetic report dict."""
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -9,15 +11,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from distill.config import ExportConfig, StudentConfig
-from distill.student import Student
 from serve_bench import floor as F
-from serve_bench.bench import add_speedups, evaluate_targets, point_grid
+from serve_bench.bench import add_speedups, check_baselines, evaluate_targets, point_grid
 from serve_bench.probe import measure_rss
-from serve_bench.report import load_ablation, refresh_ablation, render_markdown, write_report
+from serve_bench.quality import (baseline_check, catalog_stats, catalog_table, merge_baseline_checks,
+                                 popularity_percentile, top_k_lists)
+from serve_bench.report import load_ablation, render_markdown, write_report
 from serve_bench.timing import summarize, time_calls, time_concurrent
 from serve_bench.workload import RequestSet, candidates_for, top_k_unseen
 
@@ -182,16 +183,10 @@ def test_point_grid_teacher_vs_student():
 
 # ------------------------------------------------------------------------------------------------ a tiny student
 @pytest.fixture(scope="module")
-def onnx_dir(tmp_path_factory):
-    from export.onnx_export import export_run
-    run = tmp_path_factory.mktemp("bench_run")
-    torch.manual_seed(0)
-    m = Student(StudentConfig(dim=16, layers=1, heads=2, max_len=12, tower_hidden=16), N_ITEMS,
-                ["next_item", "rating", "like"], text_vectors=torch.randn(N_ITEMS, 8)).eval()
-    m.save(run / "student", extra=dict(item_ids=[f"m{i}" for i in range(N_ITEMS)], like_threshold=4.0,
-                                       max_history=10, item_popularity=list(range(N_ITEMS)), data_hash="x"))
-    export_run(run, ExportConfig(), seed=0)
-    return run / "onnx"
+def onnx_dir(serving_export):
+    """The shared tiny exported student (tests/conftest.py: 40 items, fp32 student.onnx + runtime.json)."""
+    assert serving_export.n_items == N_ITEMS
+    return serving_export.onnx_dir
 
 
 def test_rss_probe_runs_in_its_own_process(onnx_dir, tmp_path):
@@ -234,10 +229,19 @@ def test_flops_of_a_known_graph(tmp_path):
 
 
 def test_flops_of_the_student_grow_with_history(onnx_dir):
-    rs = random_set(n=2, L=8, C=3)
-    short = F.count_matmul_flops(onnx_dir / "student.onnx", F.feed_of(rs.batch(np.array([1]), 1)))
-    full = F.count_matmul_flops(onnx_dir / "student.onnx", F.feed_of(rs.batch(np.array([0]), 1)))
-    assert 0 < short["flops"] <= full["flops"] and full["matmul_nodes"] > 0
+    """MatMul FLOPs of a batch-1 request are a + b*L + c*L^2 in the history length L: the per-token layers grow
+    linearly and self-attention (Q.K^T and A.V: 2 * 2*L*L*dim per layer) quadratically, so the second
+    difference over L is exactly 8 * dim * layers, read from the student's own config."""
+    cfg = json.loads((onnx_dir.parent / "student" / "config.json").read_text())["student"]
+    flops = []
+    for L in range(1, 9):
+        req = (np.arange(L, dtype=np.int64)[None], np.full((1, L), 4.0, np.float32), np.array([L]),
+               np.array([[L]], dtype=np.int64))
+        got = F.count_matmul_flops(onnx_dir / "student.onnx", F.feed_of(req))
+        assert got["matmul_nodes"] > 0
+        flops.append(got["flops"])
+    assert np.all(np.diff(flops) > 0)  # strictly more work for every extra history event
+    assert np.diff(flops, 2).tolist() == [8 * cfg["dim"] * cfg["layers"]] * 6
 
 
 def test_floor_is_max_of_overhead_and_compute():
@@ -343,6 +347,12 @@ def synthetic_report():
     )
     rep["latency"] = {n: {str(p["batch"]): p for p in points if p["system"] == n and p["requests"] == "natural"
                           and p["workload"] == "topk" and p["threads"] == "all"} for n in systems}
+    rep["baseline_check"] = check_baselines(rep)
+    counts = np.array([10, 0, 5, 5, 1])
+    rep["catalog"] = dict(k=2, catalog_items=5, catalog_mean_train_count=4.2, counts="test counts",
+                          all_users={"student": catalog_stats(np.array([[0, 2], [0, 3]]), counts),
+                                     "popularity": catalog_stats(np.array([[0, 2], [0, 2]]), counts)},
+                          teacher_users={"teacher": catalog_stats(np.array([[4, 1]]), counts)})
     rep["targets"] = evaluate_targets(rep)
     return rep
 
@@ -369,11 +379,16 @@ def test_targets_say_plainly_which_are_met():
     assert rep["targets"][2]["met"] is True  # 0.1 ms at 1 thread vs floor 0.1 ms
     int8 = rep["targets"][3]
     assert int8["met"] is True and int8["value"] == pytest.approx(2.0)
+    assert "NDCG@10 change vs FP32 -0.50% (a loss" in int8["measured"]  # 0.0995 vs 0.10: a loss keeps its sign
     assert rep["targets"][4]["met"] is True and t  # 0 load-test errors
     # an INT8 that lost > 1% NDCG@10 fails its target and cannot carry the latency targets
     rep["quality_all_users"]["rows"]["student (ONNX, INT8) [CPU]"] = _q(0.09)
     again = evaluate_targets(rep)
     assert again[3]["met"] is False and "student (ONNX) [CPU]" in again[0]["measured"]
+    rep["quality_all_users"]["rows"]["student (ONNX, INT8) [CPU]"] = _q(0.1076)  # INT8 better than FP32: a gain
+    gain = evaluate_targets(rep)[3]
+    assert "NDCG@10 change vs FP32 +7.60% (a gain" in gain["measured"] and "loss -" not in gain["measured"]
+    assert gain["met"] is True
     rep["loadtest"] = dict(clients=8, seconds=10, requests=10, ok=9, errors=1)
     assert evaluate_targets(rep)[4]["met"] is False
     rep["loadtest"] = None
@@ -389,6 +404,8 @@ def test_report_writer_tables_and_plots(tmp_path):
                    "RSS probe of student_torch failed", "Test CPU", "onnxruntime 1.x"):
         assert needle in md, needle
     assert "| 1 | 5000 |" not in md and "| 5000 | 5000 | 0 |" in md
+    assert "next_item_scores 1.0e-06 (passed)" in md  # parity: formatted, not a raw dict
+    assert "| student | 2 | 3 | 60.0% | 75.0 | 7.5 | 1.79x |" in md  # the catalog table (hand values: see below)
     for png in ("latency.png", "quality_latency.png"):
         data = (tmp_path / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -411,26 +428,29 @@ def _ablation_json(data_hash="abc", student_config=None):
                 training_time=dict(ablation_total_seconds=1710.0, runs_cut_by_time_budget=[]))
 
 
-def test_ablation_is_folded_into_the_bench_report(tmp_path):
+def test_ablation_is_read_from_its_own_report(tmp_path):
     run = tmp_path / "run"
     (run / "student").mkdir(parents=True)
     (run / "teacher_cache").mkdir()
     cfg = {"epochs": 20, "kd_alpha": 0.5, "ablation_seeds": (0, 1, 2)}  # tuples compare equal to JSON lists
     missing = load_ablation(run, "abc", cfg)
-    assert "distillrec ablate" in missing["missing"]
+    assert "distillrec ablate" in missing["missing"] and "run the bench again" in missing["missing"]
     rep = synthetic_report()
     rep["ablation"] = missing
     assert "Not run: `distillrec ablate" in render_markdown(rep)
 
     (run / "teacher_cache" / "manifest.json").write_text("{}")
     time.sleep(0.01)
-    (run / "student" / "report.json").write_text(json.dumps(_ablation_json()))
+    (run / "ablation").mkdir()
+    (run / "ablation" / "report.json").write_text(json.dumps(_ablation_json()))
     ab = load_ablation(run, "abc", cfg)
     assert ab["stale"] == [] and ab["seeds"] == [0, 1, 2] and ab["minutes"] == pytest.approx(28.5)
+    assert ab["report_md"] == "ablation/report.md"
     rep["ablation"] = ab
     md = render_markdown(rep)
     sec = md.split("## Distillation ablation: what the teacher adds")[1].split("\n## ")[0]
-    for needle in ("| KD student > no-KD student on next_item/NDCG@10 beyond the seed spread | **no** |",
+    for needle in ("[ablation/report.md](../ablation/report.md)",  # linked relative to bench/report.md
+                   "| KD student > no-KD student on next_item/NDCG@10 beyond the seed spread | **no** |",
                    "0.0723 ± 0.0032 [0.061, 0.084]", "All 943 test users", "Cold start (84 items", "0.213%"):
         assert needle in sec, needle
     assert "Stale" not in sec
@@ -442,22 +462,123 @@ def test_ablation_is_folded_into_the_bench_report(tmp_path):
     time.sleep(0.01)
     (run / "teacher_cache" / "manifest.json").write_text("{}")
     assert load_ablation(run, "abc", cfg)["stale"] == ["the teacher cache was rewritten after the ablation ran"]
-    (run / "student" / "report.json").write_text("{not json")
+    (run / "ablation" / "report.json").write_text("{not json")
     assert "unreadable" in load_ablation(run, "abc", cfg)["missing"]
 
 
-def test_refresh_ablation_rewrites_an_existing_bench_report(tmp_path):
-    run = tmp_path / "run"
-    (run / "student").mkdir(parents=True)
-    assert refresh_ablation(run) is False  # no bench report yet: the bench folds it in when it runs
+def test_ablation_report_of_an_older_version_is_still_found(tmp_path):
+    (tmp_path / "student").mkdir()
+    (tmp_path / "student" / "report.json").write_text(json.dumps(_ablation_json()))
+    ab = load_ablation(tmp_path, "abc")
+    assert ab["report_md"] == "student/report.md" and ab["seeds"] == [0, 1, 2]
+    (tmp_path / "ablation").mkdir()  # the ablation's own folder wins once it exists
+    (tmp_path / "ablation" / "report.json").write_text(json.dumps(dict(_ablation_json(), seeds=[7])))
+    assert load_ablation(tmp_path, "abc")["seeds"] == [7]
+
+
+# ------------------------------------------------------------------------------ catalog coverage, popularity bias
+COUNTS = np.array([10, 0, 5, 5, 1])  # training interactions of a 5-item catalog; sorted: 0, 1, 5, 5, 10
+
+
+def test_popularity_percentile_is_the_mid_rank():
+    # item 0 (10): 4 below -> (4 + 0.5) / 5; item 2 and 3 (5): 2 below, 2 equal -> (2 + 1) / 5
+    assert popularity_percentile(COUNTS).tolist() == pytest.approx([90.0, 10.0, 60.0, 60.0, 30.0])
+    assert popularity_percentile(np.array([3, 3, 3, 3])).tolist() == [50.0] * 4  # all tied: the middle
+    assert popularity_percentile(np.random.default_rng(0).integers(0, 9, 101)).mean() == pytest.approx(50.0)
+
+
+def test_catalog_stats_on_hand_made_lists():
+    st = catalog_stats(np.array([[0, 2], [0, 3]]), COUNTS)
+    assert st["distinct_items"] == 3 and st["coverage"] == pytest.approx(3 / 5)
+    assert st["mean_pop_percentile"] == pytest.approx((90 + 60 + 90 + 60) / 4)
+    assert st["mean_train_count"] == pytest.approx((10 + 5 + 10 + 5) / 4)
+    assert st["catalog_mean_train_count"] == pytest.approx(21 / 5)
+    assert st["popularity_lift"] == pytest.approx(7.5 / 4.2) and (st["users"], st["k"]) == (2, 2)
+    tail = catalog_stats(np.array([[1, 4]]), COUNTS)  # the two least popular items: below the catalog's 50
+    assert tail["mean_pop_percentile"] == pytest.approx(20.0) and tail["popularity_lift"] == pytest.approx(0.5 / 4.2)
+
+
+def test_top_k_lists_exclude_the_history_and_break_ties_by_id():
+    scores = np.array([[5, 4, 3, 2, 1], [5, 4, 3, 2, 1], [1, 1, 1, 1, 1]], dtype=np.float32)
+    top = top_k_lists(scores, [np.array([1]), np.array([0, 2]), np.array([], np.int64)], k=2)
+    assert top.tolist() == [[0, 2], [1, 3], [0, 1]]
+    with pytest.raises(ValueError, match="one seen-list per user"):
+        top_k_lists(scores, [np.array([1])], k=2)
+
+
+def test_catalog_table_aligns_users_and_skips_partial_predictions():
+    scores = np.array([[0, 9, 8, 0, 0], [9, 0, 0, 0, 8]], dtype=np.float32)  # rows of users 7 and 3
+    preds = {"model": dict(users=np.array([7, 3]), scores=scores),
+             "partial": dict(users=np.array([7]), scores=scores[:1])}
+    seen = {3: np.array([0]), 7: np.array([], np.int64)}
+    out = catalog_table(preds, np.array([3, 7]), seen.get, COUNTS, k=2)
+    assert set(out) == {"model"}  # "partial" lacks user 3
+    # user 3: item 0 seen -> [4, 1]; user 7: [1, 2] -> items {1, 2, 4}
+    assert out["model"]["distinct_items"] == 3
+    assert out["model"]["mean_train_count"] == pytest.approx((1 + 0 + 0 + 5) / 4)
+    assert catalog_table(preds, np.array([3, 7]), seen.get, COUNTS, k=2, chunk=1) == out  # chunking changes nothing
+
+
+# ------------------------------------------------------------------------------ baseline check and the headline
+def _rows(**ndcg):
+    return {name: _q(v) for name, v in ndcg.items()}
+
+
+def test_baseline_check_flags_only_systems_below_the_best_baseline():
+    rows = _rows(student=0.10, **{"student (no KD)": 0.04}, popularity=0.05)
+    rows["student"]["rating"] = {"RMSE": {"value": 0.9}}
+    rows["student (no KD)"]["rating"] = {"RMSE": {"value": 1.05}}
+    rows["item_mean"] = {"rating": {"RMSE": {"value": 1.0}}}
+    rows["global_mean"] = {"rating": {"RMSE": {"value": 1.2}}}  # the best RMSE baseline is the lowest: item_mean
+    res = baseline_check(dict(label="all test users", users=250, rows=rows),
+                         ("popularity", "global_mean", "user_mean", "item_mean"))
+    below = {(c["system"], c["metric"]): c for c in res["below"]}
+    assert set(below) == {("student (no KD)", "next_item/NDCG@10"), ("student (no KD)", "rating/RMSE")}
+    assert below[("student (no KD)", "rating/RMSE")]["baseline"] == "item_mean"
+    assert below[("student (no KD)", "next_item/NDCG@10")]["baseline_value"] == pytest.approx(0.05)
+    assert len(res["checks"]) == 4  # 2 systems x (NDCG@10, RMSE); no like/AUC anywhere
+    # a system checked on all users is not checked again on the teacher's subset
+    sub = baseline_check(dict(label="teacher users", users=50, rows=_rows(teacher=0.2, student=0.01,
+                                                                          popularity=0.05)), ("popularity",))
+    merged = merge_baseline_checks([res, sub])
+    assert merged["ok"] is False and len(merged["checks"]) == 5
+    assert not any(c["system"] == "student" and c["below"] for c in merged["checks"])
+
+
+def test_report_headline_flags_a_system_below_popularity(tmp_path):
     rep = synthetic_report()
-    rep["ablation"] = load_ablation(run)
-    (run / "bench").mkdir()
-    (run / "bench" / "report.json").write_text(json.dumps(rep))
-    (run / "bench" / "report.md").write_text(render_markdown(rep))
-    assert "Not run" in (run / "bench" / "report.md").read_text()
-    (run / "student" / "report.json").write_text(json.dumps(_ablation_json()))
-    assert refresh_ablation(run) is True
-    md = (run / "bench" / "report.md").read_text()
-    assert "Not run" not in md and "0.0723 ± 0.0032" in md
-    assert json.loads((run / "bench" / "report.json").read_text())["ablation"]["seeds"] == [0, 1, 2]
+    assert rep["baseline_check"]["ok"] is True and rep["baseline_check"]["below"] == []
+    first = render_markdown(rep).splitlines()[:4]
+    assert first[2].startswith("**Baseline check: passed.**") and not any("Warning" in ln for ln in first)
+
+    rep["quality_all_users"]["rows"]["student (no KD)"] = _q(0.03)  # below popularity's 0.05
+    rep["baseline_check"] = check_baselines(rep)
+    assert rep["baseline_check"]["ok"] is False
+    assert [(c["system"], c["baseline"]) for c in rep["baseline_check"]["below"]] == [("student (no KD)", "popularity")]
+    write_report(rep, tmp_path)
+    first = (tmp_path / "report.md").read_text().splitlines()[:6]
+    assert first[2].startswith("**Warning: 1 system(s) below a non-learned baseline** (student (no KD))")
+    assert "- **student (no KD)**: next_item/NDCG@10 0.0300 < popularity 0.0500" in first[4]
+    json.dumps(rep)
+
+
+def test_not_measured_section_says_none_only_when_nothing_was_skipped():
+    rep = synthetic_report()
+    sec = render_markdown(rep).split("## Systems not measured")[1].split("\n## ")[0]
+    assert "- student (ONNX, FP16) [CPU]: GPU only" in sec and "None" not in sec
+    assert sec.index("Notes:") < sec.index("- no GPU provider")
+    rep["skipped"] = []
+    sec = render_markdown(rep).split("## Systems not measured")[1].split("\n## ")[0]
+    assert "None: every configured system ran." in sec and "- none" not in sec
+    assert sec.index("None") < sec.index("Notes:") < sec.index("- no GPU provider")
+
+
+def test_bench_modules_and_machine_facts_do_not_import_torch():
+    code = ("import sys, serve_bench.bench, serve_bench.report, serve_bench.workload, serve_bench.quality; "
+            "from serve_bench.bench import machine_and_versions, thread_settings; "
+            "m = machine_and_versions('cpu'); t = thread_settings(); "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert 'torch' not in m and 'torch_all_threads' not in t and m['cpu_count'] >= 1; print('ok')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]

@@ -60,3 +60,53 @@ def test_corrupt_cache_file_is_a_clear_error(run, tmp_path):
     f.write_bytes(f.read_bytes()[:1000])
     with pytest.raises(StaleCacheError, match="corrupt"):
         load_cache(copy, ds.data_hash)
+
+
+def test_cache_states_the_labelling_cost_up_front(run, capsys):
+    """The cache has no time budget: it must label every position, so it states the cost before it starts, from
+    the exact token count and the teacher stage's measured evaluation throughput."""
+    import json
+    from pathlib import Path
+    man = build_cache(run)
+    out = capsys.readouterr().out
+    lab = man["labelling"]
+    cost = json.loads((Path(run.run_dir) / "teacher" / "metrics.json").read_text())["cost"]
+    tps = cost["eval_tokens"] / cost["eval_seconds"]
+    assert lab["estimate_source"] == "the teacher's evaluation throughput"
+    assert lab["estimated_seconds"] == round(lab["tokens"] / tps, 1)  # lab["tokens"]: what was really labelled
+    assert f"labelling {man['rows']:,} positions of 5 users" in out and f"{lab['tokens']:,} LLM tokens" in out
+
+
+def test_artifacts_are_readable_by_other_users(run):
+    """mkstemp makes 0600 files; artifacts get what a plain open() gives (0o666 & ~umask: 0644 under 022)."""
+    import os
+    import stat
+    from pathlib import Path
+
+    from distill.io import current_umask
+    expected = 0o666 & ~current_umask()
+    for f in ("teacher_cache/cache.npz", "teacher_cache/manifest.json", "teacher/heads.safetensors",
+              "teacher/adapter/adapter_model.safetensors", "teacher/adapter/adapter_config.json",
+              "teacher/metrics.json", "teacher/test_predictions.npz"):
+        assert stat.S_IMODE(os.stat(Path(run.run_dir) / f).st_mode) == expected, f
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_atomic_writes_follow_the_umask_like_open(tmp_path, umask):
+    import os
+    import stat
+
+    from distill.io import atomic_write_text, current_umask, write_json
+    old = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        atomic_write_text(tmp_path / "new" / "a.txt", "x")
+        write_json(tmp_path / "b.json", {"k": 1})
+        with open(tmp_path / "plain.txt", "w") as f:  # the reference: what open() gives
+            f.write("x")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    assert mode(tmp_path / "new" / "a.txt") == mode(tmp_path / "b.json") == mode(tmp_path / "plain.txt") == 0o666 & ~umask
+    assert mode(tmp_path / "new") == 0o777 & ~umask  # folders: mkdir's usual mode
+    assert not list(tmp_path.rglob(".*.tmp"))

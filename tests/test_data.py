@@ -1,4 +1,4 @@
-"""distill.data: sources, the leave-last-out split of DESIGN.md, and the DataError messages."""
+"""distill.data: sources, the leave-last-out split of docs/protocol.md, and the DataError messages."""
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,19 +20,12 @@ def raw_items(ds, u):
     return [ds.item_ids[i] for i in ds.items[u]]
 
 
-# ----------------------------------------------------------------------------- ML-100K
-@pytest.fixture(scope="module")
-def ml100k():
-    try:
-        return load_dataset(DataConfig())
-    except DataError as e:  # the recbole wheel is not installed
-        pytest.skip(str(e))
-
-
+# ----------------------------------------------------------------------------- ML-100K (conftest's `ml100k`)
 def test_ml100k_stats(ml100k):
     stats = ml100k.stats()
     assert (stats["users"], stats["items"], stats["interactions"]) == (943, 1682, 100000)
     assert ml100k.tasks == ["next_item", "rating", "like"]
+    assert (stats["item_text"]["with_text"], stats["item_text"]["coverage"]) == (1682, 1.0)  # every title found
     assert len(Split.leave_last_out(ml100k).eval_users) == 943  # every ML-100K user has >= 20 ratings
 
 
@@ -132,6 +125,7 @@ def check_custom(ds):
     assert ds.tasks == ["next_item", "rating", "like"]
 
 
+@pytest.mark.filterwarnings("ignore:only 2 of 3 catalog items")
 def test_generic_csv_with_custom_columns_and_item_text(tmp_path):
     CUSTOM_FRAME.to_csv(tmp_path / "log.csv", index=False)
     pd.DataFrame({"id": ["a", "b"], "name": ["Alpha", "Beta"]}).to_csv(tmp_path / "items.csv", index=False)
@@ -139,6 +133,48 @@ def test_generic_csv_with_custom_columns_and_item_text(tmp_path):
                               item_text_cols=["name"], **CUSTOM))
     check_custom(ds)
     assert ds.item_text == ["Alpha", "Beta", "item c"]
+
+
+# ----------------------------------------------------------------------------- item-text coverage
+def test_item_text_coverage_is_reported_and_warns_below_90_percent(tmp_path):
+    from distill.data import ItemTextWarning
+    CUSTOM_FRAME.to_csv(tmp_path / "log.csv", index=False)
+    pd.DataFrame({"id": ["a", "b"], "name": ["Alpha", "Beta"]}).to_csv(tmp_path / "items.csv", index=False)
+    with pytest.warns(ItemTextWarning, match=r"only 2 of 3 catalog items \(67%\).*'id'.*\['c'\]"):
+        ds = load_dataset(csv_cfg(tmp_path / "log.csv", items_path=str(tmp_path / "items.csv"), item_id_col="id",
+                                  item_text_cols=["name"], **CUSTOM))
+    cov = ds.stats()["item_text"]
+    assert (cov["items"], cov["with_text"], cov["id_col"]) == (3, 2, "id")
+    assert cov["coverage"] == pytest.approx(2 / 3) and "only 2 of 3" in cov["warning"]
+
+
+def test_full_item_text_coverage_has_no_warning(tmp_path):
+    import warnings
+    CUSTOM_FRAME.to_csv(tmp_path / "log.csv", index=False)
+    pd.DataFrame({"id": ["a", "b", "c", "z"], "name": ["A", "B", "C", "Z"]}).to_csv(tmp_path / "items.csv", index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        ds = load_dataset(csv_cfg(tmp_path / "log.csv", items_path=str(tmp_path / "items.csv"), item_id_col="id",
+                                  item_text_cols=["name"], **CUSTOM))
+    cov = ds.stats()["item_text"]
+    assert (cov["with_text"], cov["coverage"]) == (3, 1.0) and "warning" not in cov  # the extra item z is ignored
+
+
+def test_items_file_whose_ids_never_match_the_log_is_an_error(tmp_path):
+    """'1' in the log vs 'sku_1' in the item file: every text would be a placeholder, silently."""
+    pd.DataFrame({"user_id": [1, 1, 1], "item_id": [1, 2, 3], "rating": [4, 5, 3], "timestamp": [1, 2, 3]}
+                 ).to_csv(tmp_path / "log.csv", index=False)
+    pd.DataFrame({"item_id": ["sku_1", "sku_2", "sku_3"], "title": ["A", "B", "C"]}).to_csv(tmp_path / "items.csv",
+                                                                                          index=False)
+    with pytest.raises(DataError, match=r"none of the 3 catalog items.*'item_id' \(data.item_id_col\).*"
+                                        r"\['1', '2', '3'\].*\['sku_1', 'sku_2', 'sku_3'\]"):
+        load_dataset(DataConfig(source="csv", path=str(tmp_path / "log.csv"), items_path=str(tmp_path / "items.csv")))
+
+
+def test_without_an_item_file_the_stats_say_texts_are_placeholders(tmp_path):
+    CUSTOM_FRAME.to_csv(tmp_path / "log.csv", index=False)
+    cov = load_dataset(csv_cfg(tmp_path / "log.csv", **CUSTOM)).stats()["item_text"]
+    assert (cov["source"], cov["with_text"], cov["coverage"]) == (None, 0, 0.0) and "items_path" in cov["warning"]
 
 
 def test_generic_parquet_with_custom_columns(tmp_path):
@@ -192,5 +228,5 @@ def test_bad_time_and_source(tmp_path):
     write_csv(tmp_path / "log.csv", "uid,iid,stars,ts\nx,a,5,yesterday-ish\n")
     with pytest.raises(DataError, match="'ts'"):
         load_dataset(csv_cfg(tmp_path / "log.csv", **CUSTOM))
-    with pytest.raises(DataError, match="unknown data.source"):
+    with pytest.raises(ValueError, match="data.source='json'"):  # rejected by the config, before any loading
         load_dataset(DataConfig(source="json"))

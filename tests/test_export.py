@@ -17,7 +17,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from distill.config import ExportConfig, StudentConfig
+from distill.config import StudentConfig
+from export.config import ExportConfig
 from distill.student import Student
 from export.onnx_export import (
     INPUT_NAMES,
@@ -31,7 +32,7 @@ from export.onnx_export import (
     parity_points,
     verify_graph,
 )
-from export.runtime import Recommender, RuntimeArtifactError
+from export.runtime import Recommender, RequestError, RuntimeArtifactError
 
 REPO = Path(__file__).resolve().parents[1]
 N_ITEMS, TEXT_DIM, MAX_HISTORY = 40, 16, 10
@@ -217,6 +218,27 @@ def test_runtime_json(exported):
     assert meta["tasks"] == ["next_item", "rating", "like"] and meta["rating_range"] == [1, 5]
     assert [i["name"] for i in meta["inputs"]] == list(INPUT_NAMES)
     assert meta["outputs"] == ["next_item_scores", "rating", "like_logit"]
+    assert meta["uses_ratings"] is True
+
+
+def test_export_writes_the_contract(exported):
+    """Names the exporter writes are the contract's (export/contract.py), the one module the runtime reads."""
+    from export import contract
+    meta = json.loads((exported["onnx"] / contract.RUNTIME_META_FILE).read_text())
+    assert meta["schema_version"] == contract.SCHEMA_VERSION and meta["model_file"] == contract.STUDENT_FILE
+    assert [(i["name"], i["dtype"], tuple(i["shape"])) for i in meta["inputs"]] == \
+        [(n, d, a) for n, (d, a) in contract.STUDENT_INPUTS.items()]
+    assert meta["outputs"] == [contract.TASK_OUTPUTS[t] for t in meta["tasks"]]
+    assert (exported["onnx"] / contract.PARITY_FILE).is_file()
+    assert exported["summary"]["onnx"] == str(contract.serving_dir(exported["run"]) / contract.STUDENT_FILE)
+    # nothing but the student's serving files in the serving folder (no teacher, no TensorRT cache)
+    assert {p.name for p in exported["onnx"].iterdir()} <= \
+        {contract.STUDENT_FILE, contract.RUNTIME_META_FILE, contract.PARITY_FILE, *contract.VARIANT_FILES.values()}
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['numpy'] = None; sys.modules['onnxruntime'] = None\n"
+            "import export.contract\nprint('OK')")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "OK" in p.stdout, p.stderr  # the contract is stdlib only
 
 
 @pytest.mark.parametrize("b,L,c,lengths", [(1, 1, 1, [1]), (1, 6, 3, [0]), (2, 5, 7, [5, 2]),
@@ -283,7 +305,13 @@ def test_next_item_only_model_exports_only_its_output(tmp_path):
     save_student(build_student(tasks=("next_item",), seed=1), tmp_path / "student")
     s = export_student(tmp_path / "student", tmp_path / "onnx", ExportConfig())
     assert s["outputs"] == ["next_item_scores"] and s["parity_passed"]
+    # a model without rating/like heads was trained on data without ratings: ratings are not one of its inputs
+    assert json.loads((tmp_path / "onnx" / "runtime.json").read_text())["uses_ratings"] is False
     r = Recommender(tmp_path / "onnx")
+    assert r.uses_ratings is False
+    with pytest.raises(RequestError, match="^ratings: this model does not use ratings"):
+        r.recommend(["m101", "m102"], ratings=[5, 3])
+    assert r.recommend(["m101", "m102"], ratings=[0, 0], k=3) == r.recommend(["m101", "m102"], k=3)
     assert len(r.recommend(["m101", "m102"], k=3)) == 3
     with pytest.raises(ValueError, match="no rating/like head"):
         r.score(["m101"], ["m102"])
@@ -359,8 +387,12 @@ def test_empty_history_error_vs_popularity(exported, rec):
     assert [t[0] for t in top] == expected
     mixed = pop.recommend_batch([[], ["m101"]], k=5)
     assert mixed[0] == pop.recommend([], k=5) and mixed[1] == rec.recommend(["m101"], k=5)
+    # score: an empty history is answered from popularity (no model estimate), the other rows by the model
     s = pop.score([], ["m101", "m102"])
-    assert all(np.all(np.isfinite(v)) for v in s.values())
+    assert set(s) == {"popularity"} and s["popularity"].tolist() == [POPULARITY[1], POPULARITY[2]]
+    both = pop.score_batch([[], ["m101"]], [["m103"], ["m102", "m103"]])
+    assert set(both[0]) == {"popularity"}
+    np.testing.assert_allclose(both[1]["rating"], rec.score(["m101"], ["m102", "m103"])["rating"], atol=1e-5)
 
 
 def test_long_history_keeps_last_max_history(rec):

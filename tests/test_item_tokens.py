@@ -93,7 +93,7 @@ def test_truncate_layers_keeps_the_first_n():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny item-token teacher trained through the CLI's teacher stage (so it has a manifest)."""
-    from distill.cli import main
+    from distillrec.cli import main
     tmp = tmp_path_factory.mktemp("itok")
     ov = [f"out_dir={tmp}", "name=src", "teacher.input=item_tokens", "teacher.layers=1", "teacher.max_steps=3",
           "teacher.eval_users=16"]
@@ -104,7 +104,7 @@ def trained(tmp_path_factory):
 def test_saved_item_token_teacher_reloads_to_the_same_outputs(trained):
     from distill.data import Split, load_dataset
     from distill.teacher import load_teacher, teacher_builder
-    from distill.teacher_stage import teacher_predict
+    from distill.teacher_eval import teacher_predict
     tmp, ov = trained
     cfg = load_config("configs/tiny.yaml", ov)
     ds = load_dataset(cfg.data)
@@ -130,7 +130,7 @@ def test_manifest_records_what_shapes_the_weights(trained):
 
 
 def test_init_from_loads_evaluates_and_checks_the_manifest(trained):
-    from distill.cli import main
+    from distillrec.cli import main
     from distill.shipped import TeacherMismatchError, check_manifest
     tmp, ov = trained
     src = tmp / "src" / "teacher"

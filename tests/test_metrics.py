@@ -1,6 +1,5 @@
 """distill.metrics against hand-computed values (every expected number is derived in a comment)."""
 import math
-import time
 
 import numpy as np
 import pytest
@@ -99,15 +98,40 @@ def test_vectorised_matches_random_tie_breaking_monte_carlo():
     np.testing.assert_allclose(exact["MRR@5"], sims[:, 2], atol=0.03)
 
 
-def test_ranking_is_fast_on_ml100k_shape():
+def _reference_ranking(scores, targets, seen, ks):
+    """Per user, in plain Python: enumerate the ranks the target can take among its ties (g+1 .. g+t+1, each
+    equally likely) and average each metric's gain over them. Independent of ranking_metrics' prefix sums."""
+    out = {f"{m}@{k}": [] for k in ks for m in ("HR", "NDCG", "MRR")}
+    for row, target, excluded in zip(scores, targets, seen):
+        keep = np.ones(len(row), bool)
+        keep[excluded] = False
+        keep[target] = True
+        higher = int(((row > row[target]) & keep).sum())
+        ties = int(((row == row[target]) & keep).sum()) - 1
+        ranks = range(higher + 1, higher + ties + 2)
+        for k in ks:
+            out[f"HR@{k}"].append(sum(r <= k for r in ranks) / len(ranks))
+            out[f"NDCG@{k}"].append(sum(1 / math.log2(r + 1) for r in ranks if r <= k) / len(ranks))
+            out[f"MRR@{k}"].append(sum(1 / r for r in ranks if r <= k) / len(ranks))
+    return {name: np.array(v) for name, v in out.items()}
+
+
+def test_ranking_equals_reference_on_ml100k_shape():
+    # 943 users x 1,682 items (ML-100K), integer scores so most targets share their score with ~30 items, and
+    # 100 seen items per user (some repeated, some the target itself)
     rng = np.random.default_rng(1)
-    scores = rng.normal(size=(943, 1682))
+    scores = rng.integers(0, 60, size=(943, 1682)).astype(np.float64)
+    scores[::7] += rng.random((len(scores[::7]), 1682))  # every 7th user without ties
+    targets = rng.integers(0, 1682, 943)
     seen = [rng.integers(0, 1682, 100) for _ in range(943)]
-    t = time.perf_counter()
-    m = ranking_metrics(scores, rng.integers(0, 1682, 943), seen=seen)
-    assert time.perf_counter() - t < 1.0
-    assert set(m) == {"HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20", "MRR@20"}
-    assert m["HR@10"].shape == (943,)
+    seen[0] = np.append(seen[0], targets[0])  # a re-consumed target stays rankable
+    got = ranking_metrics(scores, targets, seen=seen)
+    assert set(got) == {"HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20", "MRR@20"}
+    ref = _reference_ranking(scores, targets, seen, ks=(10, 20))
+    for name, values in got.items():
+        assert values.shape == (943,)
+        np.testing.assert_allclose(values, ref[name], rtol=1e-12, atol=1e-15, err_msg=name)
+    assert 0 < got["HR@10"].mean() < got["HR@20"].mean() < 1  # the inputs exercise hits and misses
 
 
 def test_nan_scores_raise():
@@ -206,12 +230,22 @@ def test_auc_and_rmse_cis_recompute_on_each_resample():
     assert res["like"]["AUC"]["value"] == pytest.approx(auc(z, y))
 
 
-def test_like_bootstrap_is_fast():
+def test_like_cis_recompute_on_each_resample_at_ml100k_size():
+    """All three like metrics on 943 users (ML-100K's test set): each CI equals the percentiles of the metric
+    recomputed on explicitly materialised resamples (AUC with tied logits, F1 at the logit-0 threshold)."""
     rng = np.random.default_rng(6)
-    z, y = rng.normal(size=943), rng.random(943) < 0.55
-    t = time.perf_counter()
-    evaluate(like_logit=z, like_true=y, n_boot=1000)
-    assert time.perf_counter() - t < 2.0
+    z, y = np.round(rng.normal(size=943), 1), rng.random(943) < 0.55  # rounded: many tied logits
+    res = evaluate(like_logit=z, like_true=y, n_boot=100, seed=2)
+    per_metric = {"AUC": auc, "F1": f1, "LogLoss": logloss}
+    recomputed = {name: [] for name in per_metric}
+    for w in bootstrap_weights(943, 100, seed=2):
+        for row in w.astype(int):
+            for name, fn in per_metric.items():
+                recomputed[name].append(fn(np.repeat(z, row), np.repeat(y, row)))
+    for name, fn in per_metric.items():
+        assert res["like"][name]["value"] == pytest.approx(fn(z, y), abs=1e-12)
+        np.testing.assert_allclose(res["like"][name]["ci"], np.percentile(recomputed[name], [2.5, 97.5]),
+                                   rtol=1e-10, err_msg=name)
 
 
 # ----------------------------------------------------------------------------- evaluate / table

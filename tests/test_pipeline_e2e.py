@@ -1,37 +1,131 @@
-"""End to end on the tiny preset: a random 2-layer Llama teacher on a few ML-100K users runs every stage
-through the CLI; the artifacts, the ONNX parity and the report are checked."""
+"""End to end on the tiny preset, through the CLI as a user runs it (`python -m distillrec run`): a random 2-layer
+Llama teacher on a few ML-100K users runs every stage. The artifacts are checked for their shapes and keys, and
+their numbers against each other and against cheap recomputations (metrics from the saved predictions, the
+popularity baseline, the torch and ONNX students on real histories, the report's tables against its JSON)."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-from distill.cli import main
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+RUN_TIMEOUT_S = 900  # ~90 s on 2 idle cores
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m distillrec <args>`: the CLI as a user runs it, in its own process."""
+    return subprocess.run([sys.executable, "-m", "distillrec", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    rc = main(["run", "--config", str(ROOT / "configs" / "tiny.yaml"), "-o", f"out_dir={out}", "-o", "name=e2e"])
-    assert rc == 0
-    return out / "e2e"
+    proc = cli("run", "--config", str(TINY), "-o", f"out_dir={out}", "-o", "name=e2e")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(dir=out / "e2e", stdout=proc.stdout)
 
 
-def test_artifacts_exist(run_dir):
+@pytest.fixture(scope="module")
+def run_dir(run):
+    return run["dir"]
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def md_table(md: str, heading: str) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """The first markdown table after the line starting with `heading` -> (columns, {first cell: {column: cell}})."""
+    lines = md.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(heading)), None)
+    assert start is not None, f"report.md has no section {heading!r}"
+    first = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("|"))
+    table = []
+    for line in lines[first:]:
+        if not line.startswith("|"):
+            break
+        table.append([c.strip() for c in line.strip().strip("|").split("|")])
+    columns = table[0]
+    return columns, {row[0]: dict(zip(columns, row)) for row in table[2:]}  # table[1] is the --- rule
+
+
+def metric_cell(entry: dict) -> str:
+    """How the report writes a metric with its CI: 'value [lo, hi]' (4 / 3 decimals)."""
+    lo, hi = entry["ci"]
+    return f"{entry['value']:.4f} [{lo:.3f}, {hi:.3f}]"
+
+
+def padded(histories: list[tuple[np.ndarray, np.ndarray]]):
+    """Left-padded (items [B, L], ratings [B, L], length [B]) as the runtime and the student take them."""
+    L = max(len(items) for items, _ in histories)
+    items = np.zeros((len(histories), L), np.int64)
+    ratings = np.zeros((len(histories), L), np.float32)
+    for row, (it, r) in enumerate(histories):
+        items[row, L - len(it):] = it
+        ratings[row, L - len(it):] = r
+    return items, ratings, np.array([len(it) for it, _ in histories], np.int64)
+
+
+# ----------------------------------------------------------------------------- artifacts
+def test_every_stage_ran_in_order(run):
+    starts = [line.split()[1] for line in run["stdout"].splitlines() if line.startswith("==> ")]
+    assert starts == ["data", "teacher", "cache", "student", "export", "bench"]
+
+
+def test_artifacts_exist_with_their_keys(run_dir, ml100k):
     expected = ["config.yaml", "data_stats.json",
                 "teacher/adapter/adapter_config.json", "teacher/adapter/adapter_model.safetensors",
                 "teacher/heads.safetensors", "teacher/metrics.json", "teacher/train_log.jsonl",
-                "teacher_cache/cache.npz", "teacher_cache/manifest.json",
+                "teacher/test_predictions.npz", "teacher_cache/cache.npz", "teacher_cache/manifest.json",
                 "student/model.safetensors", "student/config.json", "student/metrics.json",
-                "student_nokd/model.safetensors", "student_nokd/metrics.json",
+                "student/test_predictions.npz", "student_nokd/model.safetensors", "student_nokd/metrics.json",
                 "onnx/student.onnx", "onnx/runtime.json", "onnx/parity.json",
                 "bench/report.json", "bench/report.md", "bench/latency.png"]
-    missing = [p for p in expected if not (run_dir / p).exists()]
+    missing = [p for p in expected if not (run_dir / p).is_file()]
     assert not missing, missing
+    assert (run_dir / "bench" / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    stats = read_json(run_dir / "data_stats.json")
+    assert (stats["users"], stats["items"], stats["interactions"]) == (943, 1682, 100_000)
+    assert stats["data_hash"] == ml100k.data_hash
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())  # the resolved config, overrides applied
+    tiny = yaml.safe_load(TINY.read_text())
+    assert cfg["name"] == "e2e" and cfg["seed"] == 0
+    assert cfg["teacher"]["max_steps"] == tiny["teacher"]["max_steps"] == 4
+    assert cfg["student"]["dim"] == tiny["student"]["dim"]
+    assert cfg["_meta"]["data_hash"] == ml100k.data_hash
 
 
+def test_student_folder_rebuilds_the_model_it_describes(run_dir, ml100k):
+    from distill.student import Student
+    meta = read_json(run_dir / "student" / "config.json")
+    assert meta["n_items"] == 1682 and meta["tasks"] == ["next_item", "rating", "like"]
+    assert meta["item_ids"] == [str(x) for x in ml100k.item_ids]
+    model = Student.load(run_dir / "student")  # strict load: every tensor has the shape the config implies
+    assert model.id_emb.weight.shape == (1682, meta["student"]["dim"])
+    n_params = sum(p.numel() for p in model.parameters())
+    assert read_json(run_dir / "student" / "metrics.json")["params"] == n_params
+
+
+def test_runtime_folder_describes_the_catalog(run_dir, ml100k_split):
+    meta = read_json(run_dir / "onnx" / "runtime.json")
+    student = read_json(run_dir / "student" / "config.json")
+    assert meta["n_items"] == 1682
+    assert meta["item_ids"] == [str(x) for x in ml100k_split.ds.item_ids]
+    assert meta["max_history"] == student["student"]["max_len"]
+    assert meta["outputs"] == ["next_item_scores", "rating", "like_logit"]
+    # popularity = interactions known before the test events (train + validation)
+    np.testing.assert_array_equal(meta["item_popularity"], ml100k_split.train_item_counts(include_val=True))
+    assert meta["data_hash"] == ml100k_split.ds.data_hash
+
+
+# ----------------------------------------------------------------------------- teacher and cache
 def test_teacher_log_has_every_unweighted_loss_and_total(run_dir):
     lines = (run_dir / "teacher" / "train_log.jsonl").read_text().splitlines()
     assert len(lines) == 4  # tiny preset: max_steps 4
@@ -41,36 +135,104 @@ def test_teacher_log_has_every_unweighted_loss_and_total(run_dir):
     assert rec["total"] == pytest.approx(expected, rel=1e-5)
 
 
-def test_cache_covers_every_training_position_of_cached_users(run_dir):
-    from distill.config import DataConfig
-    from distill.data import Split, load_dataset
-    split = Split.leave_last_out(load_dataset(DataConfig()))
+def test_teacher_metrics_recompute_from_its_saved_predictions(run_dir, ml100k_split):
+    from distill.evaluation import evaluate_predictions
+    with np.load(run_dir / "teacher" / "test_predictions.npz") as z:
+        pred = {k: z[k] for k in z.files}
+    assert pred["scores"].shape == (24, 1682)  # tiny preset: eval_users 24, the whole catalog
+    recorded = read_json(run_dir / "teacher" / "metrics.json")
+    assert recorded["eval_users"] == 24
+    recomputed = evaluate_predictions(pred, ml100k_split, "test", seed=0)
+    for task in ("next_item", "rating", "like"):
+        for metric, entry in recorded["metrics"][task].items():
+            assert entry["value"] == pytest.approx(recomputed[task][metric]["value"], abs=1e-12), (task, metric)
+
+
+def test_cache_covers_every_training_position_of_cached_users(run_dir, ml100k_split):
+    split = ml100k_split
     with np.load(run_dir / "teacher_cache" / "cache.npz") as z:
         users, offsets, top = z["users"], z["offsets"], z["next_topk_items"]
         logits = z["next_topk_logits"].astype(np.float32)
-    assert len(users) == 12
-    assert offsets[-1] == sum(split.n_train[u] for u in users) == len(top)
-    assert np.all(np.diff(logits, axis=1) <= 1e-3)  # top-K sorted descending
-    man = json.loads((run_dir / "teacher_cache" / "manifest.json").read_text())
-    assert man["data_hash"] == split.ds.data_hash and man["rows"] == len(top)
+    man = read_json(run_dir / "teacher_cache" / "manifest.json")
+    assert len(users) == man["users"] == 12  # tiny preset: cache_users 12
+    assert offsets[0] == 0 and np.all(np.diff(offsets) == [split.n_train[u] for u in users])
+    assert offsets[-1] == sum(split.n_train[u] for u in users) == len(top) == man["rows"]
+    assert top.shape[1] == logits.shape[1] == man["top_k"]
+    assert top.min() >= 0 and top.max() < 1682
+    assert np.isfinite(logits).all() and np.all(np.diff(logits, axis=1) <= 1e-3)  # top-K sorted descending
+    assert man["data_hash"] == split.ds.data_hash
+
+
+# ----------------------------------------------------------------------------- students and export
+def test_student_metrics_recompute_from_its_saved_predictions(run_dir, ml100k_split):
+    from distill.evaluation import evaluate_predictions
+    with np.load(run_dir / "student" / "test_predictions.npz") as z:
+        pred = {k: z[k] for k in z.files}
+    assert pred["scores"].shape == (943, 1682)
+    recorded = read_json(run_dir / "student" / "metrics.json")["metrics"]
+    recomputed = evaluate_predictions(pred, ml100k_split, "test", seed=0)
+    for task in ("next_item", "rating", "like"):
+        for metric, entry in recorded[task].items():
+            assert entry["value"] == pytest.approx(recomputed[task][metric]["value"], abs=1e-12), (task, metric)
+            assert entry["ci"] == pytest.approx(recomputed[task][metric]["ci"], abs=1e-12), (task, metric)
+
+
+def test_torch_and_onnx_students_reproduce_the_saved_test_predictions(run_dir, ml100k_split):
+    """The shipped ONNX model, the torch student it was exported from and the predictions the report's quality
+    was computed on agree on real test histories (16 users, full catalog + the target as candidate)."""
+    import torch
+
+    from distill.student import Student
+    from export.runtime import Recommender
+    split = ml100k_split
+    with np.load(run_dir / "student" / "test_predictions.npz") as z:
+        users, saved_scores, saved_rating, saved_like = z["users"][:16], z["scores"][:16], z["rating"][:16], \
+            z["like_logit"][:16]
+    student = Student.load(run_dir / "student")
+    rec = Recommender(run_dir / "onnx", providers=["cpu"])
+    items, ratings, length = padded([split.history(int(u), "test", max_len=rec.max_history) for u in users])
+    cand = split.targets(users, "test")[0][:, None]
+    onnx = rec.predict_arrays(items, ratings, length, cand)
+    with torch.no_grad():
+        torch_out = {k: v.numpy() for k, v in student(torch.as_tensor(items), torch.as_tensor(ratings),
+                                                      torch.as_tensor(length), torch.as_tensor(cand)).items()}
+    np.testing.assert_allclose(onnx["next_item_scores"], torch_out["next_item"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(onnx["rating"], torch_out["rating"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(onnx["like_logit"], torch_out["like"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(onnx["next_item_scores"], saved_scores, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(onnx["rating"][:, 0], saved_rating, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(onnx["like_logit"][:, 0], saved_like, atol=1e-4, rtol=0)
 
 
 def test_parity_passed(run_dir):
-    parity = json.loads((run_dir / "onnx" / "parity.json").read_text())
-    assert parity["passed"] is True
-    assert max(parity["max_abs_diff"].values()) < 1e-4
+    parity = read_json(run_dir / "onnx" / "parity.json")
+    assert parity["passed"] is True and parity["problems"] == []
+    assert max(parity["max_abs_diff"].values()) < parity["tolerance"] == 1e-4
+    worst = {k: max(p["max_abs_diff"][k] for p in parity["points"]) for k in parity["max_abs_diff"]}
+    assert worst == parity["max_abs_diff"]  # the summary is the worst point
 
 
-def test_report_has_teacher_and_students_side_by_side(run_dir):
-    rep = json.loads((run_dir / "bench" / "report.json").read_text())
+# ----------------------------------------------------------------------------- report
+@pytest.fixture(scope="module")
+def report(run_dir):
+    return read_json(run_dir / "bench" / "report.json"), (run_dir / "bench" / "report.md").read_text()
+
+
+def test_report_has_teacher_and_students_side_by_side(report):
+    rep, _ = report
     names = list(rep["latency"])
     assert any(n.startswith("teacher") for n in names)
     assert "student (PyTorch)" in names and any(n.startswith("student (ONNX)") for n in names)
     for rows in rep["latency"].values():
         for st in rows.values():
-            assert st["p50_ms"] > 0 and st["p99_ms"] >= st["p50_ms"]
+            assert st["p50_ms"] > 0 and st["p99_ms"] >= st["p90_ms"] >= st["p50_ms"] >= st["min_ms"]
+            assert st["samples"] >= 1
     teacher = next(n for n in names if n.startswith("teacher"))
     assert rep["latency"][teacher]["1"]["speedup_p50_vs_teacher"] == pytest.approx(1.0)
+    for name, rows in rep["latency"].items():
+        st = rows["1"]
+        ref = rep["latency"][teacher]["1"]["p50_ms"]
+        assert st["speedup_p50_vs_teacher"] == pytest.approx(ref / st["p50_ms"], rel=1e-9), name
     rows = rep["quality_teacher_subset"]["rows"]
     assert {"teacher", "student", "student (no KD)", "popularity", "item_mean"} <= set(rows)
     assert rep["quality_teacher_subset"]["users"] == 24
@@ -78,23 +240,78 @@ def test_report_has_teacher_and_students_side_by_side(run_dir):
     for name in ("teacher", "student"):
         ndcg = rows[name]["next_item"]["NDCG@10"]
         assert 0 <= ndcg["ci"][0] <= ndcg["value"] <= ndcg["ci"][1] <= 1
-    md = (run_dir / "bench" / "report.md").read_text()
-    assert "teacher" in md and "student (ONNX)" in md and "NDCG@10" in md
 
 
-def test_onnx_quality_equals_pytorch_student(run_dir):
-    rep = json.loads((run_dir / "bench" / "report.json").read_text())
-    rows = rep["quality_all_users"]["rows"]
+def test_report_quality_equals_each_stage_and_the_baselines(report, run_dir, ml100k_split):
+    from distill.baselines import evaluate_baselines
+    rep, _ = report
+    subset, everyone = rep["quality_teacher_subset"]["rows"], rep["quality_all_users"]["rows"]
+    teacher = read_json(run_dir / "teacher" / "metrics.json")["metrics"]
+    student = read_json(run_dir / "student" / "metrics.json")["metrics"]
+    for task in ("next_item", "rating", "like"):
+        assert everyone["student"][task] == student[task]
+        assert subset["teacher"][task] == teacher[task]
+    baselines = evaluate_baselines(ml100k_split, "test", ml100k_split.eval_users, n_boot=10)
+    for name, task, metric in (("popularity", "next_item", "NDCG@10"), ("popularity", "next_item", "HR@10"),
+                               ("item_mean", "rating", "RMSE"), ("item_mean", "like", "AUC")):
+        assert everyone[name][task][metric]["value"] == pytest.approx(baselines[name][task][metric]["value"],
+                                                                      abs=1e-12), (name, metric)
+
+
+def test_onnx_quality_equals_pytorch_student(report):
+    rows = report[0]["quality_all_users"]["rows"]
     onnx = next(k for k in rows if k.startswith("student (ONNX)"))
     for task, metric in (("next_item", "NDCG@10"), ("rating", "RMSE"), ("like", "AUC")):
         assert rows[onnx][task][metric]["value"] == pytest.approx(rows["student"][task][metric]["value"], abs=1e-4)
 
 
-def test_single_stage_reruns_on_existing_folder(run_dir):
-    assert main(["export", str(run_dir)]) == 0
+@pytest.mark.parametrize("heading, key", [("## Quality on the teacher", "quality_teacher_subset"),
+                                          ("## Quality on all", "quality_all_users")])
+def test_report_md_quality_tables_equal_the_json(report, heading, key):
+    rep, md = report
+    rows = rep[key]["rows"]
+    columns, table = md_table(md, heading)
+    assert set(table) == set(rows)
+    for name, metrics in rows.items():
+        for column in columns[1:]:
+            task, metric = column.split("/")
+            entry = metrics.get(task, {}).get(metric)
+            assert table[name][column] == ("–" if entry is None else metric_cell(entry)), (name, column)
+
+
+def test_report_md_headline_ndcg_equals_the_json(report):
+    rep, md = report
+    columns, table = md_table(md, "## Headline")
+    everyone = rep["quality_all_users"]["rows"]
+    for column, field in (("NDCG@10 all users", "ndcg10_all_users"), ("NDCG@10 teacher users", "ndcg10_teacher_users")):
+        assert column in columns
+        for name, system in rep["systems"].items():
+            value = system[field]
+            assert table[name][column] == ("–" if value is None else f"{value:.4f}"), (name, column)
+    for name, system in rep["systems"].items():
+        if system["ndcg10_all_users"] is not None:
+            assert system["ndcg10_all_users"] == everyone[system["quality_key"]]["next_item"]["NDCG@10"]["value"]
+
+
+# ----------------------------------------------------------------------------- single stages (last: they rewrite)
+def test_single_stage_reruns_on_existing_folder(run_dir, ml100k_split):
+    """`export` alone on a finished run rewrites onnx/ from the same student: a fresh parity record, same outputs."""
+    from export.runtime import Recommender
+    items, ratings, length = padded([ml100k_split.history(u, "test", max_len=50) for u in range(1, 6)])
+    before = Recommender(run_dir / "onnx", providers=["cpu"]).predict_arrays(items, ratings, length)
+    parity_mtime = (run_dir / "onnx" / "parity.json").stat().st_mtime_ns
+    proc = cli("export", str(run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run_dir / "onnx" / "parity.json").stat().st_mtime_ns > parity_mtime
+    assert read_json(run_dir / "onnx" / "parity.json")["passed"] is True
+    after = Recommender(run_dir / "onnx", providers=["cpu"]).predict_arrays(items, ratings, length)
+    for name, values in before.items():
+        np.testing.assert_allclose(after[name], values, atol=1e-6, rtol=0, err_msg=name)
 
 
 def test_stage_without_inputs_names_the_stage_to_run(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="distillrec run --config"):
-        main(["student", str(tmp_path / "empty")])
+    proc = cli("student", str(tmp_path / "empty"))
+    assert proc.returncode != 0
+    assert "distillrec run --config" in proc.stderr
+    assert "Traceback" not in proc.stderr  # a clear error, not a crash

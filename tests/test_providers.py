@@ -10,7 +10,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from distill.config import ExportConfig, StudentConfig
+from distill.config import StudentConfig
+from export.config import ExportConfig
 from distill.student import Student
 from export import providers as P
 from export.onnx_export import export_student
@@ -54,10 +55,11 @@ def test_unknown_provider_in_recommender(onnx_dir):
 
 
 def test_tensorrt_options_cover_every_dynamic_input(tmp_path):
-    cache = tmp_path / "onnx" / "trt_cache"
-    chosen, _ = P.build_providers(["tensorrt"], cache_dir=cache, max_history=50, filter_available=False)
+    cache = tmp_path / "cache" / "trt" / "abc"
+    chosen, record = P.build_providers(["tensorrt"], cache_dir=cache, max_history=50, filter_available=False)
     name, opts = chosen[0]
-    assert name == P.TRT and cache.is_dir()
+    assert name == P.TRT and cache.is_dir() and record["trt_cache"] == str(cache)
+    assert list(cache.iterdir()) == []  # the write probe leaves nothing behind
     assert opts["trt_fp16_enable"] is True
     assert opts["trt_engine_cache_enable"] is True and opts["trt_engine_cache_path"] == str(cache)
     assert opts["trt_timing_cache_enable"] is True and opts["trt_timing_cache_path"] == str(cache)
@@ -73,6 +75,29 @@ def test_tensorrt_options_cover_every_dynamic_input(tmp_path):
     with pytest.raises(ValueError, match="min/opt/max"):
         P.trt_profile_shapes(8, profile={"mid": {}})
     assert P.cuda_options(0)["device_id"] == 0
+
+
+def test_unwritable_cache_dir_runs_tensorrt_without_a_cache(tmp_path, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # mkdir below a file fails even for root (chmod would not stop root)
+    with caplog.at_level(logging.WARNING, logger="distillrec.providers"):
+        chosen, record = P.build_providers(["tensorrt", "cpu"], cache_dir=blocker / "trt", max_history=8,
+                                           filter_available=False)
+    name, opts = chosen[0]
+    assert name == P.TRT and record["trt_cache"] is None
+    assert not any(k.startswith(("trt_engine_cache", "trt_timing_cache")) for k in opts)
+    assert opts["trt_fp16_enable"] is True and "trt_profile_max_shapes" in opts  # the rest is unchanged
+    assert any("not writable" in r.getMessage() for r in caplog.records)
+    # a caller's own (name, options) pair keeps its options
+    own = {"trt_engine_cache_enable": True, "trt_engine_cache_path": "/elsewhere"}
+    chosen, _ = P.build_providers([("tensorrt", own)], cache_dir=blocker / "trt", filter_available=False)
+    assert chosen[0] == (P.TRT, own)
+
+
+def test_provider_names_come_from_the_contract():
+    from export import contract
+    assert (P.TRT, P.CUDA, P.CPU) == (contract.TRT, contract.CUDA, contract.CPU)
+    assert P.ALIASES is contract.PROVIDER_ALIASES and list(P.STUDENT_INPUTS) == list(contract.INPUT_NAMES)
 
 
 def test_gpu_request_on_cpu_falls_back_with_a_warning(onnx_dir, caplog):

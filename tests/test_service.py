@@ -1,15 +1,17 @@
 """HTTP service (export/service.py): every endpoint through FastAPI's TestClient, answers equal to calling the
-Recommender directly, every bad input a 4xx JSON error naming the problem, and one real uvicorn server.
+Recommender directly, every bad input a 4xx JSON error naming the problem, server faults a generic 500 whose
+detail is logged and never echoed, worker settings passed without os.environ, and real uvicorn servers.
 
-One tiny seeded student (40 items) is exported once per session (`exported_onnx_dir`, shared with
-tests/test_triton.py through the session's base temp folder).
+The tiny exported student (40 items) is conftest's session fixture `serving_export`.
 """
 import inspect
 import json
+import logging
 import math
 import os
+import pickle
 import shutil
-import socket
+import signal
 import subprocess
 import sys
 import time
@@ -21,47 +23,21 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from export.runtime import Recommender, RuntimeArtifactError
-from export.service import create_app
+from export.runtime import Recommender, RuntimeArtifactError, default_intra_op_threads
+from export.service import DEFAULT_MAX_K, ServiceSettings, build_app, create_app
 
 REPO = Path(__file__).resolve().parents[1]
-N_ITEMS, TEXT_DIM, MAX_HISTORY = 40, 16, 10
+N_ITEMS, MAX_HISTORY = 40, 10
 ITEM_IDS = [f"m{100 + i}" for i in range(N_ITEMS)]
 POPULARITY = [int(x) for x in np.random.default_rng(3).permutation(N_ITEMS) * 7 + 1]
 
 
-def exported_onnx_dir(tmp_path_factory) -> Path:
-    """A real exported onnx/ folder (student.onnx + runtime.json), built once per pytest session."""
-    root = tmp_path_factory.getbasetemp() / "distillrec_serving_export"
-    onnx_dir = root / "onnx"
-    if (root / "done").is_file():
-        return onnx_dir
-    import torch
-    from distill.config import ExportConfig, StudentConfig
-    from distill.student import Student
-    from export.onnx_export import export_student
-
-    if root.exists():
-        shutil.rmtree(root)
-    torch.manual_seed(0)
-    cfg = StudentConfig(dim=32, layers=1, heads=2, max_len=12, tower_hidden=32)
-    m = Student(cfg, N_ITEMS, ["next_item", "rating", "like"], text_vectors=torch.randn(N_ITEMS, TEXT_DIM))
-    with torch.no_grad():  # move every weight off its init so the scores are not all ties
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    m.eval().save(root / "student", extra=dict(item_ids=ITEM_IDS, like_threshold=4.0, max_history=MAX_HISTORY,
-                                               item_popularity=POPULARITY, data_hash="abc123"))
-    # the plain fp32 model is all the serving tests need: skip the optimized / INT8 / FP16 variants when the
-    # exporter builds them (they take most of the export time)
-    extra = {"variants": ()} if "variants" in inspect.signature(export_student).parameters else {}
-    export_student(root / "student", onnx_dir, ExportConfig(), **extra)
-    (root / "done").write_text("ok")
-    return onnx_dir
-
-
 @pytest.fixture(scope="module")
-def onnx_dir(tmp_path_factory):
-    return exported_onnx_dir(tmp_path_factory)
+def onnx_dir(serving_export):
+    # the constants above describe conftest's tiny model: fail loudly if the two drift apart
+    assert serving_export.item_ids == ITEM_IDS and serving_export.popularity == POPULARITY
+    assert serving_export.max_history == MAX_HISTORY
+    return serving_export.onnx_dir
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +83,7 @@ def test_endpoints_are_sync_so_onnxruntime_runs_in_the_threadpool(client):
     ({"history": ["m105", "m117", "m103"], "ratings": [5, 3.5, 0], "k": 7}, dict(ratings=[5, 3.5, 0], k=7)),
     ({"history": ["m105", "m117"], "k": 5, "exclude": ["m110", "not-in-catalog"]},
      dict(k=5, exclude=["m110", "not-in-catalog"])),
-    ({"history": ["m105", "m117"], "k": 100, "exclude_seen": False}, dict(k=100, exclude_seen=False)),
+    ({"history": ["m105", "m117"], "k": N_ITEMS, "exclude_seen": False}, dict(k=N_ITEMS, exclude_seen=False)),
     ({"history": [ITEM_IDS[i % N_ITEMS] for i in range(25)], "k": 3}, dict(k=3)),  # longer than max_history
 ])
 def test_recommend_equals_runtime(client, rec, body, kwargs):
@@ -120,6 +96,7 @@ def test_recommend_equals_runtime(client, rec, body, kwargs):
     banned |= set(kwargs.get("exclude") or []) & set(ITEM_IDS)
     assert len(out["items"]) == min(kwargs.get("k", 10), N_ITEMS - len(banned))
     assert not banned & {x["id"] for x in out["items"]}
+    assert "note" not in out  # k items came back: nothing to explain
 
 
 def test_int_ids_are_matched_as_strings(tmp_path, onnx_dir):
@@ -189,6 +166,9 @@ BAD = [
     ("/recommend", {"history": ["m101", "m102"], "ratings": [5]}, 400, "1 ratings for 2 history items"),
     ("/recommend", {"history": ["m101"], "k": 0}, 400, "k must be a positive int"),
     ("/recommend", {"history": ["m101"], "k": -3}, 400, "k must be a positive int"),
+    ("/recommend", {"history": ["m101"], "k": N_ITEMS + 1}, 400, f"k={N_ITEMS + 1} exceeds the limit of {N_ITEMS}"),
+    ("/recommend", {"history": ["m101"], "k": 100000}, 400, f"the catalog has {N_ITEMS} items"),
+    ("/recommend/batch", {"histories": [["m101"]], "k": N_ITEMS + 1}, 400, f"exceeds the limit of {N_ITEMS}"),
     ("/recommend", {"history": ["m101"], "k": "3"}, 422, "k: Input should be a valid integer"),
     ("/recommend", {"history": ["m101"], "k": 2.5}, 422, "k: Input should be a valid integer"),
     ("/recommend", {"history": "m101"}, 422, "history: Input should be a valid list"),
@@ -257,19 +237,101 @@ def test_broken_folder_fails_before_serving(tmp_path, onnx_dir):
         create_app(onnx_dir, max_batch=0)
 
 
-def test_a_failing_session_is_503_on_health_and_a_json_500_elsewhere(rec):
-    class Broken(Recommender):  # the same loaded model, with a session that fails at run time
+def _broken(rec, exc: Exception) -> Recommender:
+    """The same loaded model, with a session that raises `exc` at run time."""
+    class Broken(Recommender):
         def predict_arrays(self, *a, **k):
-            raise RuntimeError("CUDA error: device lost")
+            raise exc
 
     broken = object.__new__(Broken)
     broken.__dict__.update(rec.__dict__)
-    c = TestClient(create_app(broken), raise_server_exceptions=False)
-    h = c.get("/health")
-    assert h.status_code == 503 and h.json()["status"] == "error" and "device lost" in h.json()["detail"]
-    r = c.post("/recommend", json={"history": ["m101"]})
-    assert r.status_code == 500 and "device lost" in r.json()["detail"]  # a server fault, not the client's
+    return broken
+
+
+def test_a_failing_session_is_503_on_health_and_a_generic_500_elsewhere(rec, caplog):
+    c = TestClient(create_app(_broken(rec, RuntimeError("CUDA error: device lost at 0xdeadbeef"))),
+                   raise_server_exceptions=False)
+    with caplog.at_level(logging.ERROR, logger="distillrec.service"):
+        h = c.get("/health")
+        r = c.post("/recommend", json={"history": ["m101"]}, headers={"x-request-id": "req-42"})
+    assert h.status_code == 503 and h.json()["status"] == "error"
+    assert "device lost" not in h.text and "request_id" in h.json()["detail"]
+    # a server fault: a generic body with the request id; the exception text is in the log, not the answer
+    assert r.status_code == 500 and r.json() == {"detail": "internal error", "request_id": "req-42"}
+    assert r.headers["x-request-id"] == "req-42"
+    assert "deadbeef" not in r.text and "RuntimeError" not in r.text
+    logged = [rec_.getMessage() for rec_ in caplog.records if rec_.name == "distillrec.service"]
+    assert any("req-42" in m and "device lost at 0xdeadbeef" in m for m in logged), logged
+    assert any("health" in m and "device lost" in m for m in logged), logged
+    # a request id the caller did not send (or a malformed one) is generated
+    r2 = c.post("/recommend", json={"history": ["m101"]}, headers={"x-request-id": "bad id\n"})
+    assert r2.status_code == 500 and len(r2.json()["request_id"]) == 16 and r2.json()["request_id"] != "bad id\n"
     assert c.post("/recommend", json={"history": ["nope"]}).status_code == 400  # input checks still come first
+
+
+def test_a_plain_value_error_is_a_500_not_a_400(rec):
+    """Only the runtime's RequestError is the client's fault; a ValueError from anywhere else is a bug."""
+    c = TestClient(create_app(_broken(rec, ValueError("shapes (1,3) and (4,) not aligned"))),
+                   raise_server_exceptions=False)
+    r = c.post("/recommend", json={"history": ["m101"]})
+    assert r.status_code == 500 and r.json()["detail"] == "internal error" and "aligned" not in r.text
+
+
+def test_ratings_for_a_model_without_ratings_are_rejected(tmp_path, onnx_dir):
+    """A click-only model (runtime.json uses_ratings false) never saw a rating: ratings would only distort it."""
+    d = tmp_path / "onnx"
+    shutil.copytree(onnx_dir, d)
+    meta = json.loads((d / "runtime.json").read_text())
+    (d / "runtime.json").write_text(json.dumps({**meta, "uses_ratings": False}))
+    c = TestClient(create_app(d))
+    assert c.get("/metadata").json()["uses_ratings"] is False
+    r = c.post("/recommend", json={"history": ["m101", "m102"], "ratings": [5, 1]})
+    assert r.status_code == 400 and r.json()["detail"].startswith("ratings: this model does not use ratings")
+    rb = c.post("/recommend/batch", json={"histories": [["m101"], ["m102"]], "ratings": [None, [4]]})
+    assert rb.status_code == 400 and rb.json()["detail"].startswith("ratings[1]:")
+    rs = c.post("/score", json={"history": ["m101"], "candidates": ["m102"], "ratings": [3]})
+    assert rs.status_code == 400 and "ratings" in rs.json()["detail"]
+    # no ratings, or all unknown (0), is what the model was trained on
+    plain = c.post("/recommend", json={"history": ["m101", "m102"]}).json()["items"]
+    assert c.post("/recommend", json={"history": ["m101", "m102"], "ratings": [0, 0]}).json()["items"] == plain
+    # the same folder with ratings in use accepts them
+    assert TestClient(create_app(onnx_dir)).get("/metadata").json()["uses_ratings"] is True
+
+
+def test_k_limit_follows_max_k_and_the_catalog(rec):
+    c = TestClient(create_app(rec, max_k=5))
+    assert c.get("/metadata").json()["max_k"] == 5
+    r = c.post("/recommend", json={"history": ["m101"], "k": 6})
+    assert r.status_code == 400 and "exceeds the limit of 5" in r.json()["detail"] and "max_k is 5" in r.json()["detail"]
+    assert len(c.post("/recommend", json={"history": ["m101"], "k": 5}).json()["items"]) == 5
+    assert TestClient(create_app(rec)).get("/metadata").json()["max_k"] == min(DEFAULT_MAX_K, N_ITEMS)
+    with pytest.raises(ValueError, match="max_k"):
+        create_app(rec, max_k=0)
+
+
+def test_a_history_covering_the_catalog_is_answered_with_a_note(client):
+    everything = client.post("/recommend", json={"history": ITEM_IDS, "k": 5})
+    assert everything.status_code == 200
+    body = everything.json()
+    assert body["items"] == [] and "no items left" in body["note"] and f"all {N_ITEMS}" in body["note"]
+    # seen + excluded leave 2 of the catalog: both come back, with a note saying why not k
+    part = client.post("/recommend", json={"history": ITEM_IDS[:37], "exclude": [ITEM_IDS[37]], "k": 5}).json()
+    assert [x["id"] for x in part["items"]] and {x["id"] for x in part["items"]} == set(ITEM_IDS[38:])
+    assert "only 2 of the requested k=5" in part["note"]
+    batch = client.post("/recommend/batch", json={"histories": [ITEM_IDS, ["m101"]], "k": 3}).json()["results"]
+    assert batch[0]["items"] == [] and "note" in batch[0]
+    assert len(batch[1]["items"]) == 3 and "note" not in batch[1]
+
+
+def test_score_of_an_empty_history_comes_from_popularity(onnx_dir):
+    c = TestClient(create_app(onnx_dir, empty_history="popularity"))
+    r = c.post("/score", json={"history": [], "candidates": ["m101", "m107"]})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["source"] == "popularity" and out["popularity"] == [float(POPULARITY[1]), float(POPULARITY[7])]
+    assert "rating" not in out and "like" not in out  # no model estimate was made
+    rb = c.post("/score/batch", json={"histories": [[], ["m102"]], "candidates": [["m101"], ["m103"]]}).json()
+    assert [x["source"] for x in rb["results"]] == ["popularity", "model"] and "rating" in rb["results"][1]
 
 
 # ------------------------------------------------------------------------------------------------ processes
@@ -291,16 +353,45 @@ def test_service_imports_without_torch(onnx_dir):
     assert "OK" in p.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_workers_get_their_settings_without_touching_os_environ(onnx_dir, free_port, monkeypatch):
+    """serve(workers=N) hands each worker a picklable app factory; the parent's environment is left as it was."""
+    import uvicorn.supervisors
+
+    from export import service
+
+    started = {}
+
+    class FakeSupervisor:  # records what uvicorn's Multiprocess would start, starts nothing
+        def __init__(self, config, sockets):
+            started.update(config=config, sockets=sockets)
+
+        def run(self):
+            started["ran"] = True
+
+    monkeypatch.setattr(uvicorn.supervisors, "Multiprocess", FakeSupervisor)
+    env_before = dict(os.environ)
+    service.serve(onnx_dir, port=free_port, workers=3, empty_history="popularity", max_k=7, log_level="warning")
+    assert dict(os.environ) == env_before
+    config = started["config"]
+    assert started["ran"] and config.workers == 3 and config.factory is True and config.port == free_port
+    # what a spawned worker receives: the factory survives pickling and builds the app from its arguments
+    factory = pickle.loads(pickle.dumps(config.app))
+    settings = factory.args[0]
+    assert isinstance(settings, ServiceSettings) and settings.folder == str(Path(onnx_dir).resolve())
+    assert settings.intra_op_threads == default_intra_op_threads(3)  # the cores are split between the workers
+    app = factory()
+    rec = app.state.recommender
+    assert rec.empty_history == "popularity" and rec.intra_op_threads == settings.intra_op_threads
+    assert TestClient(app).get("/metadata").json()["max_k"] == 7
+    assert build_app(ServiceSettings(folder=str(onnx_dir))).state.recommender.intra_op_threads == \
+        default_intra_op_threads()
 
 
-def test_real_uvicorn_server(onnx_dir, rec):
-    port = _free_port()
+@pytest.mark.parametrize("workers", [1, 2])
+def test_real_uvicorn_server(onnx_dir, rec, free_port, workers):
+    port = free_port
     code = f"from export.service import serve; serve({str(onnx_dir)!r}, host='127.0.0.1', port={port}, " \
-           f"log_level='warning')"
+           f"workers={workers}, log_level='warning')"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -331,12 +422,19 @@ def test_real_uvicorn_server(onnx_dir, rec):
             assert http.post("/score", json={"history": ["m101"], "candidates": ["m102"]}).status_code == 200
     finally:
         proc.terminate()
+        killed = False
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
+            killed = True
             proc.kill()
             proc.wait(timeout=5)
-    assert proc.returncode is not None
+    log = proc.stdout.read() if proc.stdout else ""
+    # SIGTERM shuts the server down by itself (graceful shutdown, then uvicorn re-raises the signal it caught):
+    # a server that hangs on SIGTERM, crashes while stopping, or prints a traceback fails here
+    assert not killed, f"the server ignored SIGTERM for 20 s: {log[-2000:]}"
+    assert proc.returncode in (0, -signal.SIGTERM), (proc.returncode, log[-2000:])
+    assert "Traceback" not in log, log[-2000:]
 
 
 def test_scores_are_json_safe():

@@ -1,5 +1,6 @@
 """The student: cold-start item representation through the frozen text vectors, causal consistency of the
 training and serving paths, persistence, and the training data (windows, teacher rows, held-out items)."""
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -7,10 +8,11 @@ import pytest
 import torch
 
 from distill.config import DataConfig, StudentConfig
-from distill.data import Split, load_dataset
+from distill.data import Dataset, Split, load_dataset
 from distill.losses import DistillationObjective
 from distill.student import Student
-from distill.student_stage import build_training_arrays, cold_item_slice, items_seen, student_windows
+from distill.student_stage import (WeightAverage, build_training_arrays, cold_item_slice, fit_student, items_seen,
+                                   student_windows, training_budget, val_ndcg10)
 
 TASKS = ["next_item", "rating", "like"]
 N_ITEMS, TEXT = 20, 8
@@ -233,3 +235,119 @@ def test_training_arrays_align_teacher_rows_with_and_without_held_out_items(spli
         if exclude is not None:
             real = np.arange(50)[None, :] >= (50 - a["length"])[:, None]
             assert not np.isin(a["items"][real], cold).any()  # neither as input nor as label
+
+
+# ----------------------------------------------------------------------------- training budget
+def test_budget_steps_come_from_the_windows_and_small_logs_get_more_passes():
+    sc = StudentConfig(batch_size=128, epochs=20, min_steps_per_epoch=29)
+    ml = training_budget(sc, 3586)  # ML-100K's 943 users: one pass is 29 steps, the epochs are unchanged
+    assert (ml.steps_per_pass, ml.steps_per_epoch, ml.max_steps, ml.passes_per_epoch) == (29, 29, 580, 1.0)
+    small = training_budget(sc, 904)  # a 250-user ML-100K subset: 8 steps per pass
+    assert (small.steps_per_pass, small.steps_per_epoch, small.max_steps) == (8, 29, 580)
+    assert small.passes_per_epoch == pytest.approx(29 / 8)
+    big = training_budget(sc, 20_000)  # more data than ML-100K: one pass per epoch, more steps
+    assert (big.steps_per_pass, big.steps_per_epoch, big.max_steps) == (157, 157, 3140)
+    # the smaller the log, the more passes over it; the step budget never falls below epochs x min_steps_per_epoch
+    # and, for any log up to ML-100K's size, is exactly that (bounded: it does not grow as the log shrinks)
+    passes = [training_budget(sc, w).passes_per_epoch * sc.epochs for w in (20_000, 3586, 904, 100, 1)]
+    assert passes == sorted(passes) and passes[-1] == 580
+    assert {training_budget(sc, w).max_steps for w in (1, 100, 904, 3586)} == {580}
+    assert training_budget(replace(sc, min_steps_per_epoch=0), 904).steps_per_epoch == 8  # 0 = one pass per epoch
+    assert training_budget(replace(sc, max_steps_per_epoch=2), 904).steps_per_epoch == 2  # the smoke-test cap wins
+    assert training_budget(replace(sc, batch_size=64), 904).steps_per_pass == 15
+    with pytest.raises(ValueError, match="min_steps_per_epoch"):
+        training_budget(replace(sc, min_steps_per_epoch=-1), 904)
+    with pytest.raises(ValueError, match="no training windows"):
+        training_budget(sc, 0)
+
+
+def _small_split(n_users=30, n_items=40, length=12, seed=0) -> Split:
+    rng = np.random.default_rng(seed)
+    items = [rng.choice(n_items, size=length, replace=False).astype(np.int64) for _ in range(n_users)]
+    ratings = [rng.integers(1, 6, size=length).astype(np.float32) for _ in range(n_users)]
+    ds = Dataset(name="synthetic", user_ids=np.array([f"u{u}" for u in range(n_users)]),
+                 item_ids=np.array([f"i{i}" for i in range(n_items)]), item_text=[f"item {i}" for i in range(n_items)],
+                 items=items, ratings=ratings, like_threshold=4.0, data_hash="synthetic", source_file="-")
+    return Split.leave_last_out(ds)
+
+
+def _tiny_sc(**kw) -> StudentConfig:
+    return StudentConfig(dim=16, layers=1, heads=2, max_len=10, tower_hidden=16, use_text_vectors=False,
+                         kd_alpha=0.0, kd_align=0.0, batch_size=8, **kw)
+
+
+def test_fit_trains_the_step_budget_over_several_passes_of_a_small_log(tmp_path):
+    split = _small_split()  # 30 users x 10 training events, max_len 10: 30 windows = 4 steps per pass at batch 8
+    sc = _tiny_sc(epochs=3, patience=10, min_steps_per_epoch=10)
+    fit = fit_student(sc, split, None, use_teacher=False, seed=0, log_path=tmp_path / "log.jsonl")
+    b = fit.budget
+    assert (b.windows, b.steps_per_pass, b.steps_per_epoch, b.max_steps) == (30, 4, 10, 30)
+    assert fit.stop_reason == "epochs" and len(fit.history) == 3 and fit.steps == 30
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 31))  # one log line per optimizer step, 2.5 passes per epoch
+    assert 0 <= fit.best_epoch < 3
+
+
+def test_time_budget_stays_the_outer_bound():
+    fit = fit_student(_tiny_sc(epochs=5, patience=10, min_steps_per_epoch=10, time_budget_s=1e-9), _small_split(),
+                      None, use_teacher=False, seed=0)
+    # a 1 ns budget is spent after the first epoch, however fast: one epoch of the step budget, not five
+    assert fit.stop_reason == "time_budget" and len(fit.history) == 1 and fit.steps == 10
+
+
+# ----------------------------------------------------------------------------- small logs: weight averaging
+def test_weight_average_is_an_ema_with_warm_up_and_swaps_back_the_raw_weights():
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.fill_(0.0), model.bias.fill_(0.0)
+    avg = WeightAverage(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    avg.update(model)  # step 0: d = min(0.5, 1/10) = 0.1 -> 0.1 * 0 + 0.9 * 1
+    assert torch.allclose(avg.avg["weight"], torch.full((1, 2), 0.9))
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    avg.update(model)  # step 1: d = min(0.5, 2/11) = 2/11
+    expected = 2 / 11 * 0.9 + 9 / 11 * 3.0
+    assert torch.allclose(avg.avg["weight"], torch.full((1, 2), expected))
+    for _ in range(20):
+        avg.update(model)  # past the warm-up d = decay: the average converges to the constant raw weights
+    assert abs(avg.avg["weight"][0, 0].item() - 3.0) < 1e-3
+    avg.avg["weight"].fill_(-7.0)
+    with avg.swapped_in(model):
+        assert torch.all(model.weight == -7.0)
+    assert torch.all(model.weight == 3.0)  # the raw weights are back, training continues from them
+    with pytest.raises(ValueError, match="decay"):
+        WeightAverage(model, decay=1.0)
+
+
+def test_weight_averaging_is_gated_on_the_log_size():
+    sc = StudentConfig(weight_average_decay=0.9)  # default gate: 2500 windows
+    assert training_budget(sc, 3586).weight_average_decay == 0.0  # ML-100K (943 users) stays on the raw weights
+    assert training_budget(sc, 904).weight_average_decay == 0.9  # a 250-user subset averages
+    assert training_budget(sc, 1875).weight_average_decay == 0.9  # a 500-user subset averages
+    assert training_budget(replace(sc, weight_average_below_windows=0), 904).weight_average_decay == 0.0
+    assert training_budget(StudentConfig(), 904).weight_average_decay == StudentConfig().weight_average_decay
+    assert training_budget(sc, 904).as_dict()["weight_average_decay"] == 0.9  # recorded in metrics.json
+    with pytest.raises(ValueError, match="weight_average_decay"):
+        StudentConfig(weight_average_decay=1.0)
+    with pytest.raises(ValueError, match="weight_average_below_windows"):
+        StudentConfig(weight_average_below_windows=-1)
+
+
+def test_fit_with_averaging_selects_and_returns_the_averaged_weights():
+    split = _small_split()  # 30 windows: below the gate
+    sc = _tiny_sc(epochs=4, patience=10, weight_average_decay=0.8)
+    fit = fit_student(sc, split, None, use_teacher=False, seed=0)
+    raw = fit_student(replace(sc, weight_average_decay=0.0), split, None, use_teacher=False, seed=0)
+    assert fit.budget.weight_average_decay == 0.8 and raw.budget.weight_average_decay == 0.0
+    # the same seed and steps: the raw run's curve is the raw weights', the averaged run's differs
+    assert fit.steps == raw.steps == 16
+    assert [round(h["next_item"], 6) for h in fit.history] == [round(h["next_item"], 6) for h in raw.history]
+    assert [h["val_ndcg@10"] for h in fit.history] != [h["val_ndcg@10"] for h in raw.history]
+    # the returned student is the state that was selected: its validation NDCG@10 is the recorded best
+    assert val_ndcg10(fit.student, split) == pytest.approx(fit.best_val_ndcg10, abs=1e-9)
+    assert fit.best_val_ndcg10 == max(h["val_ndcg@10"] for h in fit.history)
+    gated = fit_student(replace(sc, weight_average_below_windows=30), split, None, use_teacher=False, seed=0)
+    assert gated.budget.weight_average_decay == 0.0  # 30 windows is not below 30: off, the raw run exactly
+    assert [h["val_ndcg@10"] for h in gated.history] == [h["val_ndcg@10"] for h in raw.history]

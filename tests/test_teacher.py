@@ -5,8 +5,8 @@ import torch
 from onepass import assert_one_pass_equals_prefixes
 
 from distill.config import TeacherConfig
-from distill.teacher import (ByteTokenizer, SequenceBuilder, Teacher, TeacherHeads, add_lora, load_base, pad_batch,
-                             windows)
+from distill.teacher import ByteTokenizer, SequenceBuilder, Teacher, TeacherHeads, add_lora, load_base
+from distill.windows import pad_batch, windows
 
 TINY = TeacherConfig(model="tiny-random", lora_last_layers=None, head_dim=16, lora_dropout=0.0)
 
@@ -173,3 +173,55 @@ def test_teacher_dwa_adapts_every_n_steps(tmp_path):
     z = sum(math.exp(r / 2.0) for r in ratio.values())
     for t in base:  # step 5 uses weights from periods (1, 2) = steps (1-2, 3-4)
         assert log[4]["weights"][t] == pytest.approx(base[t] * 3 * math.exp(ratio[t] / 2.0) / z, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- the stage's time budget
+def test_budget_plan_gives_training_what_is_left():
+    from distill.budget import BudgetPlan
+    plan = BudgetPlan(budget_s=60.0, spent_s=10.0, after_tokens=1000, tokens_per_s=50.0)
+    assert (plan.after_s, plan.train_s, plan.over_s) == (20.0, 30.0, 0.0)
+    assert "60 s = 10.0 s spent" in plan.describe() and "30.0 s training" in plan.describe()
+    slow = BudgetPlan(budget_s=60.0, spent_s=10.0, after_tokens=1000, tokens_per_s=10.0)  # evaluation alone: 100 s
+    assert (slow.after_s, slow.train_s, slow.over_s) == (100.0, 0.0, 50.0)
+    said = slow.describe("lower eval_users")
+    assert "exceeds the budget by ~50 s" in said and said.endswith("lower eval_users")
+    assert slow.as_dict()["train_s"] == 0.0 and slow.as_dict()["after_tokens"] == 1000
+
+
+def test_stage_clock_and_throughput_probe_use_the_injected_clock():
+    from distill.budget import StageClock, forward_throughput
+    ticks = iter([100.0, 103.5])
+    assert StageClock(lambda: next(ticks)).elapsed() == 3.5
+
+    class Fake(torch.nn.Module):
+        def hidden(self, ids, mask):
+            self.seen = mask.sum().item()
+            return torch.zeros(*ids.shape, 4)
+
+    t = iter([0.0, 2.0, 10.0, 10.5])  # first run 2 s (warm-up), second 0.5 s: the faster counts
+    fake = Fake().train()
+    tps = forward_throughput(fake, [[1] * 7, [1] * 3, [1] * 5], 0, budget_tokens=100, device="cpu", clock=lambda: next(t))
+    assert fake.seen == 15 and tps == 15 / 0.5 and fake.training  # real tokens only; training mode restored
+
+
+def test_teacher_time_budget_bounds_the_whole_stage(tmp_path, monkeypatch, capsys):
+    """A throughput so low that the final evaluation alone exceeds the budget: the stage says so before training and
+    trains a single step (the budget once covered training only, and evaluation came on top)."""
+    import json
+
+    import distill.teacher_stage as ts
+    from distill.config import load_config
+    monkeypatch.setattr(ts, "forward_throughput", lambda *a, **k: 1.0)  # 1 token/s: evaluation ~ thousands of s
+    cfg = load_config("configs/tiny.yaml", [f"out_dir={tmp_path}", "name=b", "teacher.max_steps=3",
+                                            "teacher.time_budget_s=60", "teacher.eval_users=4",
+                                            "teacher.refresh_item_vectors=false"])
+    rep = ts.train_teacher(cfg)
+    out = capsys.readouterr().out
+    b = rep["budget"]
+    plan = b["plan"]
+    assert (b["steps"], b["stop_reason"]) == (1, "time_budget")
+    assert plan["after_tokens"] == rep["cost"]["eval_tokens"]  # the estimate counts exactly the tokens evaluated
+    assert plan["tokens_per_s"] == 1.0 and plan["after_s"] == rep["cost"]["eval_tokens"] and plan["train_s"] == 0.0
+    assert plan["over_s"] == pytest.approx(plan["spent_s"] + plan["after_s"] - 60, abs=0.01)
+    assert "exceeds the budget" in out and "teacher.eval_users" in out
+    assert json.loads((tmp_path / "b" / "teacher" / "metrics.json").read_text())["budget"]["plan"] == plan

@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from distill.config import load_config
+from export import contract
 from export.teacher_export import INPUT_NAMES, TeacherExportError, export_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,12 +22,27 @@ def run(tmp_path_factory):
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"out_dir={out}", "name=t", "teacher.max_steps=2",
                                                        "teacher.eval_users=8"])
     train_teacher(cfg)
+    # what an older export left: the teacher inside the serving folder, next to the student
+    legacy = contract.serving_dir(cfg.run_dir)
+    legacy.mkdir(parents=True, exist_ok=True)
+    for name in (contract.TEACHER_ONNX_FILE, contract.TEACHER_PARITY_FILE, contract.STUDENT_FILE):
+        (legacy / name).write_text("old")
     summary = export_teacher(cfg.run_dir, opset=20, seed=0)
     return dict(cfg=cfg, dir=Path(cfg.run_dir), summary=summary)
 
 
+def test_teacher_is_written_outside_the_serving_folder(run):
+    path = contract.teacher_onnx_path(run["dir"])
+    assert path == run["dir"] / "teacher_onnx" / "teacher.onnx" and path.is_file()
+    assert run["summary"]["onnx"] == str(path)
+    assert run["summary"]["parity"] == str(contract.teacher_onnx_dir(run["dir"]) / contract.TEACHER_PARITY_FILE)
+    onnx_dir = contract.serving_dir(run["dir"])  # the older export's teacher is gone, the student untouched
+    assert not (onnx_dir / "teacher.onnx").exists() and not (onnx_dir / "teacher_parity.json").exists()
+    assert (onnx_dir / contract.STUDENT_FILE).read_text() == "old"
+
+
 def test_graph_signature(run):
-    path = run["dir"] / "onnx" / "teacher.onnx"
+    path = contract.teacher_onnx_path(run["dir"])
     m = onnx.load(str(path))
     onnx.checker.check_model(m)
     ins = {i.name: i.type.tensor_type for i in m.graph.input}
@@ -42,13 +58,13 @@ def test_graph_signature(run):
 
 
 def test_parity_record(run):
-    rec = json.loads((run["dir"] / "onnx" / "teacher_parity.json").read_text())
+    rec = json.loads((contract.teacher_onnx_dir(run["dir"]) / "teacher_parity.json").read_text())
     assert rec["passed"] is True and rec["tolerance"] == 1e-3 and rec["lora_merged"] is True
     assert rec["exporter"] == "torch.onnx.export(dynamo=True)" and rec["opset"] == 20
     assert all(v <= 1e-3 for v in rec["max_abs_diff"].values())
     assert {p["batch"] for p in rec["points"]} == {1, 2, 3}
     assert any(min(p["lengths"]) < p["tokens"] for p in rec["points"])  # padded rows were checked
-    assert rec["size_bytes"] == (run["dir"] / "onnx" / "teacher.onnx").stat().st_size
+    assert rec["size_bytes"] == contract.teacher_onnx_path(run["dir"]).stat().st_size
     assert run["summary"]["parity_passed"] is True
 
 
@@ -77,7 +93,7 @@ def test_onnx_matches_teacher_predict_on_protocol_users(run):
     feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
             "before_pos": np.array([e.before[-1] for e in encs]), "item_pos": np.array([e.item_end[-1] for e in encs])}
     assert mask.numpy().min() == 0
-    sess = ort.InferenceSession(str(run["dir"] / "onnx" / "teacher.onnx"), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(contract.teacher_onnx_path(run["dir"])), providers=["CPUExecutionProvider"])
     scores, rating, like = sess.run(None, feed)
     np.testing.assert_allclose(scores, ref["scores"], atol=1e-3, rtol=0)
     np.testing.assert_allclose(rating, ref["rating"], atol=1e-3, rtol=0)
@@ -89,8 +105,8 @@ def test_onnx_matches_teacher_predict_on_protocol_users(run):
 
 def test_failed_parity_keeps_previous_teacher_onnx(run, tmp_path):
     import shutil
-    out = tmp_path / "onnx"
-    shutil.copytree(run["dir"] / "onnx", out)
+    out = tmp_path / "teacher_onnx"
+    shutil.copytree(contract.teacher_onnx_dir(run["dir"]), out)
     before = (out / "teacher.onnx").read_bytes()
     with pytest.raises(TeacherExportError, match="exceeds -1"):
         export_teacher(run["dir"], tol=-1.0, out_dir=out)

@@ -4,7 +4,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,14 +21,14 @@ def _env(**extra):
 
 
 def _new_run(tmp_path, name) -> Path:
-    cmd = [sys.executable, "-m", "distill.cli", "data", "--config", str(ROOT / "configs" / "tiny.yaml"),
+    cmd = [sys.executable, "-m", "distillrec", "data", "--config", str(ROOT / "configs" / "tiny.yaml"),
            "-o", f"out_dir={tmp_path}", "-o", f"name={name}"]
     subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
     return tmp_path / name
 
 
 def _teacher_cmd(run: Path):
-    return [sys.executable, "-m", "distill.cli", "teacher", str(run), *STEPS]
+    return [sys.executable, "-m", "distillrec", "teacher", str(run), *STEPS]
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +71,6 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, uninterrupted):
     assert [json.loads(x)["step"] for x in lines] == list(range(1, 9))  # each step logged once
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 LAUNCHERS = {
     "torchrun": lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                               f"--master_port={port}"],
@@ -89,10 +82,10 @@ LAUNCHERS = {
 
 
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
-def test_ddp_two_ranks_gloo_same_weights_rank0_writes(tmp_path, launcher):
+def test_ddp_two_ranks_gloo_same_weights_rank0_writes(tmp_path, launcher, free_port):
     run = _new_run(tmp_path, "ddp")
-    cmd = [*LAUNCHERS[launcher](_free_port()),
-           "-m", "distill.cli", "teacher", str(run), "-o", "teacher.max_steps=3", "-o", "teacher.checkpoint_every=1"]
+    cmd = [*LAUNCHERS[launcher](free_port),
+           "-m", "distillrec", "teacher", str(run), "-o", "teacher.max_steps=3", "-o", "teacher.checkpoint_every=1"]
     out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     digests = dict(re.findall(r"rank (\d) trainable-weight digest (\S+)", out.stdout))

@@ -16,7 +16,6 @@ from google.protobuf import text_format
 from export.runtime import Recommender
 from export.triton import (TritonRepositoryError, model_config_pb2, onnx_signature, write_repository,
                            write_run_repository)
-from test_service import ITEM_IDS, MAX_HISTORY, N_ITEMS, POPULARITY, exported_onnx_dir
 
 MC = model_config_pb2()
 if MC is None:
@@ -24,11 +23,17 @@ if MC is None:
                 "schema is needed to validate config.pbtxt", allow_module_level=True)
 
 ONNX_TO_TRITON = {onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.FLOAT: "TYPE_FP32"}
+# conftest's tiny exported model (`serving_export`): 40 items "m100".., max_history 10, seeded popularity
+N_ITEMS, MAX_HISTORY = 40, 10
+ITEM_IDS = [f"m{100 + i}" for i in range(N_ITEMS)]
+POPULARITY = [int(x) for x in np.random.default_rng(3).permutation(N_ITEMS) * 7 + 1]
 
 
 @pytest.fixture(scope="module")
-def onnx_dir(tmp_path_factory):
-    return exported_onnx_dir(tmp_path_factory)
+def onnx_dir(serving_export):
+    assert serving_export.item_ids == ITEM_IDS and serving_export.popularity == POPULARITY
+    assert serving_export.max_history == MAX_HISTORY
+    return serving_export.onnx_dir
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +192,7 @@ def test_inconsistent_or_missing_artifacts(onnx_dir, tmp_path):
 
 
 def test_write_run_repository(onnx_dir, tmp_path):
-    from distill.config import RunConfig
+    from distillrec.config import PipelineConfig as RunConfig
     run = tmp_path / "run"
     shutil.copytree(onnx_dir, run / "onnx")
     cfg = RunConfig()

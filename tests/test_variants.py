@@ -11,7 +11,8 @@ import onnx
 import pytest
 import torch
 
-from distill.config import ExportConfig, StudentConfig
+from distill.config import StudentConfig
+from export.config import ExportConfig
 from distill.student import Student
 from export import optimize
 from export.onnx_export import ServingStudent, export_student, reference_outputs
