@@ -144,14 +144,16 @@ def render(snap: dict) -> str:
                   + "; ".join(parts) + "."]
     lat = snap["latency_b1_h50"]
     if lat:
-        lines += ["", "Latency, batch 1, 50-event history, full-catalog top-10 (p50 / p99 ms): " +
-                  "; ".join(f"{s} {v['p50_ms']:.3g} / {v['p99_ms']:.3g}" for s, v in lat.items()) + "."]
+        lines += ["", "Latency of one request (batch 1, 50-event history, full-catalog top-10):", "",
+                  "| system | p50 ms | p99 ms |", "|---|---|---|"]
+        lines += [f"| {s} | {v['p50_ms']:.3g} | {v['p99_ms']:.3g} |" for s, v in lat.items()]
+        lines.append("")
     if snap.get("speedup_vs_fastest_teacher"):
         lines.append(f"Student vs the teacher's fastest form: {snap['speedup_vs_fastest_teacher']['measured']}.")
     st = snap["student"]
     if st.get("params"):
         lines.append(f"The student has {st['params']:,} parameters; its ONNX file is "
-                     f"{(st['onnx_bytes'] or 0) / 1e6:.1f} MB.")
+                     f"{(st['onnx_bytes'] or 0) / 2**20:.1f} MB.")
     return "\n".join(lines)
 
 
