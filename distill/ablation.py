@@ -248,7 +248,8 @@ def train_variant(cfg: RunConfig, s: AblationSetup, key: str, log=print) -> tupl
 def _run_record(seed: int, fit) -> dict:
     b = fit.budget
     return dict(seed=seed, train_seconds=fit.train_seconds, epochs_run=len(fit.history), steps=fit.steps,
-                steps_per_epoch=b.steps_per_epoch, passes_per_epoch=b.passes_per_epoch, best_epoch=fit.best_epoch,
+                steps_per_epoch=b.steps_per_epoch, passes_per_epoch=b.passes_per_epoch, patience=b.patience,
+                best_epoch=fit.best_epoch,
                 best_val_ndcg10=fit.best_val_ndcg10, stop_reason=fit.stop_reason,
                 teacher_coverage=fit.teacher_coverage, seconds_per_epoch=fit.train_seconds / max(1, len(fit.history)))
 
@@ -315,7 +316,9 @@ def training_time(sc, s: AblationSetup, variants: dict, total_seconds: float) ->
     sec_per_epoch = float(np.mean([r["seconds_per_epoch"] for r in full_runs]))
     budget = dict(epochs=sc.ablation_epochs, time_budget_s=sc.ablation_time_budget_s,
                   min_steps_per_epoch=sc.min_steps_per_epoch, max_steps_per_epoch=sc.max_steps_per_epoch,
-                  patience=sc.patience, steps_per_epoch=full_runs[0]["steps_per_epoch"],
+                  # the effective patience in epochs: max(patience, ceil(min_patience_steps / steps per epoch))
+                  patience=full_runs[0]["patience"], min_patience_steps=sc.min_patience_steps,
+                  steps_per_epoch=full_runs[0]["steps_per_epoch"],
                   passes_per_epoch=full_runs[0]["passes_per_epoch"],
                   max_steps=sc.ablation_epochs * full_runs[0]["steps_per_epoch"])
     timing = dict(per_model_budget=budget,

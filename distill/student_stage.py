@@ -7,8 +7,9 @@ teacher's top-k order; rating/like KD = MSE / BCE to the teacher; plus represent
 Task losses go through the shared loss-weighting strategy (distill.weighting). Every component is
 logged unweighted per step in train_log.jsonl, next to the task weights and the weighted total.
 The budget scales with the data (`training_budget`): an epoch is max(one pass over the training windows,
-student.min_steps_per_epoch optimizer steps), so a small log trains as many steps as ML-100K over more passes;
-early stopping on validation NDCG@10 (patience, in epochs) restores the best epoch; the wall-clock budget
+student.min_steps_per_epoch optimizer steps); early stopping on validation NDCG@10 restores the best epoch after
+`patience` epochs without improvement, and never fewer than student.min_patience_steps optimizer steps, so a
+small log (a few steps per epoch) is not stopped at a noisy early validation peak; the wall-clock budget
 (student.time_budget_s) is the outer bound.
 
 Writes runs/<name>/student/ (or student_nokd/): model.safetensors, config.json, metrics.json,
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -148,7 +148,8 @@ def val_ndcg10(student: Student, split: Split, device="cpu") -> float:
 class TrainingBudget:
     """How long one student trains, derived from its number of training windows (the budget rule of
     StudentConfig.min_steps_per_epoch): `epochs` epochs of `steps_per_epoch` optimizer steps each, early stopping
-    after `patience` epochs without a better validation NDCG@10, and `time_budget_s` as the outer bound."""
+    after `patience` epochs without a better validation NDCG@10 (at least min_patience_steps steps), and
+    `time_budget_s` as the outer bound."""
     windows: int
     """Training windows (sequences of <= max_len items) over every user's training part."""
     batch_size: int
@@ -158,10 +159,8 @@ class TrainingBudget:
     """max(steps_per_pass, min_steps_per_epoch), capped by max_steps_per_epoch."""
     epochs: int
     patience: int
+    """Early-stopping patience in epochs: max(StudentConfig.patience, ceil(min_patience_steps / steps_per_epoch))."""
     time_budget_s: float
-    weight_average_decay: float = 0.0
-    """The weight averaging this log trains with: StudentConfig.weight_average_decay when the log has fewer windows
-    than StudentConfig.weight_average_below_windows, else 0 (off: validation reads the raw weights)."""
 
     @property
     def max_steps(self) -> int:
@@ -177,8 +176,9 @@ class TrainingBudget:
 
 
 def training_budget(sc: StudentConfig, n_windows: int) -> TrainingBudget:
-    """The budget rule: steps per epoch from the data (#windows / batch size), at least `min_steps_per_epoch`, so a
-    small log trains as many optimizer steps as ML-100K (over more passes) instead of a few per epoch."""
+    """The budget rule: steps per epoch from the data (#windows / batch size), at least `min_steps_per_epoch`; the
+    early-stopping patience in epochs, at least `min_patience_steps` optimizer steps (ML-100K at batch 128: 29 steps
+    per epoch, patience 5 epochs either way; a 250-user log: 8 steps per epoch, patience 19 epochs)."""
     if n_windows < 1:
         raise ValueError("the student has no training windows: every user's training part is empty (each user "
                          "needs >= 3 interactions: training, validation, test)")
@@ -188,49 +188,10 @@ def training_budget(sc: StudentConfig, n_windows: int) -> TrainingBudget:
     per_epoch = max(per_pass, int(sc.min_steps_per_epoch))
     if sc.max_steps_per_epoch:
         per_epoch = min(per_epoch, int(sc.max_steps_per_epoch))
-    small_log = int(n_windows) < int(sc.weight_average_below_windows)
+    patience = max(int(sc.patience), -(-int(sc.min_patience_steps) // per_epoch))
     return TrainingBudget(windows=int(n_windows), batch_size=int(sc.batch_size), steps_per_pass=per_pass,
-                          steps_per_epoch=per_epoch, epochs=int(sc.epochs), patience=int(sc.patience),
-                          time_budget_s=float(sc.time_budget_s),
-                          weight_average_decay=float(sc.weight_average_decay) if small_log else 0.0)
-
-
-# ----------------------------------------------------------------------------- weight averaging
-class WeightAverage:
-    """Exponential moving average of the student's floating-point parameters (Polyak averaging): after every
-    optimizer step avg = d * avg + (1 - d) * w with d = min(decay, (1 + t) / (10 + t)) at step t (the warm-up
-    keeps the random init from dominating the first steps). `swapped_in` puts the averaged weights into the
-    model (validation and best-state selection read them) and puts the raw weights back after."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"weight averaging needs 0 < decay < 1, got {decay}")
-        self.decay, self.updates = float(decay), 0
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()]
-        params = dict(model.named_parameters())
-        self.avg = {n: params[n].detach().clone() for n in self.names}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
-        params = dict(model.named_parameters())
-        for n in self.names:
-            self.avg[n].mul_(d).add_(params[n].detach(), alpha=1.0 - d)
-        self.updates += 1
-
-    @contextmanager
-    def swapped_in(self, model: torch.nn.Module):
-        params = dict(model.named_parameters())
-        raw = {n: params[n].detach().clone() for n in self.names}
-        with torch.no_grad():
-            for n in self.names:
-                params[n].copy_(self.avg[n])
-        try:
-            yield model
-        finally:
-            with torch.no_grad():
-                for n in self.names:
-                    params[n].copy_(raw[n])
+                          steps_per_epoch=per_epoch, epochs=int(sc.epochs), patience=patience,
+                          time_budget_s=float(sc.time_budget_s))
 
 
 # ----------------------------------------------------------------------------- training
@@ -272,8 +233,6 @@ class _Training:
     teacher: Optional[dict]
     budget: TrainingBudget
     device: str
-    average: Optional[WeightAverage] = None
-    """The averaged weights validation reads (None: validation reads the raw weights)."""
 
 
 def _setup(sc: StudentConfig, split: Split, cache: dict | None, use_teacher: bool, device: str,
@@ -307,8 +266,7 @@ def _setup(sc: StudentConfig, split: Split, cache: dict | None, use_teacher: boo
                             lr=sc.lr, weight_decay=sc.weight_decay)
     sched = (torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(budget.steps_per_epoch, budget.max_steps))
              if sc.lr_schedule == "cosine" else None)
-    average = WeightAverage(student, budget.weight_average_decay) if budget.weight_average_decay > 0 else None
-    return _Training(student, objective, weighting, opt, sched, arrays, teacher, budget, device, average)
+    return _Training(student, objective, weighting, opt, sched, arrays, teacher, budget, device)
 
 
 def _train_step(t: _Training, idx) -> tuple[torch.Tensor, dict, dict, dict, Optional[torch.Tensor]]:
@@ -325,8 +283,6 @@ def _train_step(t: _Training, idx) -> tuple[torch.Tensor, dict, dict, dict, Opti
     t.opt.step()
     if t.sched is not None:
         t.sched.step()
-    if t.average is not None:
-        t.average.update(t.student)
     return total, losses, logged, weights, align
 
 
@@ -368,13 +324,13 @@ def fit_student(sc: StudentConfig, split: Split, cache: dict | None, *, use_teac
         bar = tqdm(range(b.epochs), desc=f"{desc} epochs")
         for epoch in bar:
             sums, step = _train_epoch(t, batches, epoch, step, log_f)
-            ndcg = _validate(t, split)
+            ndcg = val_ndcg10(t.student, split, device=device)
             history.append({"epoch": epoch, "val_ndcg@10": ndcg, **{k: float(np.mean(v)) for k, v in sums.items()},
                             "seconds": time.perf_counter() - t0})
             bar.set_postfix(val_ndcg=f"{ndcg:.4f}", loss=f"{np.mean(sums['next_item']):.3f}")
             if ndcg > best:
                 best, best_epoch, bad = ndcg, epoch, 0
-                best_state = _selected_state(t)
+                best_state = {k: v.detach().clone() for k, v in t.student.state_dict().items()}
             else:
                 bad += 1
                 if bad >= b.patience:
@@ -391,22 +347,6 @@ def fit_student(sc: StudentConfig, split: Split, cache: dict | None, *, use_teac
     return FitResult(student=student, best_epoch=best_epoch, best_val_ndcg10=best, stop_reason=stop_reason,
                      train_seconds=train_seconds, teacher_coverage=coverage, windows=b.windows,
                      components=t.objective.components(), budget=b, steps=step, history=history)
-
-
-def _validate(t: _Training, split: Split) -> float:
-    """Validation NDCG@10 of the weights being selected among: the averaged ones when averaging is on."""
-    if t.average is None:
-        return val_ndcg10(t.student, split, device=t.device)
-    with t.average.swapped_in(t.student):
-        return val_ndcg10(t.student, split, device=t.device)
-
-
-def _selected_state(t: _Training) -> dict:
-    """A copy of the state `_validate` measured (the raw state with the averaged parameters, when averaging)."""
-    state = {k: v.detach().clone() for k, v in t.student.state_dict().items()}
-    if t.average is not None:
-        state.update({n: v.detach().clone() for n, v in t.average.avg.items()})
-    return state
 
 
 def _restore_best(t: _Training, best_state: dict, n_items: int, sc: StudentConfig) -> Student:

@@ -11,8 +11,8 @@ from distill.config import DataConfig, StudentConfig
 from distill.data import Dataset, Split, load_dataset
 from distill.losses import DistillationObjective
 from distill.student import Student
-from distill.student_stage import (WeightAverage, build_training_arrays, cold_item_slice, fit_student, items_seen,
-                                   student_windows, training_budget, val_ndcg10)
+from distill.student_stage import (build_training_arrays, cold_item_slice, fit_student, items_seen, student_windows,
+                                   training_budget)
 
 TASKS = ["next_item", "rating", "like"]
 N_ITEMS, TEXT = 20, 8
@@ -295,59 +295,32 @@ def test_time_budget_stays_the_outer_bound():
     assert fit.stop_reason == "time_budget" and len(fit.history) == 1 and fit.steps == 10
 
 
-# ----------------------------------------------------------------------------- small logs: weight averaging
-def test_weight_average_is_an_ema_with_warm_up_and_swaps_back_the_raw_weights():
-    model = torch.nn.Linear(2, 1)
-    with torch.no_grad():
-        model.weight.fill_(0.0), model.bias.fill_(0.0)
-    avg = WeightAverage(model, decay=0.5)
-    with torch.no_grad():
-        model.weight.fill_(1.0)
-    avg.update(model)  # step 0: d = min(0.5, 1/10) = 0.1 -> 0.1 * 0 + 0.9 * 1
-    assert torch.allclose(avg.avg["weight"], torch.full((1, 2), 0.9))
-    with torch.no_grad():
-        model.weight.fill_(3.0)
-    avg.update(model)  # step 1: d = min(0.5, 2/11) = 2/11
-    expected = 2 / 11 * 0.9 + 9 / 11 * 3.0
-    assert torch.allclose(avg.avg["weight"], torch.full((1, 2), expected))
-    for _ in range(20):
-        avg.update(model)  # past the warm-up d = decay: the average converges to the constant raw weights
-    assert abs(avg.avg["weight"][0, 0].item() - 3.0) < 1e-3
-    avg.avg["weight"].fill_(-7.0)
-    with avg.swapped_in(model):
-        assert torch.all(model.weight == -7.0)
-    assert torch.all(model.weight == 3.0)  # the raw weights are back, training continues from them
-    with pytest.raises(ValueError, match="decay"):
-        WeightAverage(model, decay=1.0)
+
+# ----------------------------------------------------------------------------- small logs: patience in steps
+def test_patience_is_at_least_min_patience_steps_so_ml100k_keeps_its_epochs():
+    sc = StudentConfig(batch_size=128, patience=5)  # default min_patience_steps: 145 = ML-100K's 5 x 29 steps
+    assert sc.min_patience_steps == 145
+    assert training_budget(sc, 3586).patience == 5  # ML-100K (29 steps per epoch): unchanged
+    assert training_budget(sc, 20_000).patience == 5  # larger logs: `patience` epochs
+    assert training_budget(sc, 1875).patience == 10  # a 500-user subset: 15 steps per epoch -> ceil(145 / 15)
+    assert training_budget(sc, 904).patience == 19  # a 250-user subset: 8 steps per epoch -> ceil(145 / 8)
+    assert training_budget(replace(sc, patience=6), 3586).patience == 6  # configs/gpu.yaml's 6 stays 6
+    assert training_budget(replace(sc, min_patience_steps=0), 904).patience == 5  # 0 = patience epochs
+    assert training_budget(replace(sc, min_steps_per_epoch=29), 904).patience == 5  # 29-step epochs: 5 suffice
+    assert training_budget(sc, 904).as_dict()["patience"] == 19  # what metrics.json records
+    with pytest.raises(ValueError, match="min_patience_steps"):
+        StudentConfig(min_patience_steps=-1)
 
 
-def test_weight_averaging_is_gated_on_the_log_size():
-    sc = StudentConfig(weight_average_decay=0.9)  # default gate: 2500 windows
-    assert training_budget(sc, 3586).weight_average_decay == 0.0  # ML-100K (943 users) stays on the raw weights
-    assert training_budget(sc, 904).weight_average_decay == 0.9  # a 250-user subset averages
-    assert training_budget(sc, 1875).weight_average_decay == 0.9  # a 500-user subset averages
-    assert training_budget(replace(sc, weight_average_below_windows=0), 904).weight_average_decay == 0.0
-    assert training_budget(StudentConfig(), 904).weight_average_decay == StudentConfig().weight_average_decay
-    assert training_budget(sc, 904).as_dict()["weight_average_decay"] == 0.9  # recorded in metrics.json
-    with pytest.raises(ValueError, match="weight_average_decay"):
-        StudentConfig(weight_average_decay=1.0)
-    with pytest.raises(ValueError, match="weight_average_below_windows"):
-        StudentConfig(weight_average_below_windows=-1)
-
-
-def test_fit_with_averaging_selects_and_returns_the_averaged_weights():
-    split = _small_split()  # 30 windows: below the gate
-    sc = _tiny_sc(epochs=4, patience=10, weight_average_decay=0.8)
-    fit = fit_student(sc, split, None, use_teacher=False, seed=0)
-    raw = fit_student(replace(sc, weight_average_decay=0.0), split, None, use_teacher=False, seed=0)
-    assert fit.budget.weight_average_decay == 0.8 and raw.budget.weight_average_decay == 0.0
-    # the same seed and steps: the raw run's curve is the raw weights', the averaged run's differs
-    assert fit.steps == raw.steps == 16
-    assert [round(h["next_item"], 6) for h in fit.history] == [round(h["next_item"], 6) for h in raw.history]
-    assert [h["val_ndcg@10"] for h in fit.history] != [h["val_ndcg@10"] for h in raw.history]
-    # the returned student is the state that was selected: its validation NDCG@10 is the recorded best
-    assert val_ndcg10(fit.student, split) == pytest.approx(fit.best_val_ndcg10, abs=1e-9)
-    assert fit.best_val_ndcg10 == max(h["val_ndcg@10"] for h in fit.history)
-    gated = fit_student(replace(sc, weight_average_below_windows=30), split, None, use_teacher=False, seed=0)
-    assert gated.budget.weight_average_decay == 0.0  # 30 windows is not below 30: off, the raw run exactly
-    assert [h["val_ndcg@10"] for h in gated.history] == [h["val_ndcg@10"] for h in raw.history]
+def test_fit_stops_on_the_patience_in_steps_not_in_epochs():
+    split = _small_split()  # 30 windows at batch 8: 4 steps per epoch
+    sc = _tiny_sc(epochs=12, patience=1, min_patience_steps=0)
+    short = fit_student(sc, split, None, use_teacher=False, seed=0)
+    assert short.budget.patience == 1 and short.stop_reason == "early_stopping"
+    assert len(short.history) == short.best_epoch + 2  # stopped one epoch after the best
+    long = fit_student(replace(sc, min_patience_steps=100), split, None, use_teacher=False, seed=0)
+    assert long.budget.patience == 25  # ceil(100 / 4) > 12 epochs: the run is never cut early
+    assert long.stop_reason == "epochs" and len(long.history) == 12 and long.steps == 48
+    # the same seed trains the same steps: the first epochs' validation curves agree
+    n = len(short.history)
+    assert [h["val_ndcg@10"] for h in long.history[:n]] == [h["val_ndcg@10"] for h in short.history]
