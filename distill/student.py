@@ -220,6 +220,12 @@ class Student(nn.Module):
         meta = json.loads((folder / "config.json").read_text())
         state = load_file(str(folder / "model.safetensors"))
         text = state.get("text_vectors")
-        model = cls(StudentConfig(**meta["student"]), meta["n_items"], meta["tasks"], text_vectors=text)
+        from .config import ConfigError, build_config
+        try:  # the config builder names an unknown or mistyped field (a raw TypeError would not)
+            sc = build_config(StudentConfig, meta["student"], "student")
+        except ConfigError as e:
+            raise ValueError(f"{folder / 'config.json'} was written by another version of distillrec ({e}); "
+                             "re-run the student stage (`distillrec student <run>`)") from None
+        model = cls(sc, meta["n_items"], meta["tasks"], text_vectors=text)
         model.load_state_dict(state)
         return model.eval()

@@ -324,3 +324,13 @@ def test_fit_stops_on_the_patience_in_steps_not_in_epochs():
     # the same seed trains the same steps: the first epochs' validation curves agree
     n = len(short.history)
     assert [h["val_ndcg@10"] for h in long.history[:n]] == [h["val_ndcg@10"] for h in short.history]
+
+
+def test_load_names_a_config_field_this_version_does_not_know(tmp_path):
+    import json
+    _student().save(tmp_path / "s")
+    meta = json.loads((tmp_path / "s" / "config.json").read_text())
+    meta["student"]["weight_average_decay"] = 0.0  # a field written by another version
+    (tmp_path / "s" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"weight_average_decay.*re-run the student stage"):
+        Student.load(tmp_path / "s")
