@@ -87,6 +87,12 @@ def _load_grouplens(folder: Path):
     return inter, items, inter_path, dict(user="user_id", item="item_id", rating="rating", time="timestamp")
 
 
+def item_text_series(raw: pd.DataFrame, text_cols: list[str]) -> pd.Series:
+    """The text of each row of an item file: its `text_cols` (data.item_text_cols) as strings joined by one space.
+    The one definition shared by the data stage and items added to a served catalog (distill/item_text.py)."""
+    return raw[list(text_cols)].astype(str).agg(" ".join, axis=1)
+
+
 def _load_generic(cfg: DataConfig):
     if not cfg.path:
         raise DataError(f"data.source={cfg.source} needs data.path pointing at the interactions file")
@@ -99,7 +105,7 @@ def _load_generic(cfg: DataConfig):
         ipath = _require_file(Path(cfg.items_path), "item text")
         raw = _read_table(ipath)
         _require_cols(raw, [cfg.item_id_col] + list(cfg.item_text_cols), ipath, "set data.item_id_col / data.item_text_cols")
-        text = raw[cfg.item_text_cols].astype(str).agg(" ".join, axis=1)
+        text = item_text_series(raw, cfg.item_text_cols)
         items = pd.DataFrame({"item_id": raw[cfg.item_id_col], "text": text})
         items.attrs.update(source=str(ipath), id_col=cfg.item_id_col)
     return inter, items, path, dict(user=cfg.user_col, item=cfg.item_col, rating=cfg.rating_col, time=cfg.time_col)

@@ -30,8 +30,10 @@ SHAPE_FIELDS = ("model", "gguf_file", "random_init", "tiny", "input", "layers", 
 """Teacher fields that change the network or its inputs (what the saved weights fit). Budgets, learning
 rates, windows, evaluation/cache sizes do not: a run may change them and still load the teacher."""
 FILES = ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "heads.safetensors",
-         "inputs.safetensors", "config.json", "metrics.json", "report.md", "train_log.jsonl", "manifest.json")
-"""What a shipped teacher folder holds (inputs.safetensors only for input='item_tokens')."""
+         "inputs.safetensors", "config.json", "metrics.json", "report.md", "train_log.jsonl", "manifest.json",
+         "item_text_stats.npz")
+"""What a shipped teacher folder holds (inputs.safetensors only for input='item_tokens'; item_text_stats.npz: the
+standardisation statistics of the item text vectors, which `distillrec add-items` needs, distill/item_text.py)."""
 
 
 class TeacherMismatchError(ValueError):

@@ -39,13 +39,19 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, ffn_mult * d), nn.GELU(), nn.Linear(ffn_mult * d, d))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """x [B, T, d], allowed [B, T, T] (query, key) -> [B, T, d]; last_only: only the last query -> [B, 1, d].
+
+        Serving reads only the last state, so the final block needs one query (keys and values still span the
+        sequence): the same numbers as the full block's last row at ~1/T of its attention + FFN cost."""
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, self.dh).permute(2, 0, 3, 1, 4)
+        if last_only:
+            q, allowed, x = q[:, :, -1:], allowed[:, -1:], x[:, -1:]
         att = (q @ k.transpose(-1, -2)) / math.sqrt(self.dh)
         att = att.masked_fill(~allowed.unsqueeze(1), -1e9)  # finite fill: a row never becomes all -inf
         att = self.drop(torch.softmax(att, dim=-1))
-        y = (att @ v).transpose(1, 2).reshape(b, t, d)
+        y = (att @ v).transpose(1, 2).reshape(b, q.shape[2], d)
         x = x + self.drop(self.out(y))
         return x + self.drop(self.ffn(self.ln2(x)))
 
@@ -61,8 +67,12 @@ class PairTower(nn.Module):
         self.head = nn.Linear(hidden, 1)
 
     def forward(self, z: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-        u = self.user(z).unsqueeze(-2)  # [..., 1, h]
-        c = self.item(cand)  # [..., C, h]
+        return self.combine(self.user(z), self.item(cand))
+
+    def combine(self, u: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """u = user(z) [..., h], c = item(candidate vectors) [..., C, h] -> [..., C]. Two-part serving
+        precomputes item(table) once per item (the item table's tower features) and runs only this part."""
+        u = u.unsqueeze(-2)  # [..., 1, h]
         h = torch.relu(self.mix(torch.relu(u + c)) + u * c)
         return self.head(h).squeeze(-1)
 
@@ -136,21 +146,63 @@ class Student(nn.Module):
     # ------------------------------------------------------------------ encoder
     def encode(self, items: torch.Tensor, ratings: torch.Tensor, length: torch.Tensor, table: torch.Tensor):
         """States [B, L+1, d]; index L-length is BOS, the last index is the state after the whole history."""
-        b, L = items.shape
-        idx = torch.arange(L + 1, device=items.device).unsqueeze(0)  # [1, L+1]
+        return self.encode_vectors(table[items], ratings, length)
+
+    def encode_vectors(self, vectors: torch.Tensor, ratings: torch.Tensor, length: torch.Tensor,
+                       last_only: bool = False) -> torch.Tensor:
+        """encode() from the history's item vectors [B, L, d] (rows of the item table) instead of ids: the user
+        encoder of two-part serving, whose item table lives outside the graph (items can be added without a
+        new export). last_only: only the state after the whole history, [B, d] (the final block runs one query).
+        """
+        b, L, _ = vectors.shape
+        idx = torch.arange(L + 1, device=vectors.device).unsqueeze(0)  # [1, L+1]
         start = (L - length).unsqueeze(1)  # BOS slot, [B, 1]
         valid = idx >= start
         is_bos = idx == start
-        item_x = table[items] + self.rating_emb(torch.clamp(torch.round(ratings), 0, 5).long())
+        item_x = vectors + self.rating_emb(torch.clamp(torch.round(ratings), 0, 5).long())
         item_x = torch.cat([torch.zeros_like(item_x[:, :1]), item_x], dim=1)  # slot 0 never holds an item
         x = torch.where(is_bos.unsqueeze(-1), self.bos.expand_as(item_x), item_x)
         pos = torch.clamp(idx - start, min=0)
         x = x + self.pos_emb(pos)
         causal = idx.transpose(0, 1) >= idx  # [L+1, L+1] query >= key
         allowed = (causal.unsqueeze(0) & valid.unsqueeze(1)) | torch.eye(L + 1, dtype=torch.bool, device=x.device)
-        for blk in self.blocks:
-            x = blk(x, allowed)
-        return self.ln_f(x)
+        n = len(self.blocks)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, allowed, last_only=last_only and i == n - 1)
+        x = self.ln_f(x)
+        return x[:, -1] if last_only else x
+
+    def user_side(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The user half of every head from the state z [..., d]: "next_item" (the user vector, scored against
+        the item table), and for rating / like the tower's user features (PairTower.user), which
+        PairTower.combine joins with the item table's tower features."""
+        per_task = self.mtl(z)
+        out = {"next_item": self.next_proj(per_task["next_item"])}
+        if "rating" in self.tasks:
+            out["rating"] = self.rating_tower.user(per_task["rating"])
+        if "like" in self.tasks:
+            out["like"] = self.like_tower.user(per_task["like"])
+        return out
+
+    def item_side(self, table: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The item half of the rating / like towers for item vectors [M, d]: {task: [M, tower_hidden]}."""
+        out = {}
+        if "rating" in self.tasks:
+            out["rating"] = self.rating_tower.item(table)
+        if "like" in self.tasks:
+            out["like"] = self.like_tower.item(table)
+        return out
+
+    def cold_item_vectors(self, text_vectors: torch.Tensor) -> torch.Tensor:
+        """Item vectors [M, d] of items the student never saw, from their (standardised) teacher text vectors:
+        a zero ID embedding plus the text projection, the path forget_ids gives cold-start items."""
+        if self.text_proj is None:
+            raise ValueError("this student was trained without text vectors (student.use_text_vectors=false): "
+                             "it has no text projection, so items it never saw cannot be added; retrain with "
+                             "use_text_vectors=true")
+        if text_vectors.ndim != 2 or text_vectors.shape[1] != self.text_proj.in_features:
+            raise ValueError(f"text vectors must be [M, {self.text_proj.in_features}], got {tuple(text_vectors.shape)}")
+        return self.text_proj(text_vectors.float())
 
     def heads(self, z: torch.Tensor, table: torch.Tensor, cand: torch.Tensor) -> dict[str, torch.Tensor]:
         """z [..., d] states; cand [..., C] item ids. Returns outputs keyed by task (+ user_vector)."""

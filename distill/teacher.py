@@ -447,20 +447,43 @@ class Teacher(nn.Module):
 
 
 @torch.no_grad()
-def compute_item_vectors(backbone: nn.Module, builder: SequenceBuilder, budget: int, device, desc="item vectors"):
-    """Mean-pooled last hidden state over each item's text, read ONCE per catalog; standardised per dim
-    (LLM hidden states carry a few huge 'massive activation' dims that would swamp a linear projection)."""
+def raw_item_vectors(backbone: nn.Module, builder: SequenceBuilder, budget: int, device,
+                     desc="item vectors", progress: bool = True) -> torch.Tensor:
+    """[N, hidden] float32: the last hidden state mean-pooled over each item's text tokens (BOS first, not
+    pooled), batched by `token_batches` within `budget` tokens. The one pooling implementation of the training
+    catalog (compute_item_vectors) and of items added later (distill/item_text.py)."""
     from tqdm.auto import tqdm
     seqs = [[builder.prefix[0]] + ids for ids in builder.item_ids]
     out = torch.zeros(len(seqs), backbone.config.hidden_size)
-    for batch in tqdm(token_batches([len(s) for s in seqs], budget), desc=desc, leave=False):
+    quiet = {} if progress else {"disable": True}  # never pass disable=False: TQDM_DISABLE must still apply
+    for batch in tqdm(token_batches([len(s) for s in seqs], budget), desc=desc, leave=False, **quiet):
         ids, mask = pad_batch([seqs[i] for i in batch], builder.pad_id)
         h = backbone(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state.float().cpu()
         m = mask.clone()
         m[:, 0] = 0  # skip BOS
         out[batch] = (h * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
-    mu, sd = out.mean(0, keepdim=True), out.std(0, keepdim=True).clamp(min=1e-6)
-    return (out - mu) / sd
+    return out
+
+
+def standardisation_stats(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu, sd), each [1, hidden], of raw item vectors over the catalog; sd floored at 1e-6 (a constant dim)."""
+    return raw.mean(0, keepdim=True), raw.std(0, keepdim=True).clamp(min=1e-6)
+
+
+def item_vectors_with_stats(backbone: nn.Module, builder: SequenceBuilder, budget: int, device,
+                            desc="item vectors") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(standardised vectors [N, hidden], mu [1, hidden], sd [1, hidden]): compute_item_vectors plus the
+    statistics it standardised with (what items added later are standardised with)."""
+    raw = raw_item_vectors(backbone, builder, budget, device, desc)
+    mu, sd = standardisation_stats(raw)
+    return (raw - mu) / sd, mu, sd
+
+
+@torch.no_grad()
+def compute_item_vectors(backbone: nn.Module, builder: SequenceBuilder, budget: int, device, desc="item vectors"):
+    """Mean-pooled last hidden state over each item's text, read ONCE per catalog; standardised per dim
+    (LLM hidden states carry a few huge 'massive activation' dims that would swamp a linear projection)."""
+    return item_vectors_with_stats(backbone, builder, budget, device, desc)[0]
 
 
 def save_heads(heads: TeacherHeads, folder: Path, meta: dict, inputs: Optional[ItemTokenInput] = None) -> None:

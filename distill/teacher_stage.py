@@ -30,7 +30,8 @@ from .config import RunConfig
 from .data import Dataset, Split, load_dataset, sample_users
 from .evaluation import evaluate_predictions
 from .io import make_readable, write_json
-from .teacher import (SequenceBuilder, Teacher, TeacherHeads, add_lora, build_item_token_input, compute_item_vectors,
+from .item_text import save_training_stats, stats_record
+from .teacher import (SequenceBuilder, Teacher, TeacherHeads, add_lora, build_item_token_input, item_vectors_with_stats,
                       load_base, make_builder, param_count, resolve_model, save_heads, teacher_meta, truncate_layers)
 from .teacher_eval import eval_encodings, save_test_predictions, teacher_predict, validation_ndcg  # noqa: F401
 from .weighting import build_weighting
@@ -85,14 +86,16 @@ def _shared_params(teacher: Teacher) -> list:
 
 
 def _base_item_vectors(cfg: RunConfig, ds: Dataset, backbone, builder, device, with_item_vectors: bool):
-    """The base LM's item-text vectors (memoised per process); zeros when a checkpoint will overwrite them."""
+    """(the base LM's item-text vectors, their standardisation record for distill/item_text.py), memoised per
+    process; (zeros, None) when a checkpoint will overwrite them."""
     tc = cfg.teacher
     if not with_item_vectors:
-        return torch.zeros(ds.n_items, backbone.config.hidden_size)
+        return torch.zeros(ds.n_items, backbone.config.hidden_size), None
     key = (resolve_model(tc), json.dumps(tc.tiny, sort_keys=True), tc.max_item_tokens, ds.data_hash, cfg.seed)
     if key not in _ITEM_VECTORS:  # same base LM + texts in this process (e.g. the weighting comparison) reuse it
-        _ITEM_VECTORS[key] = compute_item_vectors(backbone, builder, tc.infer_batch_tokens, device)
-    return _ITEM_VECTORS[key].clone()
+        _ITEM_VECTORS[key] = item_vectors_with_stats(backbone, builder, tc.infer_batch_tokens, device)
+    vecs, mu, sd = _ITEM_VECTORS[key]
+    return vecs.clone(), stats_record(vecs, mu, sd, "base")
 
 
 def _label_priors(ds: Dataset, split: Split) -> tuple[float, float]:
@@ -112,7 +115,7 @@ def _build(cfg: RunConfig, ds: Dataset, split: Split, device, with_item_vectors:
     backbone = backbone.to(device)
     builder = SequenceBuilder(tok, ds.item_text, tc.max_item_tokens, ds.has_ratings)  # item texts (vectors)
     hidden = backbone.config.hidden_size
-    item_vecs = _base_item_vectors(cfg, ds, backbone, builder, device, with_item_vectors)
+    item_vecs, item_stats = _base_item_vectors(cfg, ds, backbone, builder, device, with_item_vectors)
     inputs = None
     if tc.input == "item_tokens":  # item vectors above come from the FULL-depth LM; the trunk is cut after
         inputs = build_item_token_input(backbone, tok, ds.item_text, tc.max_item_tokens, item_vecs).to(device)
@@ -124,7 +127,9 @@ def _build(cfg: RunConfig, ds: Dataset, split: Split, device, with_item_vectors:
     counts = split.train_item_counts()
     heads = TeacherHeads(hidden, tc.head_dim, item_vecs, ds.tasks,
                          torch.log1p(torch.tensor(counts, dtype=torch.float32)), rating_mean, like_logit)
-    return Teacher(backbone, heads, inputs).to(device), builder
+    teacher = Teacher(backbone, heads, inputs).to(device)
+    teacher.item_text_records = [item_stats] if item_stats is not None else []  # saved by _evaluate_and_save
+    return teacher, builder
 
 
 # ----------------------------------------------------------------------------- distributed helpers
@@ -218,8 +223,12 @@ def _refresh_item_vectors(teacher: Teacher, builder: SequenceBuilder, tc, device
     was_training = teacher.training
     teacher.eval()
     with _amp_context(tc, device):
-        vecs = compute_item_vectors(teacher.backbone, builder, tc.infer_batch_tokens, device, desc="item vectors (tuned)")
+        vecs, mu, sd = item_vectors_with_stats(teacher.backbone, builder, tc.infer_batch_tokens, device,
+                                               desc="item vectors (tuned)")
     teacher.heads.item_vectors.copy_(vecs.to(teacher.heads.item_vectors))
+    lora = {k: v for k, v in teacher.backbone.named_parameters() if v.requires_grad}  # the adapter that read them
+    teacher.item_text_records = getattr(teacher, "item_text_records", []) + [
+        stats_record(teacher.heads.item_vectors, mu, sd, "tuned", lora)]
     teacher.train(was_training)
 
 
@@ -551,6 +560,7 @@ def _evaluate_and_save(r: TeacherRun, budget: dict, train_seconds: float, extra:
     meta = teacher_meta(tc, ds.tasks, ds.n_items, teacher.backbone.config.hidden_size, r.cfg.seed)
     meta.update(data_hash=ds.data_hash, vocab=teacher.inputs.vocab if teacher.inputs is not None else None)
     save_heads(teacher.heads, out_dir, meta, teacher.inputs)
+    save_training_stats(out_dir, getattr(teacher, "item_text_records", []), teacher.heads.item_vectors)
     save_test_predictions(out_dir, pred)
     budget["eval_users"] = len(r.eval_users)
     budget["stage_seconds"] = round(r.clock.elapsed(), 2)  # the whole stage, for comparison with time_budget_s

@@ -134,10 +134,19 @@ def stage_student(cfg) -> dict:
     return out
 
 
+def _training_histories(cfg) -> tuple[list, list]:
+    """The run's training histories (internal ids, ratings or None): calibration data of the static INT8 encoder."""
+    from distill.data import Split, load_dataset
+    ds = load_dataset(cfg.data)
+    sp = Split.leave_last_out(ds)
+    users = range(ds.n_users)
+    return [sp.train_items(u) for u in users], ([sp.train_ratings(u) for u in users] if ds.has_ratings else None)
+
+
 def stage_export(cfg) -> dict:
     from export.onnx_export import export_run
     from export.triton import write_run_repository
-    summary = export_run(Path(cfg.run_dir), cfg.export, seed=cfg.seed)
+    summary = export_run(Path(cfg.run_dir), cfg.export, seed=cfg.seed, calibration=_training_histories(cfg))
     summary["triton"] = str(write_run_repository(Path(cfg.run_dir), cfg))
     print(json.dumps(summary, indent=2, default=str))
     return summary
@@ -278,6 +287,29 @@ def cmd_triton(args) -> int:
     return 0
 
 
+def cmd_add_items(args) -> int:
+    """Append new items to the served item table (teacher text vectors -> the student's cold-start rows)."""
+    from .catalog import CatalogError, add_items
+    try:
+        out = add_items(Path(args.run_dir), args.items_file, device=args.device)
+    except (CatalogError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps(out, indent=2))
+    print(f"item table version {out['version']} published: running servers reload it (Recommender.reload())")
+    return 0
+
+
+def cmd_remove_items(args) -> int:
+    """Take items out of serving (or back in with --reactivate) as a new item table version."""
+    from .catalog import CatalogError, remove_items
+    try:
+        out = remove_items(Path(args.run_dir), args.ids, id_file=args.file, reactivate=args.reactivate)
+    except (CatalogError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 # ----------------------------------------------------------------------------- the table
 def arg(*flags: str, **kwargs) -> tuple:
     """One argparse argument: add_argument(*flags, **kwargs)."""
@@ -343,6 +375,15 @@ COMMANDS: dict[str, Command] = {
         RUN_DIR,
         arg("--out", help="snapshot JSON path (default: docs/results/<run name>.json)"),
         arg("--readme", help="a README with <!-- results:begin --> / <!-- results:end --> markers to rewrite"))),
+    "add-items": Command(cmd_add_items, "append new items to a run's served item table (no retraining, no re-export)", (
+        RUN_DIR,
+        arg("items_file", help="CSV/TSV/Parquet with the run's data.item_id_col and data.item_text_cols columns"),
+        arg("--device", default="cpu", help="where the teacher computes the new items' text vectors"))),
+    "remove-items": Command(cmd_remove_items, "take items out of serving (a new item table version; rows are kept)", (
+        RUN_DIR,
+        arg("ids", nargs="*", help="raw item ids"),
+        arg("--file", help="a file with one id per line (or a CSV whose first column holds them)"),
+        arg("--reactivate", action="store_true", help="bring removed items back into serving"))),
     "triton": Command(cmd_triton, "write the Triton model repository runs/<name>/triton", (
         RUN_DIR,
         arg("--gpu", action="store_true", default=None, help="KIND_GPU + TensorRT accelerator block"),

@@ -26,6 +26,11 @@ class ExportConfig(Config):
     serves is read back from the session and recorded."""
     variants: list[Literal["opt", "int8", "fp16"]] = field(default_factory=lambda: ["opt", "int8", "fp16"])
     """ORT-optimized graph, INT8 dynamic quantization, FP16 with fp32 I/O (GPU-only at serving time)."""
+    encoder_variants: list[Literal["opt", "int8", "qdq", "fp16"]] = field(
+        default_factory=lambda: ["opt", "int8", "qdq", "fp16"])
+    """Variants of the two-part user encoder (encoder.<name>.onnx, export/optimize.py): ORT-optimized, dynamic
+    INT8, static INT8 (QDQ, calibrated on training histories when the export is given them, else on random
+    requests) and FP16 (GPU only); each placed only when it passes its parity check."""
     int8_include_catalog_matmul: bool = False
     """Quantizing the catalog-scoring MatMul costs top-K agreement; excluded by default."""
     strict_variants: bool = False

@@ -7,7 +7,15 @@ teacher_export.py), the serving runtime (export/runtime.py, providers.py, servic
 A run folder after `distillrec export runs/<name>`:
 
     runs/<name>/onnx/            SERVING_DIR: what production ships (a few MB)
-        student.onnx             STUDENT_FILE, the FP32 graph
+        encoder.onnx             ENCODER_FILE: the user encoder (history item vectors -> user vector + tower
+                                 features), the served graph of two-part serving (the default)
+        encoder.{opt,int8,qdq,fp16}.onnx   ENCODER_VARIANT_FILES (only those that passed their parity check)
+        scorer.onnx              SCORER_FILE: rating / like from the user's and the candidates' tower features
+        items/                   ITEM_TABLE_DIR: the item table, versioned (export/item_table.py):
+            CURRENT              the served version's folder name, replaced atomically
+            v000001/             vectors, bias, tower features, active flags, ids, popularity, text vectors
+        student.onnx             STUDENT_FILE, the single FP32 graph (catalog inside: the parity reference
+                                 and the single-graph mode of the runtime)
         student.{opt,int8,fp16}.onnx   VARIANT_FILES (only the variants that passed their parity check)
         runtime.json             RUNTIME_META_FILE, schema SCHEMA_VERSION (REQUIRED_META_KEYS at least)
         parity.json              PARITY_FILE
@@ -26,8 +34,10 @@ from pathlib import Path
 from typing import Union
 
 # ------------------------------------------------------------------------------------------------ schema
-SCHEMA_VERSION = 1
-"""runtime.json "schema_version" this package writes and reads."""
+SCHEMA_VERSION = 2
+"""runtime.json "schema_version" this package writes (2: two-part serving with an item table)."""
+READ_SCHEMA_VERSIONS = (1, 2)
+"""Versions the runtime reads: 1 = single graph only (served as before), 2 = two-part + single graph."""
 
 # ------------------------------------------------------------------------------------------------ files
 SERVING_DIR = "onnx"
@@ -36,6 +46,15 @@ STUDENT_FILE = "student.onnx"
 """The FP32 student graph, runtime.json's default "model_file"."""
 VARIANT_FILES = {"opt": "student.opt.onnx", "int8": "student.int8.onnx", "fp16": "student.fp16.onnx"}
 """variant name -> file name inside SERVING_DIR (export/optimize.py builds them)."""
+ENCODER_FILE = "encoder.onnx"
+"""The user encoder graph of two-part serving."""
+ENCODER_VARIANT_FILES = {"opt": "encoder.opt.onnx", "int8": "encoder.int8.onnx", "qdq": "encoder.qdq.onnx",
+                         "fp16": "encoder.fp16.onnx"}
+"""encoder variant name -> file name inside SERVING_DIR."""
+SCORER_FILE = "scorer.onnx"
+"""rating / like from tower features (only for models with a rating or like head)."""
+ITEM_TABLE_DIR = "items"
+"""Folder of SERVING_DIR holding the versioned item table (export/item_table.py)."""
 RUNTIME_META_FILE = "runtime.json"
 """Serving metadata (raw item ids, popularity, tasks, outputs, variants, ...)."""
 PARITY_FILE = "parity.json"
@@ -67,6 +86,20 @@ RATING_RANGE = (1, 5)
 """Valid history ratings; 0 means unknown."""
 RATING_TASKS = ("rating", "like")
 """Tasks only trained when the data has ratings: a model with none of them never saw a rating as input."""
+
+# two-part serving: the encoder reads rows of the item table (gathered by the runtime), so new items need no export
+ENCODER_INPUTS = {
+    "history_vectors": ("float32", ("batch", "history", "dim")),  # item table rows of the history, LEFT-padded
+    "history_ratings": ("float32", ("batch", "history")),
+    "history_length": ("int64", ("batch",)),
+}
+ENCODER_INPUT_NAMES = tuple(ENCODER_INPUTS)
+ENCODER_OUTPUTS = {"next_item": "user_vector", "rating": "rating_user", "like": "like_user"}
+"""task -> encoder output: next_item's user vector [batch, dim]; rating / like tower user features [batch, hidden]."""
+SCORER_INPUTS = {"rating": ("rating_user", "rating_items"), "like": ("like_user", "like_items")}
+"""task -> (user features [batch, hidden], candidate features [batch, candidates, hidden]) scorer inputs."""
+SCORER_OUTPUTS = {"rating": "rating", "like": "like_logit"}
+"""task -> scorer output [batch, candidates] (the same names as the single graph's outputs)."""
 
 TEACHER_INPUT_NAMES = ("input_ids", "attention_mask", "before_pos", "item_pos")
 """The exported teacher's inputs (export/teacher_export.py); outputs follow TASK_OUTPUTS."""
@@ -103,6 +136,11 @@ def teacher_onnx_dir(run_dir: Union[str, Path]) -> Path:
 
 def teacher_onnx_path(run_dir: Union[str, Path]) -> Path:
     return Path(run_dir) / TEACHER_ONNX_RELPATH
+
+
+def item_table_dir(onnx_dir: Union[str, Path]) -> Path:
+    """runs/<name>/onnx -> runs/<name>/onnx/items."""
+    return Path(onnx_dir) / ITEM_TABLE_DIR
 
 
 def uses_ratings(tasks) -> bool:

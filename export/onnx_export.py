@@ -259,7 +259,9 @@ def check_parity(wrapper: ServingStudent, onnx_path: Path, max_history: int, tol
     return record
 
 
-def _export_graph(wrapper: ServingStudent, example: tuple, opset: int, path: Path) -> None:
+def _export_graph(wrapper: nn.Module, example: tuple, opset: int, path: Path, input_names: Optional[list] = None,
+                  dynamic_shapes: Optional[dict] = None, what: str = "the student") -> None:
+    """torch.onnx.export (dynamo) of `wrapper` (which names its outputs in .output_names) to `path`."""
     reg_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = reg_log.level
     reg_log.setLevel(logging.ERROR)  # "torchvision is not installed" x4
@@ -267,11 +269,12 @@ def _export_graph(wrapper: ServingStudent, example: tuple, opset: int, path: Pat
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")  # axis-renaming and pytree deprecation chatter
             prog = torch.onnx.export(wrapper, example, dynamo=True, opset_version=opset,
-                                     dynamic_shapes=_dynamic_shapes(), input_names=list(INPUT_NAMES),
+                                     dynamic_shapes=dynamic_shapes or _dynamic_shapes(),
+                                     input_names=list(input_names or INPUT_NAMES),
                                      output_names=wrapper.output_names, external_data=False, optimize=True,
                                      verbose=False, report=False)
     except Exception as e:
-        raise ExportError(f"torch.onnx.export (dynamo, opset {opset}) failed on the student: "
+        raise ExportError(f"torch.onnx.export (dynamo, opset {opset}) failed on {what}: "
                           f"{type(e).__name__}: {e}") from e
     finally:
         reg_log.setLevel(level)
@@ -327,8 +330,12 @@ def _opt(cfg, name, value, default):
 
 def export_student(student_dir: Path, onnx_dir: Path, cfg: ExportConfig, seed: int = 0,
                    variants: Optional[Sequence[str]] = None, int8_include_catalog_matmul: Optional[bool] = None,
-                   strict_variants: Optional[bool] = None) -> dict:
-    """student/ -> onnx/student.onnx (+ variants) + parity.json + runtime.json. Returns a summary dict.
+                   strict_variants: Optional[bool] = None, calibration: Optional[tuple] = None) -> dict:
+    """student/ -> onnx/student.onnx (+ variants) + the two-part model (encoder.onnx, scorer.onnx, items/, +
+    encoder variants) + parity.json + runtime.json. Returns a summary dict.
+
+    calibration: (histories, ratings or None), the run's training histories as internal ids, for the static
+    INT8 encoder variant (without them it is calibrated on random requests, which measurably hurts it).
 
     variants: any of "opt", "int8", "fp16" (default: all; export/optimize.py); each is checked against the
     PyTorch student on the parity inputs and only placed when it meets its tolerance. strict_variants=True
@@ -388,7 +395,11 @@ def export_student(student_dir: Path, onnx_dir: Path, cfg: ExportConfig, seed: i
         if rec.get("passed"):
             runtime["variants"][kind] = {"file": rec["file"], "precision": rec["precision"],
                                          "gpu_only": rec["gpu_only"]}
-    write_json(onnx_dir / C.RUNTIME_META_FILE, runtime)
+    two_part_s = time.perf_counter()
+    runtime["two_part"], parity["two_part"] = export_two_part(student, onnx_dir, runtime, cfg, refs, max_history, seed,
+                                                              calibration=calibration, strict_variants=strict)
+    two_part_s = time.perf_counter() - two_part_s
+    write_json(onnx_dir / C.PARITY_FILE, parity)
 
     def _short(rec):
         return {k: rec.get(k) for k in ("file", "passed", "size_bytes", "max_abs_diff", "max_rel_diff",
@@ -406,14 +417,67 @@ def export_student(student_dir: Path, onnx_dir: Path, cfg: ExportConfig, seed: i
         "opset": cfg.opset,
         "export_seconds": round(export_s, 2),
         "variants_seconds": round(variants_s, 2),
+        "two_part_seconds": round(two_part_s, 2),
+        "two_part_parity": parity["two_part"]["max_abs_diff"],
+        "item_table_version": runtime["two_part"]["table_version_at_export"],
         "variants": {k: _short(r) for k, r in var.items()},
     }
 
 
+def export_two_part(student: Student, onnx_dir: Path, runtime: dict, cfg: ExportConfig, refs: list[dict],
+                    max_history: int, seed: int, variants: Optional[Sequence[str]] = None,
+                    calibration: Optional[tuple] = None, strict_variants: Optional[bool] = None) -> tuple[dict, dict]:
+    """encoder.onnx + scorer.onnx + a new item table version, verified, then the served two-part path is checked
+    against the PyTorch student (export/two_part.py). runtime.json is written with the "two_part" block only for
+    the parity check and rewritten without it when the check fails (the single graph stays servable).
+
+    encoder.onnx comes from the lean export forward (two_part.LeanUserEncoder: fewer nodes, the same numbers; the
+    parity check holds it to parity_tol). Then its variants (variants, default ExportConfig.encoder_variants:
+    opt / int8 / qdq / fp16) are built and checked (parity.json "two_part"["variants"]); runtime.json "two_part"
+    "variants" lists fp32 and those that passed. calibration: (histories, ratings or None) of the run's training
+    split (internal ids, chronological) for the static INT8 variant; without it random requests calibrate."""
+    import onnx
+    from export import two_part as TP
+    enc_variants = tuple(_opt(cfg, "encoder_variants", variants, ()))
+    strict = bool(_opt(cfg, "strict_variants", strict_variants, False))
+    enc_path, sc_path = onnx_dir / C.ENCODER_FILE, onnx_dir / C.SCORER_FILE
+    with atomic_path(enc_path) as tmp:
+        encoder = TP.export_encoder(student, tmp, cfg.opset, hist=min(max_history, 5), seed=seed, forward="lean")
+        TP.verify_io(onnx.load(str(tmp)), TP.encoder_io(), encoder.output_names, "encoder.onnx")
+    scorer = None
+    if any(t in student.tasks for t in C.SCORER_OUTPUTS):
+        with atomic_path(sc_path) as tmp:
+            scorer = TP.export_scorer(student, tmp, cfg.opset, seed=seed)
+            TP.verify_io(onnx.load(str(tmp)), TP.scorer_io(scorer), scorer.output_names, "scorer.onnx")
+    else:
+        sc_path.unlink(missing_ok=True)
+    version = TP.write_item_table(student, onnx_dir, runtime["item_ids"], runtime["item_popularity"])
+    meta = {**TP.two_part_meta(student, encoder, scorer), "table_version_at_export": version}
+    write_json(onnx_dir / C.RUNTIME_META_FILE, {**runtime, "two_part": meta})
+    try:
+        parity = TP.check_two_part_parity(onnx_dir, refs, cfg.parity_tol, single_graph=onnx_dir / C.STUDENT_FILE)
+    except ExportError:
+        write_json(onnx_dir / C.RUNTIME_META_FILE, runtime)
+        for f in C.ENCODER_VARIANT_FILES.values():
+            (onnx_dir / f).unlink(missing_ok=True)  # stale: built from an earlier encoder.onnx
+        raise
+    t0 = time.perf_counter()
+    var = TP.build_encoder_variants(student, onnx_dir, refs, encoder.output_names, enc_variants, cfg.parity_tol,
+                                    max_history, calibration=calibration, strict=strict, seed=seed)
+    for kind, rec in var.items():
+        if rec.get("passed"):
+            meta["variants"][kind] = {"file": rec["file"], "precision": rec["precision"], "gpu_only": rec["gpu_only"]}
+    write_json(onnx_dir / C.RUNTIME_META_FILE, {**runtime, "two_part": meta})
+    enc_graph = onnx.load(str(enc_path))
+    return meta, {**parity, "op_types": graph_op_types(enc_graph), "nodes": len(enc_graph.graph.node),
+                  "variants": var, "variants_seconds": round(time.perf_counter() - t0, 2)}
+
+
 def export_run(run_dir: Path, cfg: ExportConfig, seed: int = 0, variants: Optional[Sequence[str]] = None,
                int8_include_catalog_matmul: Optional[bool] = None, strict_variants: Optional[bool] = None,
-               teacher: Optional[bool] = None) -> dict:
-    """The export stage: runs/<name>/student -> runs/<name>/onnx (student.onnx + variants, parity, runtime).
+               teacher: Optional[bool] = None, calibration: Optional[tuple] = None) -> dict:
+    """The export stage: runs/<name>/student -> runs/<name>/onnx (student.onnx + variants, the two-part model,
+    parity, runtime). calibration: see export_student (the orchestration passes the run's training histories).
 
     teacher=True (or ExportConfig.teacher once the config has it) also exports the teacher
     (export/teacher_export.py: teacher_onnx/teacher.onnx + teacher_parity.json, outside the serving folder
@@ -421,7 +485,7 @@ def export_run(run_dir: Path, cfg: ExportConfig, seed: int = 0, variants: Option
     run_dir = Path(run_dir)
     summary = export_student(run_dir / "student", C.serving_dir(run_dir), cfg, seed=seed, variants=variants,
                              int8_include_catalog_matmul=int8_include_catalog_matmul,
-                             strict_variants=strict_variants)
+                             strict_variants=strict_variants, calibration=calibration)
     if bool(_opt(cfg, "teacher", teacher, False)):
         if not (run_dir / "teacher" / "config.json").exists():
             if teacher:  # asked for explicitly: an error; from the config default: a note

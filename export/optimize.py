@@ -27,9 +27,12 @@ from typing import Optional
 
 import numpy as np
 
-from export.contract import META_PRECISION, META_VARIANT, VARIANT_FILES  # noqa: F401  (the artifact contract)
+from export.contract import (ENCODER_VARIANT_FILES, META_PRECISION, META_VARIANT,  # noqa: F401  (the contract)
+                             VARIANT_FILES)
 
 DEFAULT_VARIANTS = ("opt", "int8", "fp16")
+DEFAULT_ENCODER_VARIANTS = ("opt", "int8", "qdq", "fp16")
+PRECISIONS = {"opt": "fp32", "int8": "int8", "qdq": "int8", "fp16": "fp16"}
 TOP_K = 10
 VARIANT_TOLERANCES = {
     # same math as FP32 with fused kernels: the FP32 tolerance (ExportConfig.parity_tol) applies
@@ -39,7 +42,12 @@ VARIANT_TOLERANCES = {
     "int8": {"top10_overlap_min": 0.9, "max_rel_diff": 0.1},
     # fp16 compute: 1% of the output scale on every output, and the same ranking floor as INT8
     "fp16": {"top10_overlap_min": 0.9, "max_rel_diff": 1e-2},
+    # static (calibrated) int8 of the user encoder: the same criteria as dynamic int8
+    "qdq": {"top10_overlap_min": 0.9, "max_rel_diff": 0.1},
 }
+RANKED_OUTPUTS = ("next_item_scores", "user_vector")
+"""Outputs judged by their ranking (top-K overlap) rather than their values for int8 / qdq: the catalog scores of
+the single graph, and the encoder's user vector (scored against the item table: user_vector @ vectors.T + bias)."""
 _log = logging.getLogger("distillrec.export")
 
 
@@ -172,6 +180,108 @@ def ort_optimize(src: Path, dst: Path, level: str = "extended", tag: bool = True
             "onnxruntime_version": ort.__version__, "ops": _op_counts(model)}
 
 
+def quantize_int8_plain(src: Path, dst: Path, per_channel: bool = False) -> dict:
+    """Dynamic INT8 (weights QInt8, activations quantized per call) of a graph WITHOUT a catalog MatMul (the user
+    encoder: its catalog scoring happens outside the graph), after the same BASIC pre-processing."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    pre = Path(str(dst) + ".pre.onnx")
+    try:
+        ort_optimize(src, pre, level="basic", tag=False)
+        with _quiet():
+            quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pre)
+    q = onnx.load(str(dst))
+    _set_meta(q, **{META_PRECISION: "int8", META_VARIANT: "int8"})
+    onnx.save(q, str(dst))
+    ops = _op_counts(q)
+    return {"weight_type": "QInt8", "per_channel": per_channel, "mode": "dynamic",
+            "preprocess": "ORT_ENABLE_BASIC (constant folding)",
+            "quantized_matmuls": ops.get("MatMulInteger", 0) + ops.get("com.microsoft.MatMulIntegerToFloat", 0)
+            + ops.get("com.microsoft.DynamicQuantizeMatMul", 0), "ops": ops}
+
+
+class FeedReader:
+    """onnxruntime.quantization CalibrationDataReader over a list of feeds ({input name: array})."""
+
+    def __init__(self, feeds: list[dict]):
+        self.feeds, self.i = list(feeds), 0
+
+    def get_next(self):
+        if self.i >= len(self.feeds):
+            return None
+        self.i += 1
+        return self.feeds[self.i - 1]
+
+    def rewind(self):
+        self.i = 0
+
+
+def _weight_matmuls(model) -> list[str]:
+    """Names of MatMul / Gemm nodes whose second operand is constant (a weight): the ones static quantization
+    converts. Activation x activation MatMuls (q @ k^T, softmax @ v) stay FP32: quantizing the attention
+    probabilities costs ranking quality and those batched [T, dh] products are not where the time goes."""
+    consts = _constant_names(model.graph)
+    return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1
+            and n.input[1] in consts]
+
+
+def quantize_qdq(src: Path, dst: Path, calibration: list[dict], quant_format: str = "qdq",
+                 calibrate_method: str = "minmax", per_channel: bool = True, activation_type: str = "quint8",
+                 exclude: tuple = ()) -> dict:
+    """Static INT8: weights QInt8 (per output channel), activations quantized with ranges calibrated on
+    `calibration` (feeds of the graph's inputs: real training histories when the export has them).
+
+    Only MatMul / Gemm with a constant weight are quantized (op_types_to_quantize + nodes_to_quantize):
+    LayerNorm, Softmax, Gelu, the attention products and the mask arithmetic stay FP32. `exclude`: more node
+    names to keep in FP32 (e.g. the last projection). Activations default to QUInt8 (U8S8: the x86 VNNI path;
+    onnxruntime's documented default for CPU). quant_format "qdq" (QuantizeLinear / DequantizeLinear pairs that
+    onnxruntime fuses into integer kernels at load) or "qoperator" (QLinearMatMul ... written out)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    formats = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    acts = {"quint8": QuantType.QUInt8, "qint8": QuantType.QInt8}
+    for value, table, what in ((quant_format, formats, "quant_format"), (calibrate_method, methods, "calibrate_method"),
+                               (activation_type, acts, "activation_type")):
+        if value not in table:
+            raise VariantError(f"{what} must be one of {sorted(table)}, got {value!r}")
+    if not calibration:
+        raise VariantError("static quantization needs calibration feeds (none given)")
+    pre = Path(str(dst) + ".pre.onnx")
+    try:
+        ort_optimize(src, pre, level="basic", tag=False)
+        model = onnx.load(str(pre))
+        nodes = [n for n in _weight_matmuls(model) if n not in set(exclude)]
+        if not nodes:
+            raise VariantError("no MatMul / Gemm with a constant weight to quantize")
+        with _quiet():
+            quantize_static(str(pre), str(dst), FeedReader(calibration), quant_format=formats[quant_format],
+                            op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=nodes,
+                            per_channel=per_channel, activation_type=acts[activation_type],
+                            weight_type=QuantType.QInt8, calibrate_method=methods[calibrate_method],
+                            extra_options={"CalibTensorRangeSymmetric": False})
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pre)
+        for tmp in Path(dst).parent.glob("augmented_model*.onnx"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    q = onnx.load(str(dst))
+    _set_meta(q, **{META_PRECISION: "int8", META_VARIANT: "qdq"})
+    onnx.save(q, str(dst))
+    ops = _op_counts(q)
+    return {"mode": "static", "format": quant_format, "calibrate_method": calibrate_method,
+            "per_channel": per_channel, "weight_type": "QInt8", "activation_type": activation_type.upper(),
+            "calibration_batches": len(calibration),
+            "calibration_rows": int(sum(next(iter(f.values())).shape[0] for f in calibration)),
+            "quantized_nodes": nodes, "excluded_nodes": list(exclude),
+            "preprocess": "ORT_ENABLE_BASIC (constant folding)", "ops": ops}
+
+
 def quantize_int8(src: Path, dst: Path, include_catalog_matmul: bool = False, per_channel: bool = False,
                   n_items: Optional[int] = None) -> dict:
     """Dynamic INT8 quantization (weights QInt8); the catalog-scoring MatMul stays FP32 unless included.
@@ -248,8 +358,11 @@ def top_k_overlap(ref: np.ndarray, got: np.ndarray, k: int = TOP_K) -> np.ndarra
     return np.array([len(set(x) & set(y)) / k for x, y in zip(a.tolist(), b.tolist())])
 
 
-def measure(session, references: list[dict], output_names: list[str]) -> dict:
-    """Run `session` on every reference point -> max |diff| / scale / relative diff per output, top-10 overlap."""
+def measure(session, references: list[dict], output_names: list[str], scores_fn=None) -> dict:
+    """Run `session` on every reference point -> max |diff| / scale / relative diff per output, top-10 overlap.
+
+    The overlap compares the catalog rankings: next_item_scores of the single graph, or scores_fn(outputs)
+    ([B, N], e.g. user_vector @ item vectors.T + bias for the encoder) when given."""
     worst = {n: 0.0 for n in output_names}
     scale = {n: 0.0 for n in output_names}
     overlaps, finite, points = [], True, []
@@ -267,7 +380,11 @@ def measure(session, references: list[dict], output_names: list[str]) -> dict:
             diffs[n] = d if np.isfinite(d) else float("inf")
             worst[n] = max(worst[n], diffs[n])
             scale[n] = max(scale[n], float(np.max(np.abs(r)))) if r.size else scale[n]
-        if "next_item_scores" in got and got["next_item_scores"].shape == ref["out"]["next_item_scores"].shape:
+        if scores_fn is not None:
+            r_s, g_s = scores_fn(ref["out"]), scores_fn(got)
+            if r_s.shape == g_s.shape and np.all(np.isfinite(g_s)):
+                overlaps.append(top_k_overlap(r_s, g_s))
+        elif "next_item_scores" in got and got["next_item_scores"].shape == ref["out"]["next_item_scores"].shape:
             overlaps.append(top_k_overlap(ref["out"]["next_item_scores"], got["next_item_scores"]))
         points.append({**ref["point"], "max_abs_diff": diffs})
     ov = np.concatenate(overlaps) if overlaps else np.zeros(0)
@@ -290,9 +407,11 @@ def judge(kind: str, rec: dict, tolerance: dict, parity_tol: float) -> list[str]
     if mean is not None and not mean >= tolerance["top10_overlap_min"]:
         problems.append(f"next_item_scores: mean top-{TOP_K} overlap with FP32 {mean:.3f} < "
                         f"{tolerance['top10_overlap_min']}")
+    if mean is None and kind in ("int8", "qdq"):
+        problems.append("no ranking measured (no next_item_scores and no scores function)")
     for n, r in rec["max_rel_diff"].items():
-        if kind == "int8" and n == "next_item_scores":
-            continue  # the ranking criterion above is what matters for the catalog scores
+        if kind in ("int8", "qdq") and n in RANKED_OUTPUTS:
+            continue  # the ranking criterion above is what matters for the catalog scores / the user vector
         if not r <= tolerance["max_rel_diff"]:
             problems.append(f"{n}: max |diff| / max(1, |output|) = {r:.3g} > {tolerance['max_rel_diff']:g}")
     return problems
@@ -308,37 +427,53 @@ def _parity_session(path: Path, kind: str):
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
+def _build_one(kind: str, src: Path, tmp: Path, include_catalog_matmul: bool, n_items: Optional[int],
+               catalog: bool, calibration: Optional[list], qdq_options: Optional[dict]) -> dict:
+    """Write variant `kind` of `src` to tmp; returns its build record."""
+    if kind == "opt":
+        return ort_optimize(src, tmp)
+    if kind == "int8":
+        if catalog:
+            return quantize_int8(src, tmp, include_catalog_matmul, n_items=n_items)
+        return quantize_int8_plain(src, tmp)
+    if kind == "qdq":
+        return quantize_qdq(src, tmp, calibration or [], **(qdq_options or {}))
+    return convert_fp16(src, tmp)
+
+
 def build_variants(fp32_path: Path, onnx_dir: Path, references: list[dict], output_names: list[str],
                    variants=DEFAULT_VARIANTS, parity_tol: float = 1e-4, include_catalog_matmul: bool = False,
-                   n_items: Optional[int] = None, strict: bool = False) -> dict:
+                   n_items: Optional[int] = None, strict: bool = False, files: Optional[dict] = None,
+                   scores_fn=None, calibration: Optional[list] = None, qdq_options: Optional[dict] = None) -> dict:
     """Build, check and place each requested variant. Returns {variant: record} for parity.json.
 
-    A failing variant is recorded (passed: false, problems) and not placed; strict=True raises instead."""
+    files: variant -> file name (default VARIANT_FILES, the single graph with its catalog MatMul; the encoder
+    passes ENCODER_VARIANT_FILES, scores_fn (its user vector ranked against the item table) and, for "qdq",
+    calibration feeds). A failing variant is recorded (passed: false, problems) and not placed; strict=True
+    raises instead."""
     from distill.io import atomic_path  # export-time only (the runtime never imports this module)
-    unknown = sorted(set(variants) - set(VARIANT_FILES))
+    files = dict(VARIANT_FILES if files is None else files)
+    catalog = files == VARIANT_FILES  # the single graph scores the catalog inside: its MatMul stays FP32
+    unknown = sorted(set(variants) - set(files))
     if unknown:
-        raise VariantError(f"unknown variant(s) {unknown}; choose from {sorted(VARIANT_FILES)}")
+        raise VariantError(f"unknown variant(s) {unknown}; choose from {sorted(files)}")
     onnx_dir = Path(onnx_dir)
     records: dict = {}
-    for kind in VARIANT_FILES:
-        dst = onnx_dir / VARIANT_FILES[kind]
+    for kind in files:
+        dst = onnx_dir / files[kind]
         if kind not in variants:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(dst)  # stale: built from an earlier student.onnx
+                os.unlink(dst)  # stale: built from an earlier fp32 graph
             continue
-        rec: dict = {"file": VARIANT_FILES[kind], "tolerance": dict(VARIANT_TOLERANCES[kind])}
+        rec: dict = {"file": files[kind], "tolerance": dict(VARIANT_TOLERANCES[kind])}
         if kind == "opt":
             rec["tolerance"]["max_abs_diff"] = parity_tol
         try:
             with atomic_path(dst) as tmp:
-                if kind == "opt":
-                    rec["build"] = ort_optimize(fp32_path, tmp)
-                elif kind == "int8":
-                    rec["build"] = quantize_int8(fp32_path, tmp, include_catalog_matmul, n_items=n_items)
-                else:
-                    rec["build"] = convert_fp16(fp32_path, tmp)
+                rec["build"] = _build_one(kind, fp32_path, tmp, include_catalog_matmul, n_items, catalog,
+                                          calibration, qdq_options)
                 sess = _parity_session(tmp, kind)
-                rec.update(measure(sess, references, output_names))
+                rec.update(measure(sess, references, output_names, scores_fn=scores_fn))
                 rec["measured_on"] = sess.get_providers()[0] + (
                     " (graph optimizations disabled; reference only, fp16 is served on GPU)" if kind == "fp16" else "")
                 rec["problems"] = judge(kind, rec, VARIANT_TOLERANCES[kind], parity_tol)
@@ -351,12 +486,12 @@ def build_variants(fp32_path: Path, onnx_dir: Path, references: list[dict], outp
             rec["passed"] = False
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(dst)
-            msg = f"variant {kind} ({VARIANT_FILES[kind]}) not written: {'; '.join(rec['problems'])}"
+            msg = f"variant {kind} ({files[kind]}) not written: {'; '.join(rec['problems'])}"
             if strict:
                 raise VariantError(msg) from e
             _log.warning(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
         rec["gpu_only"] = kind == "fp16"
-        rec["precision"] = {"opt": "fp32", "int8": "int8", "fp16": "fp16"}[kind]
+        rec["precision"] = PRECISIONS[kind]
         records[kind] = rec
     return records

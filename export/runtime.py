@@ -29,6 +29,8 @@ import hashlib
 import json
 import numbers
 import os
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -37,6 +39,8 @@ import onnxruntime as ort
 
 from export import contract as C
 from export.contract import INPUT_NAMES, SCHEMA_VERSION  # noqa: F401  (re-exported)
+from export.item_table import ItemTable, ItemTableError, current_version, load_table, version_name
+from export.retrieval import ANN_MIN_ITEMS, build_retriever, top_k_indices  # noqa: F401  (top_k_indices re-exported)
 from export.providers import (CPU, TRT, ProviderFallbackWarning, build_providers, canonical_name,  # noqa: F401
                               create_session)
 
@@ -128,38 +132,46 @@ def trt_cache_dir(model_path: Union[str, Path], root: Union[str, Path, None] = N
     return base / model_hash(model_path)
 
 
-def top_k_indices(scores: np.ndarray, k: int, banned=None) -> np.ndarray:
-    """Indices of the k highest scores outside `banned`, highest first, ties by the lower index.
+@dataclass(frozen=True)
+class Catalog:
+    """What one request is answered against: the item ids, popularity and (two-part) the item table and its
+    retriever. Replaced as a whole by Recommender.reload(), so a request that took a reference sees one
+    consistent version. Rows only ever grow (removed items stay, inactive), so an internal id stays valid."""
 
-    The same answer as `np.argsort(-scores, kind="stable")` over the unbanned items, cut to k, without sorting
-    the catalog: np.argpartition finds the k-th highest value t, everything above t plus the first (by index)
-    items equal to t make the k, and only those k are sorted. Banned items are removed, never just pushed to
-    the end; NaN scores rank last. Fewer than k come back when fewer than k items are not banned.
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    if banned:
-        keep = np.ones(s.shape[0], dtype=bool)
-        keep[np.fromiter(banned, dtype=np.int64, count=len(banned))] = False
-        idx = np.flatnonzero(keep)
-        vals = s[idx]
-    else:
-        idx, vals = np.arange(s.shape[0]), s
-    if np.isnan(vals).any():
-        vals = np.where(np.isnan(vals), -np.inf, vals)
-    n, k = vals.shape[0], int(k)
-    if k <= 0 or n == 0:
-        return np.empty(0, dtype=np.int64)
-    if k < n:
-        t = vals[np.argpartition(-vals, k - 1)[k - 1]]  # the k-th highest value
-        above = np.flatnonzero(vals > t)
-        sel = np.concatenate([above, np.flatnonzero(vals == t)[:k - above.size]])
-    else:
-        sel = np.arange(n)
-    return idx[sel[np.lexsort((sel, -vals[sel]))]]
+    ids: list
+    index: dict
+    popularity: np.ndarray
+    version: int = 0
+    table: Optional[ItemTable] = None
+    retriever: object = None
+    active: Optional[np.ndarray] = None
+
+    @property
+    def n_items(self) -> int:
+        return len(self.ids)
+
+    @property
+    def n_active(self) -> int:
+        return self.n_items if self.active is None else int(np.count_nonzero(self.active))
+
+
+MODES = ("auto", "two_part", "single")
+RETRIEVAL_MODES = ("auto", "exact", "ann")
+ANN_DIR = "ann"
+"""Sub-folder of an item table version where a built ANN index is kept (export/retrieval.py save / load)."""
 
 
 class Recommender:
-    """Raw-id recommender over one exported model file of a runtime folder (runs/<name>/onnx).
+    """Raw-id recommender over a runtime folder (runs/<name>/onnx).
+
+    mode: "two_part" serves the user encoder (encoder.onnx) + the item table (items/): next_item scores are
+      user_vector @ item vectors + bias, ranked exactly or by an ANN index (`retrieval`), items can be added or
+      removed without a new export and picked up with `reload()`. "single" serves one graph whose output
+      scores the whole catalog (student.onnx and its variants; runtime.json item_ids). "auto" (default):
+      two-part when the folder has it (runtime.json "two_part") and `model_file` does not name a single-graph
+      file, else single.
+    retrieval: two-part only: "exact" (one matmul + argpartition), "ann" (faiss; pip install faiss-cpu) or
+      "auto": ANN from `ann_min_items` active items. `ann_params` go to export.retrieval.build_retriever.
 
     providers: names in any order, e.g. ["tensorrt", "cuda", "cpu"] (default: runtime.json "providers");
       they are put in TensorRT -> CUDA -> CPU order, filtered to this onnxruntime build, and CPU is always the
@@ -184,7 +196,13 @@ class Recommender:
     def __init__(self, folder, providers: Optional[list] = None, unknown_items: str = "error",
                  empty_history: str = "error", intra_op_threads: Optional[int] = None,
                  model_file: Optional[str] = None, variant: Optional[str] = None, strict_providers: bool = False,
-                 trt_profile: Optional[dict] = None, trt_cache_root: Union[str, Path, None] = None):
+                 trt_profile: Optional[dict] = None, trt_cache_root: Union[str, Path, None] = None,
+                 mode: str = "auto", retrieval: str = "auto", ann_min_items: int = ANN_MIN_ITEMS,
+                 ann_params: Optional[dict] = None):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if retrieval not in RETRIEVAL_MODES:
+            raise ValueError(f"retrieval must be one of {RETRIEVAL_MODES}, got {retrieval!r}")
         if unknown_items not in ("error", "drop"):
             raise ValueError(f"unknown_items must be 'error' or 'drop', got {unknown_items!r}")
         if empty_history not in ("error", "popularity"):
@@ -198,35 +216,163 @@ class Recommender:
         self.unknown_items, self.empty_history = unknown_items, empty_history
         self.meta = self._load_meta(self.folder / C.RUNTIME_META_FILE)
         m = self.meta
-        self.item_ids: list[str] = [str(x) for x in m["item_ids"]]
-        self.n_items = len(self.item_ids)
-        self.index: dict[str, int] = {x: i for i, x in enumerate(self.item_ids)}
         self.max_history = int(m["max_history"])
         self.top_k = int(m.get("top_k", 10))
         self.tasks: list[str] = list(m["tasks"])
-        self.output_names: list[str] = list(m["outputs"])
         self.like_threshold = float(m.get("like_threshold", 4.0))
         self.rating_range = tuple(m.get("rating_range", list(C.RATING_RANGE)))
         # click-only data trains no rating/like head and feeds rating 0 everywhere: ratings are not an input
         self.uses_ratings = bool(m.get("uses_ratings", C.uses_ratings(self.tasks)))
-        pop = np.asarray(m.get("item_popularity") or [0] * self.n_items, dtype=np.float64)
-        if pop.shape != (self.n_items,):
-            raise RuntimeArtifactError(f"{self.folder / C.RUNTIME_META_FILE}: item_popularity has {pop.shape[0]} "
-                                       f"entries for {self.n_items} items; {_FIX}")
-        self.item_popularity = pop
+        self.mode = self._pick_mode(mode, model_file)
+        self.two_part: dict = m.get("two_part") or {}
+        self.retrieval, self.ann_min_items, self.ann_params = retrieval, int(ann_min_items), dict(ann_params or {})
         self.variant, self.precision, file_name = self._pick_model(model_file, variant)
         self.model_path = self.folder / file_name
+        if self.mode == "two_part":
+            self.output_names = list(self.two_part["encoder_outputs"])
+            self.input_names = list(self.two_part.get("encoder_inputs") or C.ENCODER_INPUT_NAMES)
+        else:
+            self.output_names, self.input_names = list(m["outputs"]), list(INPUT_NAMES)
         self.intra_op_threads = default_intra_op_threads() if intra_op_threads is None else intra_op_threads
         self.trt_cache: Optional[Path] = None
-        self.session, self.provider_record = self._make_session(providers, self.intra_op_threads,
-                                                                strict_providers, trt_profile, trt_cache_root)
+        self.session, self.provider_record = self._make_session(
+            self.model_path, self.input_names, self.output_names, providers, self.intra_op_threads,
+            strict_providers, trt_profile, trt_cache_root)
         self.providers: list[str] = list(self.session.get_providers())
         self.requested_providers: list[str] = list(self.provider_record["requested"])
+        self.scorer = None
+        if self.mode == "two_part" and self.two_part.get("scorer_file"):
+            self.scorer, _ = self._make_session(
+                self.folder / self.two_part["scorer_file"], list(self.two_part["scorer_inputs"]),
+                list(self.two_part["scorer_outputs"]), providers, self.intra_op_threads, strict_providers,
+                trt_profile, trt_cache_root, main=False)
+        self._reload_lock = threading.Lock()
+        self._catalog = self._load_catalog()
+
+    # ------------------------------------------------------------------------------------------ catalog
+    @property
+    def catalog(self) -> Catalog:
+        """The catalog requests are answered against now (take it once per request)."""
+        return self._catalog
+
+    @property
+    def item_ids(self) -> list:
+        return self._catalog.ids
+
+    @property
+    def index(self) -> dict:
+        return self._catalog.index
+
+    @property
+    def n_items(self) -> int:
+        return self._catalog.n_items
+
+    @property
+    def item_popularity(self) -> np.ndarray:
+        return self._catalog.popularity
+
+    @property
+    def table_version(self) -> int:
+        """The item table version being served (0 in single-graph mode: the catalog is part of the graph)."""
+        return self._catalog.version
+
+    @property
+    def items_dir(self) -> Path:
+        return C.item_table_dir(self.folder)
+
+    def disk_table_version(self) -> int:
+        """The item table version on disk (CURRENT; cheap to poll). 0 in single-graph mode."""
+        return current_version(self.items_dir) if self.mode == "two_part" else 0
+
+    def reload(self) -> bool:
+        """Serve the item table version on disk if it changed (new items, removed items): the table and its
+        retriever are loaded and built first, then swapped in one assignment, so requests in flight finish on
+        the old version and never see a half-built one. Returns whether the version changed."""
+        if self.mode != "two_part":
+            return False
+        with self._reload_lock:
+            version = self.disk_table_version()
+            if version == self._catalog.version:
+                return False
+            self._catalog = self._load_catalog(version)
+            return True
+
+    def _retriever(self, table: ItemTable):
+        """Exact or ANN retrieval over the table (retrieval / ann_min_items, export/retrieval.py). A built ANN
+        index is saved in the version's folder (ann/) when it is writable and reused by the next process or
+        worker that loads the same version (its fingerprint is checked against the table); a read-only
+        model folder just builds in memory."""
+        mode = self.retrieval
+        if mode == "auto":
+            mode = "ann" if table.n_items >= self.ann_min_items else "exact"
+            if mode == "ann":
+                from export.retrieval import faiss_available
+                if not faiss_available():
+                    mode = "auto"  # build_retriever warns and ranks exactly
+        if mode != "ann":
+            return build_retriever(table.vectors, table.bias, table.active, mode=mode,
+                                   ann_min_items=self.ann_min_items, **self.ann_params)
+        from export.retrieval import AnnRetriever
+        cache = self.items_dir / version_name(table.version) / ANN_DIR
+        build_params = {k: v for k, v in self.ann_params.items() if k not in ("ef_search", "nprobe", "margin", "max_widen")}
+        if cache.is_dir() and not build_params:
+            try:
+                search = {k: v for k, v in self.ann_params.items() if k != "threads"}
+                return AnnRetriever.load(cache, table.vectors, table.bias, table.active,
+                                         threads=self.ann_params.get("threads", 1), **search)
+            except (ValueError, OSError, RuntimeError):
+                pass  # stale or unreadable: rebuild below
+        retriever = build_retriever(table.vectors, table.bias, table.active, mode="ann", **self.ann_params)
+        try:
+            retriever.save(cache)
+        except OSError:
+            pass  # read-only model folder
+        return retriever
+
+    def _pick_mode(self, mode: str, model_file: Optional[str]) -> str:
+        has = isinstance(self.meta.get("two_part"), dict)
+        if mode == "two_part" and not has:
+            raise RuntimeArtifactError(f"{self.folder / C.RUNTIME_META_FILE} has no two-part model (encoder.onnx + "
+                                       f"item table): it was exported by an older distillrec; {_FIX}")
+        if mode != "auto":
+            return mode
+        if not has:
+            return "single"
+        tp_files = {v.get("file") for v in (self.meta["two_part"].get("variants") or {}).values()}
+        return "single" if model_file is not None and model_file not in tp_files else "two_part"
+
+    def _load_catalog(self, version: Optional[int] = None) -> Catalog:
+        m = self.meta
+        if self.mode == "single":
+            ids = [str(x) for x in m["item_ids"]]
+            pop = np.asarray(m.get("item_popularity") or [0] * len(ids), dtype=np.float64)
+            if pop.shape != (len(ids),):
+                raise RuntimeArtifactError(f"{self.folder / C.RUNTIME_META_FILE}: item_popularity has {pop.shape[0]} "
+                                           f"entries for {len(ids)} items; {_FIX}")
+            return Catalog(ids=ids, index={x: i for i, x in enumerate(ids)}, popularity=pop)
+        try:
+            table = load_table(self.items_dir, version)
+        except ItemTableError as e:
+            raise RuntimeArtifactError(str(e)) from e
+        if table.dim != int(self.two_part["dim"]):
+            raise RuntimeArtifactError(f"{self.items_dir} holds {table.dim}-d vectors, the encoder reads "
+                                       f"{self.two_part['dim']}-d ones; {_FIX}")
+        for task in C.SCORER_OUTPUTS:
+            if C.SCORER_OUTPUTS[task] in self.two_part.get("scorer_outputs", []) and table.features(task) is None:
+                raise RuntimeArtifactError(f"{self.items_dir} version {table.version} lacks the {task} tower "
+                                           f"features the scorer needs; {_FIX}")
+        retriever = self._retriever(table)
+        return Catalog(ids=table.ids, index=table.index, popularity=np.asarray(table.popularity, dtype=np.float64),
+                       version=table.version, table=table, retriever=retriever, active=np.asarray(table.active))
 
     # ------------------------------------------------------------------------------------------ loading
     @property
     def variants(self) -> dict:
-        """runtime.json "variants": {name: {"file", "precision", "gpu_only"}} (fp32 only for older exports)."""
+        """The served mode's variants {name: {"file", "precision", "gpu_only"}}: runtime.json "two_part"
+        "variants" (encoder files) or "variants" (single-graph files; fp32 only for older exports)."""
+        if getattr(self, "mode", "single") == "two_part":
+            return dict(self.meta["two_part"].get("variants") or
+                        {"fp32": {"file": C.ENCODER_FILE, "precision": "fp32", "gpu_only": False}})
         v = self.meta.get("variants")
         if isinstance(v, dict) and v:
             return v
@@ -242,7 +388,8 @@ class Recommender:
                                            f"check is not listed, see parity.json; {_FIX}")
             v = variants[variant]
             return variant, v.get("precision"), str(v["file"])
-        name = model_file or self.meta.get("model_file", C.STUDENT_FILE)
+        default = self.variants.get("fp32", {}).get("file") if self.mode == "two_part" else None
+        name = model_file or default or self.meta.get("model_file", C.STUDENT_FILE)
         if Path(name).name != name:
             raise ValueError(f"model_file must be a file name inside {self.folder}, got {name!r}")
         for k, v in variants.items():
@@ -260,9 +407,9 @@ class Recommender:
             raise RuntimeArtifactError(f"{path} is corrupt ({e}); {_FIX}") from e
         if not isinstance(meta, dict):
             raise RuntimeArtifactError(f"{path} is corrupt (not a JSON object); {_FIX}")
-        if meta.get("schema_version") != SCHEMA_VERSION:
+        if meta.get("schema_version") not in C.READ_SCHEMA_VERSIONS:
             raise RuntimeArtifactError(f"{path} has schema_version={meta.get('schema_version')!r}, this runtime "
-                                       f"reads {SCHEMA_VERSION}; {_FIX}")
+                                       f"reads {list(C.READ_SCHEMA_VERSIONS)}; {_FIX}")
         missing = [k for k in _REQUIRED if k not in meta]
         if missing:
             raise RuntimeArtifactError(f"{path} lacks {missing}; {_FIX}")
@@ -281,15 +428,18 @@ class Recommender:
             f"(variant='fp32' / 'opt' / 'int8'); for FP16 use providers=['tensorrt', 'cuda'] with "
             f"onnxruntime-gpu on a machine with a working GPU.")
 
-    def _make_session(self, providers, intra_op_threads: int, strict: bool, trt_profile, trt_cache_root):
-        path = self.model_path
+    def _make_session(self, path: Path, input_names: list, output_names: list, providers, intra_op_threads: int,
+                      strict: bool, trt_profile, trt_cache_root, main: bool = True):
+        """An InferenceSession for `path` with the provider chain; `main` is the served model (its precision and
+        provider record are the Recommender's), else a helper graph (the scorer) on the same providers."""
         if not path.is_file():
             raise RuntimeArtifactError(f"{path} is missing; {_FIX}")
         wanted = list(providers or self.meta.get("providers") or [CPU])
         cache = trt_cache_dir(path, trt_cache_root) if _wants_tensorrt(wanted) else None
         chosen, record = build_providers(wanted, cache_dir=cache, max_history=self.max_history, profile=trt_profile)
-        self.trt_cache = Path(record["trt_cache"]) if record.get("trt_cache") else None
-        if self.precision == "fp16" and [_provider_name(p) for p in chosen] == [CPU]:
+        if main:
+            self.trt_cache = Path(record["trt_cache"]) if record.get("trt_cache") else None
+        if main and self.precision == "fp16" and [_provider_name(p) for p in chosen] == [CPU]:
             raise self._fp16_refusal("can only run it on", record)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(intra_op_threads)  # explicit, see default_intra_op_threads
@@ -298,18 +448,18 @@ class Recommender:
         except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
             raise RuntimeArtifactError(f"{path} cannot be loaded by onnxruntime {ort.__version__} "
                                        f"({type(e).__name__}: {str(e).strip()[:300]}); {_FIX}") from e
-        if self.precision is None:  # a file runtime.json does not list: the export stamps its precision
+        if main and self.precision is None:  # a file runtime.json does not list: the export stamps its precision
             meta = sess.get_modelmeta().custom_metadata_map or {}
             self.precision = meta.get(C.META_PRECISION)
-        if self.precision == "fp16" and record["actual"][0] == CPU:
+        if main and self.precision == "fp16" and record["actual"][0] == CPU:
             raise self._fp16_refusal("fell back to", record)
         if strict and record["fallback"]:
             raise UnsupportedProviderError(record["fallback_warning"])
         ins = [i.name for i in sess.get_inputs()]
         outs = [o.name for o in sess.get_outputs()]
-        if ins != list(INPUT_NAMES) or outs != self.output_names:
+        if ins != list(input_names) or outs != list(output_names):
             raise RuntimeArtifactError(f"{path} has inputs {ins} / outputs {outs}; runtime.json expects "
-                                       f"{list(INPUT_NAMES)} / {self.output_names}; {_FIX}")
+                                       f"{list(input_names)} / {list(output_names)}; {_FIX}")
         return sess, record
 
     # ------------------------------------------------------------------------------------------ encoding
@@ -329,12 +479,14 @@ class Recommender:
             return str(int(x))
         raise RequestError(f"item ids must be str (or int), got {type(x).__name__} {x!r}")
 
-    def _lookup(self, ids: list, what: str, allow_drop: bool) -> tuple[list[int], list[int]]:
+    def _lookup(self, ids: list, what: str, allow_drop: bool, cat: Optional[Catalog] = None) -> tuple[list[int], list[int]]:
         """-> (internal ids, positions kept). Unknown ids raise (or are dropped when configured)."""
+        cat = cat or self._catalog
         keys = [self._to_key(x) for x in ids]
         out, kept, unknown = [], [], []
+        index = cat.index
         for pos, k in enumerate(keys):
-            i = self.index.get(k)
+            i = index.get(k)
             if i is None:
                 unknown.append(k)
             else:
@@ -344,7 +496,7 @@ class Recommender:
             shown = ", ".join(repr(u) for u in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
             hint = " (or construct the Recommender with unknown_items='drop')" if allow_drop else ""
             raise RequestError(f"{len(unknown)} unknown item id(s) in {what}: {shown}; the catalog has "
-                             f"{self.n_items} items{hint}")
+                             f"{cat.n_items} items{hint}")
         return out, kept
 
     def _check_ratings(self, ratings, n: int, what: str) -> np.ndarray:
@@ -373,7 +525,7 @@ class Recommender:
             raise RequestError(f"{what} ratings must lie in [{lo}, {hi}] (0 = unknown); got {vals[bad].tolist()[:10]}")
         return vals.astype(np.float32)
 
-    def _prepare(self, histories, ratings) -> tuple[list[list[int]], list[np.ndarray], list[set]]:
+    def _prepare(self, histories, ratings, cat: Optional[Catalog] = None) -> tuple[list[list[int]], list[np.ndarray], list[set]]:
         """Validate a batch: -> (truncated internal histories, their ratings, full seen sets)."""
         if isinstance(histories, (str, bytes)) or not isinstance(histories, (Sequence, np.ndarray)):
             raise RequestError(f"histories must be a list of histories, got {type(histories).__name__}")
@@ -396,7 +548,7 @@ class Recommender:
                 raise RequestError(f"{field}: this model does not use ratings (it was trained on data without "
                                    f"ratings, tasks={self.tasks}), so they would only distort the answer; send "
                                    f"the history without ratings (or with 0 = unknown)")
-            ids, kept = self._lookup(h, what, allow_drop=True)
+            ids, kept = self._lookup(h, what, allow_drop=True, cat=cat)
             r = r[kept]
             seen.append(set(ids))
             items.append(ids[-self.max_history:])
@@ -433,11 +585,8 @@ class Recommender:
             raise RequestError(f"{name} must hold integers (int64 ids / lengths), got dtype {a.dtype}")
         return np.ascontiguousarray(a, dtype=np.int64)
 
-    def predict_arrays(self, history_items, history_ratings, history_length, candidates=None) -> dict:
-        """One session call on internal, already LEFT-padded arrays -> {output name: array}.
-
-        A history axis longer than max_history keeps its last max_history columns (the most recent items) and
-        lengths are capped accordingly, as the model's position table holds max_history slots."""
+    def _check_arrays(self, history_items, history_ratings, history_length, candidates, n_items: int):
+        """Validated, contiguous (items, ratings, length, candidates) cut to max_history."""
         items = self._int_array(history_items, "history_items")
         length = self._int_array(history_length, "history_length")
         r = np.asarray(history_ratings)
@@ -461,14 +610,50 @@ class Recommender:
         if length.min() < 0 or length.max() > L:
             raise RequestError(f"history_length must lie in [0, {L}], got {length.tolist()}")
         for name, a in (("history_items", items), ("candidates", cand)):
-            if a.min() < 0 or a.max() >= self.n_items:
-                raise RequestError(f"{name} holds ids outside [0, {self.n_items})")
+            if a.min() < 0 or a.max() >= n_items:
+                raise RequestError(f"{name} holds ids outside [0, {n_items})")
         if L > self.max_history:
             items = np.ascontiguousarray(items[:, -self.max_history:])
             rates = np.ascontiguousarray(rates[:, -self.max_history:])
             length = np.minimum(length, self.max_history)
-        feed = {"history_items": items, "history_ratings": rates, "history_length": length, "candidates": cand}
+        return items, rates, length, cand
+
+    def predict_arrays(self, history_items, history_ratings, history_length, candidates=None) -> dict:
+        """Internal, already LEFT-padded arrays -> the single graph's outputs {output name: array}:
+        next_item_scores [B, n_items] (every row of the catalog, removed items included) and rating /
+        like_logit [B, C] for the candidates. Two-part: encoder + one matmul over the item table + scorer.
+
+        A history axis longer than max_history keeps its last max_history columns (the most recent items) and
+        lengths are capped accordingly, as the model's position table holds max_history slots."""
+        cat = self._catalog
+        items, rates, length, cand = self._check_arrays(history_items, history_ratings, history_length,
+                                                        candidates, cat.n_items)
+        if self.mode == "single":
+            feed = {"history_items": items, "history_ratings": rates, "history_length": length, "candidates": cand}
+            return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+        enc = self._encode(cat, items, rates, length)
+        user = enc[C.ENCODER_OUTPUTS["next_item"]]
+        out = {C.SCORES_OUTPUT: user @ cat.table.vectors.T + cat.table.bias}
+        out.update(self._score_candidates(cat, enc, cand))
+        return out
+
+    def _encode(self, cat: Catalog, items: np.ndarray, rates: np.ndarray, length: np.ndarray) -> dict:
+        """Two-part: gather the history's item vectors from the table and run the encoder."""
+        feed = {"history_vectors": np.ascontiguousarray(cat.table.vectors[items]), "history_ratings": rates,
+                "history_length": length}
         return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+
+    def _score_candidates(self, cat: Catalog, enc: dict, cand: np.ndarray) -> dict:
+        """Two-part rating / like: the scorer graph on the user's tower features and the candidates' rows."""
+        if self.scorer is None:
+            return {}
+        feed = {}
+        for task, (user, items) in C.SCORER_INPUTS.items():
+            if user in self.two_part["scorer_inputs"]:
+                feed[user] = enc[C.ENCODER_OUTPUTS[task]]
+                feed[items] = np.ascontiguousarray(cat.table.features(task)[cand])
+        names = list(self.two_part["scorer_outputs"])
+        return dict(zip(names, self.scorer.run(names, feed)))
 
     # ------------------------------------------------------------------------------------------ recommend
     def _check_k(self, k) -> int:
@@ -477,61 +662,83 @@ class Recommender:
             raise RequestError(f"k must be a positive int, got {k!r}")
         return int(k)
 
-    def _exclusions(self, exclude, b: int) -> list[set]:
-        if exclude is None:
-            return [set() for _ in range(b)]
-        if isinstance(exclude, (str, bytes)) or not isinstance(exclude, (Sequence, np.ndarray)) or len(exclude) != b:
-            raise RequestError(f"exclude must be a list with one id list per history ({b})")
+    def _id_lists(self, lists, b: int, what: str, cat: Catalog) -> list[Optional[set]]:
+        """One optional id list per history -> sets of internal ids (ids outside the catalog are ignored)."""
+        if lists is None:
+            return [None] * b
+        if isinstance(lists, (str, bytes)) or not isinstance(lists, (Sequence, np.ndarray)) or len(lists) != b:
+            raise RequestError(f"{what} must be a list with one id list per history ({b}); an entry may be null")
         out = []
-        for row, ex in enumerate(exclude):
-            if ex is None:
-                out.append(set())
+        for row, ids in enumerate(lists):
+            if ids is None:
+                out.append(None)
                 continue
-            ex = self._check_history(ex, f"exclude[{row}]")
-            # ids outside the catalog cannot be recommended anyway: ignore them
-            out.append({self.index[k] for k in map(self._to_key, ex) if k in self.index})
+            ids = self._check_history(ids, f"{what}[{row}]")
+            out.append({cat.index[k] for k in map(self._to_key, ids) if k in cat.index})
         return out
 
-    def _top_k(self, scores: np.ndarray, banned: set, k: int) -> list[tuple[str, float]]:
-        return [(self.item_ids[i], float(scores[i])) for i in top_k_indices(scores, k, banned)]
+    def _banned(self, cat: Catalog, seen: set, exclude: Optional[set], exclude_seen: bool) -> set:
+        return (seen if exclude_seen else set()) | (exclude or set())
+
+    def _rank_scores(self, cat: Catalog, scores: np.ndarray, banned: set, allow: Optional[set], k: int):
+        """Exact top-k of a full score row (single graph, popularity): banned, inactive and (with an allow
+        list) everything outside it are removed before the top-k."""
+        if cat.active is not None and cat.n_active < cat.n_items:
+            banned = banned | set(np.flatnonzero(~cat.active).tolist())
+        if allow is not None:
+            cand = np.array(sorted(allow - banned), dtype=np.int64)
+            order = top_k_indices(scores[cand], k) if cand.size else np.empty(0, dtype=np.int64)
+            return [(cat.ids[i], float(scores[i])) for i in cand[order]]
+        return [(cat.ids[i], float(scores[i])) for i in top_k_indices(scores, k, banned)]
 
     def recommend_batch(self, histories, ratings=None, k: Optional[int] = None, exclude_seen: bool = True,
-                        exclude=None) -> list[list[tuple[str, float]]]:
-        """Top-k (item id, score) per history, one session call for the batch.
+                        exclude=None, allow=None) -> list[list[tuple[str, float]]]:
+        """Top-k (item id, score) per history, one encoder call for the batch.
 
-        `exclude`: None or one list of ids per history, masked out besides the seen items.
-        Empty histories raise unless empty_history='popularity' (then: most popular unexcluded items, and the
-        model runs only on the other rows). Fewer than k items come back when seen + excluded items leave fewer
-        than k in the catalog (none when they cover it).
-        """
+        `exclude` (deny list): None or one list of ids (or None) per history, removed besides the seen items.
+        `allow` (allow list): None or one list of ids (or None) per history: only those may be recommended.
+        Both are applied before the top-k (never by filtering a short list), as are removed items. Empty
+        histories raise unless empty_history='popularity' (then: most popular eligible items, and the model
+        runs only on the other rows). Fewer than k items come back when fewer than k are eligible."""
         k = self._check_k(k)
-        items, rates, seen = self._prepare(histories, ratings)
-        excl = self._exclusions(exclude, len(items))
+        cat = self._catalog
+        items, rates, seen = self._prepare(histories, ratings, cat)
+        excl = self._id_lists(exclude, len(items), "exclude", cat)
+        allowed = self._id_lists(allow, len(items), "allow", cat)
         empty = [row for row, h in enumerate(items) if not h]
         if empty and self.empty_history != "popularity":
             raise RequestError(f"empty history at row(s) {empty[:20]} (after dropping unknown ids); pass at least "
                              f"one known item or construct the Recommender with empty_history='popularity'")
         live = [row for row in range(len(items)) if items[row]]
+        banned = [self._banned(cat, seen[r], excl[r], exclude_seen) for r in range(len(items))]
         results: list[list[tuple[str, float]]] = [[] for _ in items]
         if live:
             arr_i, arr_r, length = self._pad([items[r] for r in live], [rates[r] for r in live])
-            scores = self.predict_arrays(arr_i, arr_r, length)[C.SCORES_OUTPUT]
-            for j, row in enumerate(live):
-                banned = (seen[row] if exclude_seen else set()) | excl[row]
-                results[row] = self._top_k(scores[j], banned, k)
+            if self.mode == "single":
+                scores = self.predict_arrays(arr_i, arr_r, length)[C.SCORES_OUTPUT]
+                for j, row in enumerate(live):
+                    results[row] = self._rank_scores(cat, scores[j], banned[row], allowed[row], k)
+            else:
+                user = self._encode(cat, arr_i, arr_r, length)[C.ENCODER_OUTPUTS["next_item"]]
+                found = cat.retriever.search(user, k, banned=[banned[r] for r in live],
+                                             allow=[None if allowed[r] is None else np.fromiter(allowed[r], np.int64)
+                                                    for r in live])
+                for j, row in enumerate(live):
+                    ids, vals = found[j]
+                    results[row] = [(cat.ids[i], float(v)) for i, v in zip(ids.tolist(), vals.tolist())]
         for row in empty:
-            banned = (seen[row] if exclude_seen else set()) | excl[row]
-            results[row] = self._top_k(self.item_popularity, banned, k)
+            results[row] = self._rank_scores(cat, cat.popularity, banned[row], allowed[row], k)
         return results
 
     def recommend(self, history, ratings=None, k: Optional[int] = None, exclude_seen: bool = True,
-                  exclude=None) -> list[tuple[str, float]]:
+                  exclude=None, allow=None) -> list[tuple[str, float]]:
         return self.recommend_batch([self._check_history(history)], None if ratings is None else [ratings], k,
-                                    exclude_seen, None if exclude is None else [exclude])[0]
+                                    exclude_seen, None if exclude is None else [exclude],
+                                    None if allow is None else [allow])[0]
 
     # ------------------------------------------------------------------------------------------ score
     def score_batch(self, histories, candidates, ratings=None) -> list[dict[str, np.ndarray]]:
-        """rating / like (probability) / like_logit per candidate, for each history (one session call).
+        """rating / like (probability) / like_logit per candidate, for each history (one encoder call).
 
         With empty_history='popularity', a row whose history is empty (after dropping unknown ids) is answered
         without the model: {"popularity": the candidates' item_popularity} and no rating / like estimate. The
@@ -539,7 +746,8 @@ class Recommender:
         heads = [t for t in ("rating", "like") if t in self.tasks]
         if not heads:
             raise RequestError(f"this model has no rating/like head (tasks={self.tasks}); only recommend() works")
-        items, rates, _ = self._prepare(histories, ratings)
+        cat = self._catalog
+        items, rates, _ = self._prepare(histories, ratings, cat)
         if isinstance(candidates, (str, bytes)) or not isinstance(candidates, (Sequence, np.ndarray)) \
                 or len(candidates) != len(items):
             raise RequestError(f"candidates must be a list with one id list per history ({len(items)})")
@@ -549,14 +757,14 @@ class Recommender:
             c = self._check_history(c, what)
             if not c:
                 raise RequestError(f"{what} is empty: pass at least one item to score")
-            ids, _ = self._lookup(c, what, allow_drop=False)
+            ids, _ = self._lookup(c, what, allow_drop=False, cat=cat)
             cand_ids.append(ids)
         empty = [row for row, h in enumerate(items) if not h]
         if empty and self.empty_history != "popularity":
             raise RequestError(f"empty history at row(s) {empty[:20]} (after dropping unknown ids); construct the "
                              f"Recommender with empty_history='popularity' to score from an empty history")
         results: list[dict[str, np.ndarray]] = [
-            {"popularity": self.item_popularity[c].astype(np.float32)} if not items[row] else {}
+            {"popularity": cat.popularity[c].astype(np.float32)} if not items[row] else {}
             for row, c in enumerate(cand_ids)]
         live = [row for row in range(len(items)) if items[row]]
         if not live:
@@ -566,7 +774,10 @@ class Recommender:
         arr_c = np.zeros((len(live), width), dtype=np.int64)
         for j, row in enumerate(live):
             arr_c[j, :len(cand_ids[row])] = cand_ids[row]
-        out = self.predict_arrays(arr_i, arr_r, length, arr_c)
+        if self.mode == "single":
+            out = self.predict_arrays(arr_i, arr_r, length, arr_c)
+        else:
+            out = self._score_candidates(cat, self._encode(cat, arr_i, arr_r, length), arr_c)
         for j, row in enumerate(live):
             n, res = len(cand_ids[row]), results[row]
             if "rating" in out:
@@ -582,5 +793,5 @@ class Recommender:
                                 None if ratings is None else [ratings])[0]
 
     def __repr__(self) -> str:
-        return (f"Recommender({str(self.folder)!r}, n_items={self.n_items}, tasks={self.tasks}, "
+        return (f"Recommender({str(self.folder)!r}, mode={self.mode}, n_items={self.n_items}, tasks={self.tasks}, "
                 f"providers={self.providers})")

@@ -90,11 +90,14 @@ def _get(port: int, path: str, timeout: float) -> tuple[int, bytes]:
 
 
 def start_service(onnx_dir: Path, port: int, startup_timeout: float = 60.0,
-                  intra_op_threads: Optional[int] = None) -> subprocess.Popen:
-    """export.service.serve in a subprocess; returns once GET /health answers 200 (raises otherwise)."""
+                  intra_op_threads: Optional[int] = None, options: Optional[dict] = None) -> subprocess.Popen:
+    """export.service.serve in a subprocess; returns once GET /health answers 200 (raises otherwise).
+
+    `options`: extra keyword arguments of serve (e.g. {"batching": False}), passed as Python literals."""
+    extra = "".join(f", {k}={v!r}" for k, v in (options or {}).items())
     code = ("import sys; from export.service import serve; "
             f"serve({str(onnx_dir)!r}, host={HOST!r}, port={port}, log_level='warning'"
-            + (f", intra_op_threads={int(intra_op_threads)}" if intra_op_threads else "") + ")")
+            + (f", intra_op_threads={int(intra_op_threads)}" if intra_op_threads else "") + extra + ")")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=str(REPO), env=env, stdout=subprocess.PIPE,
@@ -189,10 +192,46 @@ def drive(port: int, bodies: list[dict], clients: int, seconds: float, max_reque
     return out
 
 
+def drive_inprocess(onnx_dir: Path, bodies: list[dict], clients: int, seconds: float,
+                    intra_op_threads: Optional[int] = None) -> dict:
+    """The same bodies, `clients` threads calling Recommender.recommend directly (no HTTP) for `seconds`: the
+    in-process throughput the service's req/s is a share of (run after the service stopped: same cores)."""
+    from export.runtime import Recommender
+    rec = Recommender(onnx_dir, intra_op_threads=intra_op_threads)
+    lat: list[list[float]] = [[] for _ in range(clients)]
+    deadline = time.perf_counter() + seconds
+
+    def client(j: int) -> None:
+        i = j
+        while time.perf_counter() < deadline:
+            b = bodies[i % len(bodies)]
+            i += clients
+            t0 = time.perf_counter()
+            rec.recommend(b["history"], ratings=b.get("ratings"), k=b.get("k"))
+            lat[j].append((time.perf_counter() - t0) * 1e3)
+
+    t_start = time.perf_counter()
+    pool = [threading.Thread(target=client, args=(j,), daemon=True) for j in range(clients)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    wall = time.perf_counter() - t_start
+    ok = np.array([x for per in lat for x in per], dtype=np.float64)
+    p50, p99 = np.percentile(ok, [50, 99]) if ok.size else (float("nan"), float("nan"))
+    return dict(clients=clients, requests=int(ok.size), throughput_rps=ok.size / max(wall, 1e-9),
+                p50_ms=float(p50), p99_ms=float(p99), intra_op_threads=rec.intra_op_threads)
+
+
 def run_loadtest(run_dir, clients: int = 8, seconds: float = 10.0, max_requests: int = 1_000_000,
                  n_bodies: int = 256, seed: int = 0, intra_op_threads: Optional[int] = None,
-                 startup_timeout: float = 60.0) -> dict:
-    """Start the service over run_dir/onnx on 127.0.0.1, load it for `seconds`, stop it; -> summary dict."""
+                 startup_timeout: float = 60.0, service_options: Optional[dict] = None,
+                 inprocess: bool = False) -> dict:
+    """Start the service over run_dir/onnx on 127.0.0.1, load it for `seconds`, stop it; -> summary dict.
+
+    service_options: extra keyword arguments of export.service.serve (e.g. {"batching": False}).
+    inprocess: afterwards, drive Recommender.recommend with the same bodies and clients for `seconds` without
+    HTTP and report the service's req/s as a share of that ("share_of_inprocess")."""
     run_dir = Path(run_dir)
     onnx_dir = run_dir / "onnx"
     if not (onnx_dir / "runtime.json").exists():
@@ -208,15 +247,31 @@ def run_loadtest(run_dir, clients: int = 8, seconds: float = 10.0, max_requests:
         source = source if source != "protocol test users" else "random catalog ids (no config.yaml)"
     port = free_port()
     t0 = time.perf_counter()
-    proc = start_service(onnx_dir, port, startup_timeout, intra_op_threads)
+    proc = start_service(onnx_dir, port, startup_timeout, intra_op_threads, service_options)
     startup = time.perf_counter() - t0
     try:
         out = drive(port, bodies, clients, seconds, max_requests)
     finally:
         stop_service(proc)
     out.update(requests_from=source, distinct_bodies=len(bodies), startup_s=startup,
-               service="export.service.serve (uvicorn, 1 worker)", service_exit_code=proc.returncode)
+               service="export.service.serve (uvicorn, 1 worker)", service_exit_code=proc.returncode,
+               service_options=dict(service_options or {}))
+    if inprocess:
+        ref = drive_inprocess(onnx_dir, bodies, clients, seconds, intra_op_threads)
+        out["inprocess"] = ref
+        out["share_of_inprocess"] = out["throughput_rps"] / max(ref["throughput_rps"], 1e-9)
     return out
+
+
+def _option(text: str) -> tuple[str, object]:
+    """--option KEY=VALUE: VALUE as a JSON literal (false, 0.5, 128, null), else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (a serve() keyword), got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
 
 
 def main(argv=None) -> int:
@@ -226,8 +281,13 @@ def main(argv=None) -> int:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--max-requests", type=int, default=1_000_000)
+    p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="a keyword of export.service.serve, e.g. --option batching=false --option batch_wait_ms=0.5")
+    p.add_argument("--inprocess", action="store_true",
+                   help="also drive Recommender.recommend in-process (same bodies, same clients) and report the share")
     args = p.parse_args(argv)
-    print(json.dumps(run_loadtest(args.run_dir, args.clients, args.seconds, args.max_requests), indent=2))
+    print(json.dumps(run_loadtest(args.run_dir, args.clients, args.seconds, args.max_requests,
+                                  service_options=dict(args.option), inprocess=args.inprocess), indent=2))
     return 0
 
 

@@ -212,7 +212,7 @@ def test_student_at_opset23_has_no_attention_and_keeps_parity(exported, tmp_path
 
 def test_runtime_json(exported):
     meta = json.loads((exported["onnx"] / "runtime.json").read_text())
-    assert meta["schema_version"] == 1 and meta["item_ids"] == ITEM_IDS and meta["n_items"] == N_ITEMS
+    assert meta["schema_version"] == 2 and meta["item_ids"] == ITEM_IDS and meta["n_items"] == N_ITEMS
     assert meta["item_popularity"] == POPULARITY and meta["data_hash"] == "abc123"
     assert meta["max_history"] == MAX_HISTORY and meta["top_k"] == 10 and meta["like_threshold"] == 4.0
     assert meta["tasks"] == ["next_item", "rating", "like"] and meta["rating_range"] == [1, 5]
@@ -231,9 +231,14 @@ def test_export_writes_the_contract(exported):
     assert meta["outputs"] == [contract.TASK_OUTPUTS[t] for t in meta["tasks"]]
     assert (exported["onnx"] / contract.PARITY_FILE).is_file()
     assert exported["summary"]["onnx"] == str(contract.serving_dir(exported["run"]) / contract.STUDENT_FILE)
+    tp = meta["two_part"]
+    assert tp["encoder_file"] == contract.ENCODER_FILE and tp["item_table"] == contract.ITEM_TABLE_DIR
+    assert tp["encoder_inputs"] == list(contract.ENCODER_INPUT_NAMES)
+    assert tp["encoder_outputs"] == [contract.ENCODER_OUTPUTS[t] for t in meta["tasks"]]
     # nothing but the student's serving files in the serving folder (no teacher, no TensorRT cache)
     assert {p.name for p in exported["onnx"].iterdir()} <= \
-        {contract.STUDENT_FILE, contract.RUNTIME_META_FILE, contract.PARITY_FILE, *contract.VARIANT_FILES.values()}
+        {contract.STUDENT_FILE, contract.RUNTIME_META_FILE, contract.PARITY_FILE, *contract.VARIANT_FILES.values(),
+         contract.ENCODER_FILE, contract.SCORER_FILE, contract.ITEM_TABLE_DIR, *contract.ENCODER_VARIANT_FILES.values()}
     code = ("import sys; sys.modules['torch'] = None; sys.modules['numpy'] = None; sys.modules['onnxruntime'] = None\n"
             "import export.contract\nprint('OK')")
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -462,14 +467,24 @@ def _broken_copy(exported, tmp_path):
     return dst
 
 
-@pytest.mark.parametrize("breakage", ["no_model", "corrupt_model", "no_runtime", "corrupt_runtime",
-                                      "old_schema"])
-def test_broken_artifacts_raise_runtime_artifact_error(exported, tmp_path, breakage):
+@pytest.mark.parametrize("breakage,mode", [("no_model", "single"), ("corrupt_model", "single"),
+                                           ("no_encoder", "auto"), ("corrupt_encoder", "auto"), ("no_scorer", "auto"),
+                                           ("no_table", "auto"), ("no_runtime", "auto"), ("corrupt_runtime", "auto"),
+                                           ("old_schema", "auto")])
+def test_broken_artifacts_raise_runtime_artifact_error(exported, tmp_path, breakage, mode):
     d = _broken_copy(exported, tmp_path)
     if breakage == "no_model":
         (d / "student.onnx").unlink()
     elif breakage == "corrupt_model":
         (d / "student.onnx").write_bytes(b"not a protobuf" * 10)
+    elif breakage == "no_encoder":
+        (d / "encoder.onnx").unlink()
+    elif breakage == "corrupt_encoder":
+        (d / "encoder.onnx").write_bytes(b"not a protobuf" * 10)
+    elif breakage == "no_scorer":
+        (d / "scorer.onnx").unlink()
+    elif breakage == "no_table":
+        shutil.rmtree(d / "items")
     elif breakage == "no_runtime":
         (d / "runtime.json").unlink()
     elif breakage == "corrupt_runtime":
@@ -478,7 +493,7 @@ def test_broken_artifacts_raise_runtime_artifact_error(exported, tmp_path, break
         meta = json.loads((d / "runtime.json").read_text())
         (d / "runtime.json").write_text(json.dumps({**meta, "schema_version": 0}))
     with pytest.raises(RuntimeArtifactError, match=r"distillrec export <run>"):
-        Recommender(d)
+        Recommender(d, mode=mode)
 
 
 def test_runtime_works_without_torch(exported):

@@ -152,7 +152,7 @@ def test_tensorrt_cache_lives_outside_a_read_only_model_folder(onnx_dir, tmp_pat
             assert not os.access(ro, os.W_OK)  # (root ignores modes: the snapshot below still catches a write)
         monkeypatch.setenv(contract.TRT_CACHE_ENV, str(tmp_path / "cache"))
         r = _tensorrt_recommender(ro)
-        want = tmp_path / "cache" / model_hash(ro / contract.STUDENT_FILE)
+        want = tmp_path / "cache" / model_hash(r.model_path)
         assert r.trt_cache == want and want.is_dir()
         assert r.provider_record["trt_cache"] == str(want) and r.provider_record["chosen"][0] == contract.TRT
         assert _snapshot(ro) == before  # nothing written into the model folder
@@ -166,7 +166,7 @@ def test_tensorrt_cache_lives_outside_a_read_only_model_folder(onnx_dir, tmp_pat
 def test_tensorrt_cache_default_is_the_user_cache_dir(onnx_dir, tmp_path, monkeypatch, trt_listed):
     monkeypatch.delenv(contract.TRT_CACHE_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    h = model_hash(onnx_dir / contract.STUDENT_FILE)
+    h = model_hash(onnx_dir / contract.ENCODER_FILE)  # two-part serving: the encoder is the served graph
     assert _tensorrt_recommender(onnx_dir).trt_cache == tmp_path / "xdg" / "distillrec" / "trt" / h
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

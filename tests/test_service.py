@@ -4,6 +4,8 @@ detail is logged and never echoed, worker settings passed without os.environ, an
 
 The tiny exported student (40 items) is conftest's session fixture `serving_export`.
 """
+import asyncio
+import importlib.util
 import inspect
 import json
 import logging
@@ -23,6 +25,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from export.item_table import load_table, write_table
 from export.runtime import Recommender, RuntimeArtifactError, default_intra_op_threads
 from export.service import DEFAULT_MAX_K, ServiceSettings, build_app, create_app
 
@@ -47,11 +50,28 @@ def rec(onnx_dir):
 
 @pytest.fixture(scope="module")
 def client(rec):
+    """No lifespan run: /recommend is answered unbatched in the threadpool."""
     return TestClient(create_app(rec), raise_server_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def batched_client(rec):
+    """The app's lifespan running: /recommend goes through the micro-batcher (batches of one here)."""
+    with TestClient(create_app(rec), raise_server_exceptions=False) as c:
+        assert c.get("/ready").status_code == 200
+        yield c
 
 
 def _items(pairs):
     return [{"id": i, "score": s} for i, s in pairs]
+
+
+def _assert_same_answer(got_items: list, want_pairs: list) -> None:
+    """A batched answer equals the batch-1 answer: the same ids in the same order and the same scores up to the
+    float32 rounding of a longer padded history axis (rows padded to another length differ in the last bits;
+    rows of equal length are bit-identical)."""
+    assert [x["id"] for x in got_items] == [i for i, _ in want_pairs]
+    np.testing.assert_allclose([x["score"] for x in got_items], [s for _, s in want_pairs], rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ endpoints
@@ -60,22 +80,57 @@ def test_health_and_metadata(client, rec):
     assert h.status_code == 200
     body = h.json()
     assert body["status"] == "ok" and body["provider"] == rec.providers[0] == "CPUExecutionProvider"
-    assert body["providers"] == rec.providers and body["model"].endswith("/student.onnx")
+    assert body["providers"] == rec.providers and body["model"].endswith("/encoder.onnx")
 
     m = client.get("/metadata").json()
     assert m["n_items"] == N_ITEMS and m["tasks"] == ["next_item", "rating", "like"]
-    assert m["max_history"] == MAX_HISTORY and m["top_k"] == 10 and m["schema_version"] == 1
+    assert m["max_history"] == MAX_HISTORY and m["top_k"] == 10 and m["schema_version"] == 2
     assert m["providers"] == rec.providers and m["data_hash"] == "abc123"
-    assert m["outputs"] == ["next_item_scores", "rating", "like_logit"]
+    assert m["mode"] == "two_part" and m["n_active"] == N_ITEMS and m["retrieval"] == "exact"
+    assert m["inputs"] == ["history_vectors", "history_ratings", "history_length"]
+    assert m["outputs"] == ["user_vector", "rating_user", "like_user"]
     assert "item_ids" not in m and "item_popularity" not in m
     assert len(json.dumps(m)) < 4000  # a summary, not the catalog
 
 
+class _Spy:
+    """The real Recommender behind a wrapper that records, per recommend_batch call, whether it ran on a thread
+    with a running event loop (it must not: the onnxruntime call would block every other request)."""
+
+    def __init__(self, rec):
+        self._rec, self.on_loop = rec, []
+
+    def __getattr__(self, name):
+        return getattr(self._rec, name)
+
+    def recommend_batch(self, *a, **kw):
+        try:
+            asyncio.get_running_loop()
+            self.on_loop.append(True)
+        except RuntimeError:
+            self.on_loop.append(False)
+        return self._rec.recommend_batch(*a, **kw)
+
+
 def test_endpoints_are_sync_so_onnxruntime_runs_in_the_threadpool(client):
-    routes = [r for r in client.app.routes if getattr(r, "path", "") in
-              ("/recommend", "/recommend/batch", "/score", "/score/batch", "/health", "/metadata")]
-    assert len(routes) == 6
-    assert not any(inspect.iscoroutinefunction(r.endpoint) for r in routes)
+    """Every endpoint but /recommend is a plain def (FastAPI's threadpool); /recommend is async and hands the
+    session call to the batcher thread (or the threadpool): never the event loop."""
+    routes = {getattr(r, "path", ""): r for r in client.app.routes}
+    assert not any(inspect.iscoroutinefunction(routes[p].endpoint) for p in
+                   ("/recommend/batch", "/score", "/score/batch", "/health", "/metadata"))
+    assert inspect.iscoroutinefunction(routes["/recommend"].endpoint)
+
+
+@pytest.mark.parametrize("batching,lifespan", [(True, True), (True, False), (False, True)])
+def test_recommend_inference_never_runs_on_the_event_loop(rec, batching, lifespan):
+    spy = _Spy(rec)
+    c = TestClient(create_app(spy, batching=batching))
+    if lifespan:
+        with c:
+            assert c.post("/recommend", json={"history": ["m101"], "k": 3}).status_code == 200
+    else:  # no lifespan run (no batcher): answered in the threadpool
+        assert c.post("/recommend", json={"history": ["m101"], "k": 3}).status_code == 200
+    assert spy.on_loop == [False]
 
 
 @pytest.mark.parametrize("body,kwargs", [
@@ -86,17 +141,41 @@ def test_endpoints_are_sync_so_onnxruntime_runs_in_the_threadpool(client):
     ({"history": ["m105", "m117"], "k": N_ITEMS, "exclude_seen": False}, dict(k=N_ITEMS, exclude_seen=False)),
     ({"history": [ITEM_IDS[i % N_ITEMS] for i in range(25)], "k": 3}, dict(k=3)),  # longer than max_history
 ])
-def test_recommend_equals_runtime(client, rec, body, kwargs):
-    r = client.post("/recommend", json=body)
+@pytest.mark.parametrize("which", ["client", "batched_client"])
+def test_recommend_equals_runtime(request, rec, body, kwargs, which):
+    r = request.getfixturevalue(which).post("/recommend", json=body)
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["items"] == _items(rec.recommend(body["history"], **kwargs))
-    assert out["provider"] == rec.providers[0] and out["model"].endswith("student.onnx")
+    assert out["provider"] == rec.providers[0] and out["model"].endswith("encoder.onnx")
     banned = set() if kwargs.get("exclude_seen") is False else set(body["history"])
     banned |= set(kwargs.get("exclude") or []) & set(ITEM_IDS)
     assert len(out["items"]) == min(kwargs.get("k", 10), N_ITEMS - len(banned))
     assert not banned & {x["id"] for x in out["items"]}
     assert "note" not in out  # k items came back: nothing to explain
+
+
+def test_allow_restricts_the_answer(client, batched_client, rec):
+    """`allow`: only those ids may come back (ids outside the catalog ignored), the seen ones still excluded."""
+    allow = ["m110", "m111", "m112", "m105", "zzz"]
+    others = [i for i in ITEM_IDS if i not in allow]
+    want = _items(rec.recommend(["m105", "m117"], k=3, exclude=others))
+    for c in (client, batched_client):
+        r = c.post("/recommend", json={"history": ["m105", "m117"], "k": 3, "allow": allow})
+        assert r.status_code == 200, r.text
+        _assert_same_answer(r.json()["items"], [(x["id"], x["score"]) for x in want])
+        assert {x["id"] for x in want} == {"m110", "m111", "m112"}
+        short = c.post("/recommend", json={"history": ["m105"], "k": 3, "allow": ["m105", "m106"]}).json()
+        assert [x["id"] for x in short["items"]] == ["m106"] and "only 1 of the requested k=3" in short["note"]
+    rb = client.post("/recommend/batch", json={"histories": [["m105"], ["m106"]], "k": 2,
+                                               "allow": [["m120", "m121", "m122"], None]})
+    assert rb.status_code == 200, rb.text
+    res = rb.json()["results"]
+    assert {x["id"] for x in res[0]["items"]} <= {"m120", "m121", "m122"}
+    _assert_same_answer(res[1]["items"], rec.recommend(["m106"], k=2))
+    bad = client.post("/recommend/batch", json={"histories": [["m105"]], "allow": [["m1"], ["m2"]]})
+    assert bad.status_code == 400 and "allow" in bad.json()["detail"]
+    assert client.post("/recommend", json={"history": ["m105"], "allow": [1.5]}).status_code == 422
 
 
 def test_int_ids_are_matched_as_strings(tmp_path, onnx_dir):
@@ -106,6 +185,8 @@ def test_int_ids_are_matched_as_strings(tmp_path, onnx_dir):
     meta = json.loads((d / "runtime.json").read_text())
     meta["item_ids"] = [str(1000 + i) for i in range(N_ITEMS)]
     (d / "runtime.json").write_text(json.dumps(meta))
+    table = load_table(d / "items")  # two-part serving reads its ids from the item table
+    write_table(d / "items", meta["item_ids"], {k: np.asarray(a) for k, a in table.arrays.items()})
     c = TestClient(create_app(d))
     a = c.post("/recommend", json={"history": [1001, 1002], "k": 4}).json()
     b = c.post("/recommend", json={"history": ["1001", "1002"], "k": 4}).json()
@@ -195,8 +276,10 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize("which", ["client", "batched_client"])
 @pytest.mark.parametrize("path,body,status,match", BAD, ids=[f"{b[0]}:{b[3][:30]}" for b in BAD])
-def test_bad_input_is_a_json_4xx_naming_the_problem(client, path, body, status, match):
+def test_bad_input_is_a_json_4xx_naming_the_problem(request, path, body, status, match, which):
+    client = request.getfixturevalue(which)
     if isinstance(body, str):
         r = client.post(path, content=body, headers={"content-type": "application/json"})
     else:
@@ -230,7 +313,7 @@ def test_broken_folder_fails_before_serving(tmp_path, onnx_dir):
         create_app(tmp_path / "nothing-here")
     d = tmp_path / "onnx"
     shutil.copytree(onnx_dir, d)
-    (d / "student.onnx").write_bytes(b"garbage" * 10)
+    (d / "encoder.onnx").write_bytes(b"garbage" * 10)  # the served graph of two-part serving
     with pytest.raises(RuntimeArtifactError, match="cannot be loaded"):
         create_app(d)
     with pytest.raises(ValueError, match="max_batch"):
@@ -241,6 +324,9 @@ def _broken(rec, exc: Exception) -> Recommender:
     """The same loaded model, with a session that raises `exc` at run time."""
     class Broken(Recommender):
         def predict_arrays(self, *a, **k):
+            raise exc
+
+        def _encode(self, *a, **k):  # the two-part path's session call
             raise exc
 
     broken = object.__new__(Broken)
@@ -374,6 +460,10 @@ def test_workers_get_their_settings_without_touching_os_environ(onnx_dir, free_p
     assert dict(os.environ) == env_before
     config = started["config"]
     assert started["ran"] and config.workers == 3 and config.factory is True and config.port == free_port
+    # the fast event loop / HTTP parser when installed, no access log by default
+    assert config.access_log is False
+    assert config.loop == ("uvloop" if importlib.util.find_spec("uvloop") else "asyncio")
+    assert config.http == ("httptools" if importlib.util.find_spec("httptools") else "h11")
     # what a spawned worker receives: the factory survives pickling and builds the app from its arguments
     factory = pickle.loads(pickle.dumps(config.app))
     settings = factory.args[0]
@@ -416,7 +506,8 @@ def test_real_uvicorn_server(onnx_dir, rec, free_port, workers):
             with ThreadPoolExecutor(8) as pool:
                 got = list(pool.map(lambda h: http.post("/recommend", json={"history": h, "k": 5}), hs))
             assert all(g.status_code == 200 for g in got)
-            assert [g.json()["items"] for g in got] == [_items(rec.recommend(h, k=5)) for h in hs]
+            for g, h in zip(got, hs):  # micro-batched: equal up to float32 rounding (see _assert_same_answer)
+                _assert_same_answer(g.json()["items"], rec.recommend(h, k=5))
             bad = http.post("/recommend", json={"history": ["nope"]})
             assert bad.status_code == 400 and "'nope'" in bad.json()["detail"]
             assert http.post("/score", json={"history": ["m101"], "candidates": ["m102"]}).status_code == 200

@@ -1,4 +1,6 @@
-"""Serving variants (export/optimize.py): ORT-optimized, INT8 (catalog MatMul excluded), FP16 (GPU only).
+"""Single-graph serving variants (export/optimize.py): ORT-optimized, INT8 (catalog MatMul excluded), FP16 (GPU only).
+
+These are student.*.onnx, served with mode="single" (the encoder's variants: tests/test_encoder_opt.py).
 
 One seeded student with a 300-item catalog is exported ONCE per module with every variant (~5 s).
 """
@@ -77,7 +79,7 @@ def test_opt_variant_is_fused_and_exact(exported):
     assert rec["build"]["level"] == "ORT_ENABLE_EXTENDED"
     assert any(k.startswith("com.microsoft.") for k in rec["build"]["ops"])  # fused kernels were saved
     assert max(rec["max_abs_diff"].values()) <= 1e-4 and rec["top10_overlap_mean"] == 1.0
-    fp32, opt = Recommender(exported["onnx"]), Recommender(exported["onnx"], variant="opt")
+    fp32, opt = Recommender(exported["onnx"], mode="single"), Recommender(exported["onnx"], mode="single", variant="opt")
     assert opt.model_path.name == "student.opt.onnx" and opt.precision == "fp32"
     hist = ["i3", "i77", "i150", "i299"]
     assert [i for i, _ in opt.recommend(hist, k=10)] == [i for i, _ in fp32.recommend(hist, k=10)]
@@ -99,7 +101,7 @@ def test_int8_excludes_the_catalog_matmul_by_default(exported, tmp_path):
     assert info["catalog_matmul_quantized"] is True and info["nodes_to_exclude"] == []
     assert _first_matmul(onnx.load(str(tmp_path / "all.onnx"))).op_type == "MatMulInteger"
     assert info["quantized_matmuls"] == rec["build"]["quantized_matmuls"] + 1
-    r = Recommender(exported["onnx"], variant="int8")
+    r = Recommender(exported["onnx"], mode="single", variant="int8")
     assert len(r.recommend(["i1", "i2"], k=10)) == 10 and r.precision == "int8"
 
 
@@ -116,7 +118,7 @@ def test_fp16_has_fp32_io_and_is_refused_on_cpu(exported, tmp_path):
         with pytest.raises(UnsupportedProviderError, match="FP16 variant, which is GPU-only") as ei:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                Recommender(exported["onnx"], **kwargs)
+                Recommender(exported["onnx"], mode="single", **kwargs)
         assert "CPUExecutionProvider" in str(ei.value) and "student.int8.onnx" in str(ei.value)
     # a copy under another name (not listed in runtime.json) is recognised by its metadata
     shutil.copy(exported["onnx"] / "student.fp16.onnx", exported["onnx"] / "renamed.onnx")
@@ -139,10 +141,10 @@ def test_missing_or_corrupt_variant_file_is_a_clear_error(exported, tmp_path):
     shutil.copytree(exported["onnx"], d)
     (d / "student.int8.onnx").unlink()
     with pytest.raises(RuntimeArtifactError, match="student.int8.onnx is missing"):
-        Recommender(d, variant="int8")
+        Recommender(d, mode="single", variant="int8")
     (d / "student.opt.onnx").write_bytes(b"\x00garbage" * 50)
     with pytest.raises(RuntimeArtifactError, match="cannot be loaded"):
-        Recommender(d, variant="opt")
+        Recommender(d, mode="single", variant="opt")
 
 
 def test_variants_load_without_torch(exported):
@@ -156,9 +158,9 @@ def test_variants_load_without_torch(exported):
         "from export.runtime import Recommender, UnsupportedProviderError\n"
         f"d = {str(exported['onnx'])!r}\n"
         "for v in ('fp32', 'opt', 'int8'):\n"
-        "    assert len(Recommender(d, variant=v).recommend(['i1', 'i2'], k=5)) == 5\n"
+        "    assert len(Recommender(d, mode='single', variant=v).recommend(['i1', 'i2'], k=5)) == 5\n"
         "try:\n"
-        "    Recommender(d, variant='fp16')\n"
+        "    Recommender(d, mode='single', variant='fp16')\n"
         "except UnsupportedProviderError:\n"
         "    print('OK')\n"
     )
@@ -196,9 +198,11 @@ def test_export_with_a_subset_of_variants(exported, tmp_path):
     assert set(s["variants"]) == {"opt"}
     meta = json.loads((run / "onnx" / "runtime.json").read_text())
     assert set(meta["variants"]) == {"fp32", "opt"}
-    assert sorted(p.name for p in (run / "onnx").glob("*.onnx")) == ["student.onnx", "student.opt.onnx"]
+    assert sorted(p.name for p in (run / "onnx").glob("student*.onnx")) == ["student.onnx", "student.opt.onnx"]
+    # the encoder's variants follow ExportConfig.encoder_variants, not the single graph's list
+    assert set(meta["two_part"]["variants"]) == {"fp32", "opt", "int8", "qdq", "fp16"}
     with pytest.raises(RuntimeArtifactError, match="variant 'int8' is not in"):
-        Recommender(run / "onnx", variant="int8")
+        Recommender(run / "onnx", mode="single", variant="int8")
 
 
 def test_top_k_overlap():
