@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from export.batching import DEFAULT_BATCH_MAX, DEFAULT_BATCH_WAIT_MS, DEFAULT_MAX_QUEUE, DEFAULT_RELOAD_CHECK_S
+
 STAGES = ["data", "teacher", "cache", "student", "export", "bench"]
 
 
@@ -257,7 +259,10 @@ def cmd_serve(args) -> int:
     from export.service import serve
     serve(Path(args.run_dir) / "onnx", host=args.host, port=args.port, workers=args.workers,
           providers=args.providers, unknown_items=args.unknown_items, empty_history=args.empty_history,
-          model_file=args.model_file)
+          model_file=args.model_file, batching=not args.no_batching, max_queue=args.max_queue,
+          batch_max=args.batch_max, batch_wait_ms=args.batch_wait_ms,
+          reload_check_s=None if args.reload_check_s <= 0 else args.reload_check_s, access_log=args.access_log,
+          retrieval=args.retrieval)
     return 0
 
 
@@ -370,7 +375,16 @@ COMMANDS: dict[str, Command] = {
         arg("--providers", nargs="+", help="e.g. tensorrt cuda cpu (what actually serves is logged)"),
         arg("--unknown-items", choices=["error", "drop"], default="error"),
         arg("--empty-history", choices=["error", "popularity"], default="error"),
-        arg("--model-file", help="a variant, e.g. student.int8.onnx"))),
+        arg("--model-file", help="a variant, e.g. encoder.int8.onnx (student*.onnx: the single graph)"),
+        arg("--retrieval", choices=["auto", "exact", "ann"], default="auto",
+            help="top-k over the item table: exact, ANN (faiss) or auto (ANN from 50,000 items)"),
+        arg("--no-batching", action="store_true", help="one session call per /recommend request"),
+        arg("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="requests waiting beyond this get 503 + Retry-After"),
+        arg("--batch-max", type=int, default=DEFAULT_BATCH_MAX, help="most /recommend requests per session call"),
+        arg("--batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_MS, help="extra wait for more requests under concurrency"),
+        arg("--reload-check-s", type=float, default=DEFAULT_RELOAD_CHECK_S,
+            help="seconds between looks at the item table version (<= 0: never reload)"),
+        arg("--access-log", action="store_true", help="uvicorn's per-request access log (off: it costs CPU)"))),
     "results": Command(cmd_results, "snapshot a finished run's headline numbers (and fill the README's results block)", (
         RUN_DIR,
         arg("--out", help="snapshot JSON path (default: docs/results/<run name>.json)"),

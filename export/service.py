@@ -506,9 +506,13 @@ class ServiceSettings:
     (export.batching.DEFAULT_BATCH_WAIT_MS says why 0.5 ms on CPU)."""
     reload_check_s: Optional[float] = DEFAULT_RELOAD_CHECK_S
     """Seconds between looks at the item table's version on disk (None: never reload)."""
+    retrieval: str = "auto"
+    """Two-part top-k: "exact", "ann" (faiss) or "auto" (ANN from export.retrieval.ANN_MIN_ITEMS items)."""
 
     def __post_init__(self):
         _check_limits(max_batch=self.max_batch, max_k=self.max_k)
+        if self.retrieval not in ("auto", "exact", "ann"):
+            raise ValueError(f"retrieval must be 'auto', 'exact' or 'ann', got {self.retrieval!r}")
         _check_batching(batching=self.batching, max_queue=self.max_queue, batch_max=self.batch_max,
                         batch_wait_ms=self.batch_wait_ms, reload_check_s=self.reload_check_s)
 
@@ -816,7 +820,7 @@ def create_app(onnx_dir_or_recommender: Union[str, os.PathLike, Recommender], *,
                max_batch: int = DEFAULT_MAX_BATCH, max_k: int = DEFAULT_MAX_K,
                trt_cache_root: Optional[str] = None, batching: bool = True, max_queue: int = DEFAULT_MAX_QUEUE,
                batch_max: int = DEFAULT_BATCH_MAX, batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
-               reload_check_s: Optional[float] = DEFAULT_RELOAD_CHECK_S) -> FastAPI:
+               reload_check_s: Optional[float] = DEFAULT_RELOAD_CHECK_S, retrieval: str = "auto") -> FastAPI:
     """A FastAPI app serving one Recommender (built here from an onnx folder, or the one given).
 
     The Recommender options (providers, unknown_items, empty_history, intra_op_threads, model_file,
@@ -829,7 +833,7 @@ def create_app(onnx_dir_or_recommender: Union[str, os.PathLike, Recommender], *,
                     reload_check_s=reload_check_s)
     options = dict(providers=None if providers is None else list(providers), unknown_items=unknown_items,
                    empty_history=empty_history, intra_op_threads=intra_op_threads, model_file=model_file,
-                   trt_cache_root=trt_cache_root)
+                   trt_cache_root=trt_cache_root, retrieval=retrieval)
     rec = _load_recommender(onnx_dir_or_recommender, options)
     handlers = _Handlers(rec, model_name or _model_name(rec), max_batch, max_k, batching=batching,
                          max_queue=max_queue, batch_max=batch_max, batch_wait_ms=batch_wait_ms,
@@ -870,7 +874,7 @@ def serve(onnx_dir, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
           max_batch: int = DEFAULT_MAX_BATCH, max_k: int = DEFAULT_MAX_K, trt_cache_root: Optional[str] = None,
           batching: bool = True, max_queue: int = DEFAULT_MAX_QUEUE, batch_max: int = DEFAULT_BATCH_MAX,
           batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS, reload_check_s: Optional[float] = DEFAULT_RELOAD_CHECK_S,
-          access_log: bool = False, log_level: str = "info") -> None:
+          access_log: bool = False, log_level: str = "info", retrieval: str = "auto") -> None:
     """Run the service with uvicorn until interrupted (Ctrl-C / SIGTERM: open requests finish, the batcher
     drains, the process exits).
 
@@ -887,7 +891,8 @@ def serve(onnx_dir, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
                                else tuple(providers), unknown_items=unknown_items, empty_history=empty_history,
                                intra_op_threads=intra_op_threads, model_file=model_file, max_batch=max_batch,
                                max_k=max_k, trt_cache_root=trt_cache_root, batching=batching, max_queue=max_queue,
-                               batch_max=batch_max, batch_wait_ms=batch_wait_ms, reload_check_s=reload_check_s)
+                               batch_max=batch_max, batch_wait_ms=batch_wait_ms, reload_check_s=reload_check_s,
+                               retrieval=retrieval)
     # build once here: a missing / corrupt run folder fails now with its message, before any port is bound
     app = build_app(settings)
     uv = _uvicorn_options(access_log)

@@ -315,3 +315,52 @@ def test_stage_without_inputs_names_the_stage_to_run(tmp_path):
     assert proc.returncode != 0
     assert "distillrec run --config" in proc.stderr
     assert "Traceback" not in proc.stderr  # a clear error, not a crash
+
+
+# ----------------------------------------------------------------------------- live catalog updates
+def test_add_items_then_remove_items_through_the_cli(run_dir, ml100k, tmp_path):
+    """`distillrec add-items` on the finished run: a new item whose text is a training item's text gets exactly
+    that item's cold-start row (its text built and standardised as the run did), old items' scores do not move,
+    a running Recommender serves the new items after reload(); duplicates are refused without a new version;
+    `remove-items` takes an item out of serving."""
+    import torch
+
+    from distill.student import Student
+    from export.item_table import current_version, load_table
+    from export.runtime import Recommender
+    items_dir = run_dir / "onnx" / "items"
+    v0 = current_version(items_dir)
+    rec = Recommender(run_dir / "onnx", providers=["cpu"])
+    hist = [str(i) for i in ml100k.item_ids[[3, 10, 40]]]
+    before = rec.predict_arrays(*rec.encode_histories([hist]))["next_item_scores"][0]
+    x = 5  # new-a copies training item 5's text: "<title> (<year>)" split back into the file's columns
+    title, year = ml100k.item_text[x].rsplit(" (", 1)
+    csv = tmp_path / "new.csv"
+    csv.write_text("item_id,title,release_year\n"
+                   f'new-a,"{title}",{year.rstrip(")")}\n'
+                   'new-b,"A Film Nobody Has Seen",2026\n'
+                   'new-c,"Another New Film",2025\n')
+    proc = cli("add-items", str(run_dir), str(csv))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = load_table(items_dir)
+    n = len(ml100k.item_ids)
+    assert table.version == v0 + 1 and table.n_items == n + 3 and table.ids[n:] == ["new-a", "new-b", "new-c"]
+    student = Student.load(run_dir / "student")
+    with torch.no_grad():
+        want = student.cold_item_vectors(student.text_vectors[x:x + 1]).numpy()[0]
+    np.testing.assert_allclose(table.vectors[n], want, atol=1e-5)
+    np.testing.assert_allclose(table.arrays["text"][n], student.text_vectors[x].numpy(), atol=1e-4)
+    assert np.all(table.bias[n:] == 0) and np.all(table.popularity[n:] == 0)
+    assert rec.reload() is True
+    after = rec.predict_arrays(*rec.encode_histories([hist]))["next_item_scores"][0]
+    assert after.shape == (n + 3,) and np.max(np.abs(after[:n] - before)) <= 1e-6
+    ranked = [i for i, _ in rec.recommend(hist, k=n + 3 - len(hist))]
+    assert {"new-a", "new-b", "new-c"} <= set(ranked)
+    again = cli("add-items", str(run_dir), str(csv))
+    assert again.returncode != 0 and "already in the catalog" in again.stderr
+    assert current_version(items_dir) == v0 + 1
+    proc = cli("remove-items", str(run_dir), "new-a", hist[0])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert rec.reload() is True
+    ranked = [i for i, _ in rec.recommend(hist[1:], k=n)]
+    assert "new-a" not in ranked and hist[0] not in ranked and "new-b" in ranked
