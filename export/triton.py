@@ -1,31 +1,56 @@
-"""Triton Inference Server model repository for the exported student (onnxruntime backend).
+"""Triton Inference Server model repository for an exported run: two-part serving + the single graph.
 
-    write_repository("runs/x/onnx", "runs/x/triton")          # CPU instances
+    write_repository("runs/x/onnx", "runs/x/triton")            # CPU instances
     write_repository("runs/x/onnx", "runs/x/triton", gpu=True)  # GPU instances + TensorRT FP16 accelerator
 
-writes
+writes (prefix "distillrec"; v = the served item table version, items/CURRENT)
 
-    <out>/<model_name>/config.pbtxt     platform onnxruntime_onnx, max_batch_size, dynamic batching, instances
-    <out>/<model_name>/1/model.onnx     a copy of the ONNX model (plus its external-data files, if any)
-    <out>/<model_name>/runtime.json     raw item id <-> model index map (Triton passes internal indices)
-    <out>/perf_input.json               perf_analyzer --input-data built from real, popular catalog items
-    <out>/perf_input_ids.json           the same requests as raw item ids, for people and for checks
+    <out>/distillrec_encoder/config.pbtxt + 1/model.onnx      onnxruntime backend, encoder.onnx, dynamic batching
+    <out>/distillrec_scorer/config.pbtxt + 1/model.onnx       onnxruntime backend, scorer.onnx (rating / like heads)
+    <out>/distillrec_recommend/config.pbtxt                   python backend, raw ids in, top-k ids + scores out
+    <out>/distillrec_recommend/<v>/model.py                   export/triton_model.py, copied byte for byte
+    <out>/distillrec_recommend/<v>/runtime.json + items/      the run's runtime.json + item table version v
+    <out>/distillrec_single_graph/config.pbtxt + 1/model.onnx student.onnx (catalog inside the graph), as before
+    <out>/distillrec_single_graph/runtime.json                raw item id <-> model index map of that graph
+    <out>/perf_input_<model>.json                             perf_analyzer --input-data per model, real items
+    <out>/perf_input_ids.json                                 the same requests as raw item ids
 
-The config is derived from the ONNX graph itself, never typed by hand: names, element types and dims.
-With max_batch_size > 0 Triton owns the leading batch axis, so `dims` lists the remaining axes (-1 where the
-ONNX axis is symbolic). A rank-1 [batch] tensor (history_length) has no axis left; Triton requires a non-empty
-`dims`, so it is declared `dims: [1]` with `reshape: { shape: [] }` (Triton model_configuration docs, "Reshape"):
-clients send it as [batch, 1] and the backend hands the model [batch].
+Why a Python model with BLS, not an ensemble. The served default is two-part: user encoder + item table. Two of
+its steps are not graph steps: the gather of the history's item vectors from a table that changes without a
+new export (add-items / remove-items), and the top-k with exact exclusion of seen items, a deny list and an
+allow list per request. An ensemble only wires model outputs to model inputs; it would need a Python model
+before the encoder (ids -> vectors) and another after it (scores -> top-k), each holding the table, with every
+tensor crossing Triton's scheduler twice, and it cannot branch on optional inputs (top-k vs rating / like).
+One Python model that holds the table (memory-mapped, shared by its instances) and calls the encoder and the
+scorer in-process through BLS (`pb_utils.InferenceRequest`) is the usual Triton pattern for this: one round
+trip for the client, raw ids in and out, and the encoder / scorer stay plain onnxruntime models with their own
+dynamic batching and TensorRT settings. The Python model pads every history to max_history so the BLS requests
+of all its instances have one shape and the encoder's dynamic batcher can merge them. The numbers are
+Recommender's (two-part, exact retrieval): tests run the copied model.py's numpy core against it.
+
+Item table updates. The Python model reads the table version it was given at load time; Triton's own model
+versions carry the table versions: `<prefix>_recommend/<v>/` is item table version v, and the config's
+version policy (latest 1) serves the newest. After `distillrec add-items` / `remove-items`, either re-run
+`distillrec triton <run>` (rewrites everything) or call `publish_item_version(onnx_dir, repo)`, which adds the
+new version folder only (the encoder must be the repository's), then ask Triton to load it (model control
+mode explicit: POST v2/repository/models/<prefix>_recommend/load; mode poll picks it up by itself). Triton
+loads the new version before it unloads the old one, so requests in flight finish on the old table.
+
+ONNX configs are derived from the graphs, never typed by hand: names, element types and dims. With
+max_batch_size > 0 Triton owns the leading batch axis, so `dims` lists the remaining axes (-1 where the ONNX
+axis is symbolic). A rank-1 [batch] tensor (history_length) has no axis left; Triton requires a non-empty
+`dims`, so it is declared `dims: [1]` with `reshape: { shape: [] }` (Triton model_configuration docs,
+"Reshape"): clients send it as [batch, 1] and the backend hands the model [batch].
 
 Dynamic batching concatenates requests along the batch axis and only merges requests whose other dims agree
-(Triton's ragged-batching docs). Clients should therefore left-pad every history to max_history (item 0,
-rating 0; history_length carries the real length) and send a fixed number of candidates, so that every request
-has the same shape and can share a batch. Unpadded requests stay correct, they are just batched less.
+(Triton's ragged-batching docs). Clients of the single graph should therefore left-pad every history to
+max_history (item 0, rating 0; history_length carries the real length) and send a fixed number of candidates.
 
 Imports numpy + stdlib (+ onnx when installed, else onnxruntime to read the graph): no torch.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -37,11 +62,25 @@ from typing import Optional, Sequence
 import numpy as np
 
 from export import contract as C
+from export import item_table as IT
+from export import triton_model as TM
 from export.contract import INPUT_NAMES
 from export.runtime import Recommender, RuntimeArtifactError
 
-__all__ = ["write_repository", "write_run_repository", "config_text", "model_config_pb2", "onnx_signature",
-           "TritonRepositoryError"]
+__all__ = ["write_repository", "write_run_repository", "publish_item_version", "model_names", "config_text",
+           "python_config_text", "model_config_pb2", "parse_config", "onnx_signature", "TritonRepositoryError"]
+
+GENERATED = "# generated by distillrec (export/triton.py)"
+"""First line of every config.pbtxt written here: marks model folders this module may replace or remove."""
+MODEL_SUFFIXES = {"encoder": "encoder", "scorer": "scorer", "recommend": "recommend", "single": "single_graph"}
+"""role -> model folder name suffix: <prefix>_encoder, <prefix>_scorer, <prefix>_recommend, <prefix>_single_graph."""
+PYTHON_MODEL_FILE = Path(TM.__file__)
+"""The Python model's source: copied into every version folder of <prefix>_recommend as model.py."""
+ITEM_FILES_SKIPPED = ("text.npy",)
+"""Item table files the Python model never reads (teacher text vectors: only add-items needs them)."""
+ENCODER_AXES = {name: axes for name, (_, axes) in C.ENCODER_INPUTS.items()}
+SCORER_AXES = {name: ("batch", "hidden") if name in [u for u, _ in C.SCORER_INPUTS.values()] else
+               ("batch", "candidates", "hidden") for pair in C.SCORER_INPUTS.values() for name in pair}
 
 _ONNX_TO_TRITON = {  # onnx.TensorProto element type -> Triton DataType
     1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 4: "TYPE_UINT16", 5: "TYPE_INT16", 6: "TYPE_INT32",
@@ -132,13 +171,21 @@ def _tensor_block(entries: list[dict]) -> list[str]:
                   f"    dims: {_dims(e['dims'])}"]
         if e.get("reshape"):
             lines.append("    reshape: { shape: [ ] }")
+        if e.get("optional"):
+            lines.append("    optional: true")
         lines.append("  }," if j < len(entries) - 1 else "  }")
     return lines
 
 
-def _profile_shapes(sizes: dict) -> dict:
-    """{input name: [size of each of its axes]} for the student's inputs (export/contract.py INPUT_AXES)."""
-    return {name: [int(sizes[a]) for a in axes] for name, axes in C.INPUT_AXES.items()}
+def _profile_shapes(inputs: list[dict], axes: dict, sizes: dict) -> dict:
+    """{input name: [size of each of its axes]} (backend-side shapes, batch axis first): a named axis
+    (export/contract.py) takes sizes[name], an axis fixed in the graph (the encoder's dim) its own size."""
+    out = {}
+    for e in inputs:
+        dims = [-1] + ([] if e.get("reshape") else list(e["dims"]))  # history_length: [B, 1] -> [B]
+        names = list(axes.get(e["name"], ()))
+        out[e["name"]] = [int(sizes.get(a, 1)) if d == -1 else int(d) for a, d in zip(names, dims)]
+    return out
 
 
 def _profile(shapes: dict) -> str:
@@ -149,9 +196,13 @@ def config_text(inputs: list[dict], outputs: list[dict], *, model_name: str, max
                 instances: int, preferred_batch_sizes: Sequence[int], max_queue_delay_us: int,
                 max_history: int, max_candidates: int, trt_precision: Optional[str] = "FP16",
                 trt_cache_dir: Optional[str] = None, trt_profiles: bool = True, cpu_threads: Optional[int] = None,
-                warmup: bool = False) -> str:
-    """The config.pbtxt text (protobuf text format of Triton's inference.ModelConfig)."""
-    L = ["# generated by distillrec (export/triton.py) from the ONNX graph: do not edit by hand",
+                warmup: bool = False, axes: Optional[dict] = None) -> str:
+    """The config.pbtxt text (protobuf text format of Triton's inference.ModelConfig) of an ONNX model.
+
+    axes: {input name: axis names} (export/contract.py), for TensorRT profiles and the warm-up request;
+    default the single graph's (INPUT_AXES)."""
+    axes = C.INPUT_AXES if axes is None else axes
+    L = [f"{GENERATED} from the ONNX graph: do not edit by hand",
          f"name: {_q(model_name)}",
          'platform: "onnxruntime_onnx"',
          'backend: "onnxruntime"',
@@ -174,9 +225,9 @@ def config_text(inputs: list[dict], outputs: list[dict], *, model_name: str, max
             # one optimization profile covering every request the config admits (backend-side shapes: [B] for
             # history_length after the reshape); without it TensorRT rebuilds its engine whenever a shape grows
             b, opt_b = int(max_batch_size), int(max(preferred_batch_sizes or [1]))
-            lo = _profile_shapes({"batch": 1, "history": 1, "candidates": 1})
-            opt = _profile_shapes({"batch": opt_b, "history": max_history, "candidates": 1})
-            hi = _profile_shapes({"batch": b, "history": max_history, "candidates": max_candidates})
+            lo = _profile_shapes(inputs, axes, {"batch": 1, "history": 1, "candidates": 1})
+            opt = _profile_shapes(inputs, axes, {"batch": opt_b, "history": max_history, "candidates": 1})
+            hi = _profile_shapes(inputs, axes, {"batch": b, "history": max_history, "candidates": max_candidates})
             params += [("trt_profile_min_shapes", _profile(lo)), ("trt_profile_opt_shapes", _profile(opt)),
                        ("trt_profile_max_shapes", _profile(hi))]
         L += ["optimization {", "  execution_accelerators {", "    gpu_execution_accelerator [", "      {",
@@ -193,7 +244,7 @@ def config_text(inputs: list[dict], outputs: list[dict], *, model_name: str, max
             dims = list(e["dims"])
             if max_batch_size == 0:  # the batch axis is part of dims: one request of batch 1
                 dims[0] = 1
-            has_history = "history" in C.INPUT_AXES.get(e["name"], ())
+            has_history = "history" in axes.get(e["name"], ())
             dims = [max_history if d == -1 and has_history else 1 if d == -1 else d for d in dims]
             L += ["    inputs {", f"      key: {_q(e['name'])}", "      value: {",
                   f"        data_type: {e['data_type']}", f"        dims: {_dims(dims)}", "        zero_data: true",
@@ -243,6 +294,45 @@ def parse_config(text: str):
     return text_format.Parse(text, mc.ModelConfig())
 
 
+# ------------------------------------------------------------------------------------------------ python model
+_TRITON_TYPES = {"BYTES": "TYPE_STRING", "FP32": "TYPE_FP32", "INT32": "TYPE_INT32", "BOOL": "TYPE_BOOL"}
+_PY_INPUTS = [  # (name, type, dims without batch); export/triton_model.py INPUTS, the order of the config
+    ("history_items", "BYTES", [-1]), ("history_ratings", "FP32", [-1]), ("k", "INT32", [1]),
+    ("exclude_seen", "BOOL", [1]), ("exclude", "BYTES", [-1]), ("allow", "BYTES", [-1]),
+    ("candidates", "BYTES", [-1])]
+
+
+def _python_tensors(two_part: dict, batched: bool) -> tuple[list[dict], list[dict]]:
+    """(inputs, outputs) of the Python model; rating / like_logit and candidates only with a scorer."""
+    scored = [n for n in TM.SCORE_NAMES.values() if n in (two_part.get("scorer_outputs") or [])]
+    lead = [] if batched else [-1]
+    inputs = [{"name": n, "data_type": _TRITON_TYPES[t], "dims": lead + d, "optional": n != "history_items"}
+              for n, t, d in _PY_INPUTS if n != "candidates" or scored]
+    outputs = [{"name": "item_ids", "data_type": "TYPE_STRING", "dims": lead + [-1]},
+               {"name": "scores", "data_type": "TYPE_FP32", "dims": lead + [-1]}]
+    outputs += [{"name": n, "data_type": "TYPE_FP32", "dims": lead + [-1]} for n in scored]
+    assert [e["name"] for e in inputs] == [n for n in TM.INPUTS if n in {e["name"] for e in inputs}]
+    return inputs, outputs
+
+
+def python_config_text(inputs: list[dict], outputs: list[dict], *, model_name: str, max_batch_size: int,
+                       instances: int, preferred_batch_sizes: Sequence[int], max_queue_delay_us: int,
+                       parameters: dict) -> str:
+    """config.pbtxt of the Python model (backend "python", KIND_CPU: it runs numpy; the GPU work happens in the
+    encoder / scorer it calls). version_policy latest 1: the newest item table version folder is served."""
+    L = [f"{GENERATED}: do not edit by hand", f"name: {_q(model_name)}", 'backend: "python"',
+         f"max_batch_size: {int(max_batch_size)}", "version_policy: { latest: { num_versions: 1 } }",
+         "input ["] + _tensor_block(inputs) + ["]", "output ["] + _tensor_block(outputs) + ["]"]
+    if max_batch_size > 0:
+        L += ["dynamic_batching {"]
+        if preferred_batch_sizes:
+            L += [f"  preferred_batch_size: {_dims(preferred_batch_sizes)}"]
+        L += [f"  max_queue_delay_microseconds: {int(max_queue_delay_us)}", "}"]
+    L += ["instance_group [", "  {", f"    count: {int(instances)}", "    kind: KIND_CPU", "  }", "]"]
+    L += [f"parameters {{ key: {_q(k)} value: {{ string_value: {_q(str(v))} }} }}" for k, v in parameters.items()]
+    return "\n".join(L) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------ perf data
 def _perf_requests(meta: dict, n_requests: int, n_candidates: int) -> list[dict]:
     """Requests of the most popular items, each padded to max_history (same shape -> dynamic batching merges them).
@@ -267,27 +357,62 @@ def _perf_requests(meta: dict, n_requests: int, n_candidates: int) -> list[dict]
     return reqs
 
 
-def _perf_files(meta: dict, inputs: list[dict], batched: bool, n_requests: int, n_candidates: int):
-    L = int(meta["max_history"])
-    item_ids = [str(x) for x in meta["item_ids"]]
-    data, readable = [], []
-    for r in _perf_requests(meta, n_requests, n_candidates):
+def _batched_shape(shape: list, batched: bool) -> list:
+    """A request tensor's shape: max_batch_size 0 puts the batch axis (1) in the shape explicitly."""
+    return list(shape) if batched else [1, *shape]
+
+
+def _perf_single(meta: dict, reqs: list[dict], inputs: list[dict], batched: bool) -> dict:
+    """perf_analyzer data of the single graph: model indices, left-padded to max_history."""
+    L, data = int(meta["max_history"]), []
+    for r in reqs:
         k = len(r["history"])
-        items = [0] * (L - k) + r["history"]  # left padding, as the runtime does
-        rates = [0.0] * (L - k) + r["ratings"]
-        tensors = {"history_items": (items, [L]), "history_ratings": (rates, [L]),
+        tensors = {"history_items": ([0] * (L - k) + r["history"], [L]),  # left padding, as the runtime does
+                   "history_ratings": ([0.0] * (L - k) + r["ratings"], [L]),
                    "history_length": ([k], [1]), "candidates": (r["candidates"], [len(r["candidates"])])}
-        if not batched:  # max_batch_size 0: the request shape includes the batch axis explicitly
-            tensors = {nm: (v, [1, *s]) if nm != "history_length" else (v, [1]) for nm, (v, s) in tensors.items()}
-        data.append({e["name"]: {"content": tensors[e["name"]][0], "shape": tensors[e["name"]][1]} for e in inputs})
-        readable.append({"history": [item_ids[i] for i in r["history"]], "ratings": r["ratings"],
-                         "candidates": [item_ids[i] for i in r["candidates"]], "history_length": k,
-                         "padded_to": L})
-    return {"data": data}, {"model_input": "internal indices = positions in runtime.json item_ids",
-                            "requests": readable}
+        data.append({e["name"]: {"content": tensors[e["name"]][0],
+                                 "shape": [1] if e["name"] == "history_length" and not batched else
+                                 _batched_shape(tensors[e["name"]][1], batched)} for e in inputs})
+    return {"data": data}
 
 
-# ------------------------------------------------------------------------------------------------ write
+def _perf_recommend(meta: dict, reqs: list[dict], batched: bool) -> dict:
+    """perf_analyzer data of the Python model: raw ids, "" padding to max_history (one shape for every request)."""
+    L, ids, data = int(meta["max_history"]), [str(x) for x in meta["item_ids"]], []
+    for r in reqs:
+        k = len(r["history"])
+        data.append({"history_items": {"content": [TM.PAD] * (L - k) + [ids[i] for i in r["history"]],
+                                       "shape": _batched_shape([L], batched)},
+                     "history_ratings": {"content": [0.0] * (L - k) + r["ratings"],
+                                         "shape": _batched_shape([L], batched)}})
+    return {"data": data}
+
+
+def _perf_encoder(meta: dict, reqs: list[dict], vectors: np.ndarray, batched: bool) -> dict:
+    """perf_analyzer data of the encoder alone: the requests' item table rows (what the Python model sends)."""
+    L, data = int(meta["max_history"]), []
+    for r in reqs:
+        k = len(r["history"])
+        rows = np.zeros((L, vectors.shape[1]), dtype=np.float32)
+        rows[L - k:] = vectors[r["history"]]
+        data.append({"history_vectors": {"content": [round(float(x), 7) for x in rows.reshape(-1)],
+                                         "shape": _batched_shape([L, vectors.shape[1]], batched)},
+                     "history_ratings": {"content": [0.0] * (L - k) + r["ratings"],
+                                         "shape": _batched_shape([L], batched)},
+                     "history_length": {"content": [k], "shape": [1]}})
+    return {"data": data}
+
+
+def _readable(meta: dict, reqs: list[dict]) -> dict:
+    ids, L = [str(x) for x in meta["item_ids"]], int(meta["max_history"])
+    return {"model_input": "single graph: internal indices = positions in runtime.json item_ids; "
+                           "recommend: raw ids, \"\" padding; encoder: item table rows",
+            "requests": [{"history": [ids[i] for i in r["history"]], "ratings": r["ratings"],
+                          "candidates": [ids[i] for i in r["candidates"]], "history_length": len(r["history"]),
+                          "padded_to": L} for r in reqs]}
+
+
+# ------------------------------------------------------------------------------------------------ files
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp-{uuid.uuid4().hex[:8]}")
     tmp.write_text(text)
@@ -309,25 +434,65 @@ def _external_data_files(model_path: Path) -> list[Path]:
     return sorted(files)
 
 
-def write_repository(onnx_dir, out_dir, *, model_name: str = "distillrec_student", max_batch_size: int = 128,
-                     gpu: bool = False, instances: int = 1, preferred_batch_sizes: Sequence[int] = (8, 32),
-                     max_queue_delay_us: int = 500, model_file: Optional[str] = None, max_candidates: int = 100,
-                     trt_precision: Optional[str] = "FP16", trt_cache_dir: Optional[str] = "/tmp/distillrec_trt_cache",
-                     trt_profiles: bool = True, cpu_threads: Optional[int] = None, warmup: bool = False,
-                     perf_requests: int = 8, perf_candidates: int = 10) -> Path:
-    """Write a Triton model repository for the ONNX model in `onnx_dir`; returns `out_dir` (the repository).
-
-    model_file: which ONNX file of the folder to serve (default: runtime.json's model_file, i.e. student.onnx).
-    gpu: KIND_GPU instances and a TensorRT execution accelerator (precision trt_precision, engine + timing cache
-    in trt_cache_dir inside the container, one optimization profile up to max_batch_size x max_history x
-    max_candidates unless trt_profiles=False). warmup: one all-padding request at load time.
-    The model folder is replaced atomically (written beside it, then renamed into place).
-    """
-    onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
+def _replace_folder(final: Path, fill) -> None:
+    """Write a folder beside `final` with fill(staging), then rename it into place (readers see old or new)."""
+    staging = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        meta = Recommender._load_meta(onnx_dir / C.RUNTIME_META_FILE)
-    except RuntimeArtifactError as e:
-        raise TritonRepositoryError(str(e)) from e
+        staging.mkdir(parents=True)
+        fill(staging)
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+        os.replace(staging, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _copy_onnx(model_path: Path, version_dir: Path) -> None:
+    version_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model_path, version_dir / "model.onnx")
+    for extra in _external_data_files(model_path):
+        shutil.copyfile(extra, version_dir / extra.name)
+
+
+def _fill_python_version(version_dir: Path, onnx_dir: Path, table_version: int) -> None:
+    """<v>/model.py + runtime.json + items/ (item table version v, files the Python model reads)."""
+    src = C.item_table_dir(onnx_dir) / IT.version_name(table_version)
+    (version_dir / TM.ITEMS_DIR).mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name not in ITEM_FILES_SKIPPED:
+            shutil.copyfile(f, version_dir / TM.ITEMS_DIR / f.name)
+    shutil.copyfile(onnx_dir / C.RUNTIME_META_FILE, version_dir / TM.META_FILE)
+    shutil.copyfile(PYTHON_MODEL_FILE, version_dir / "model.py")
+
+
+def _remove_stale(out_dir: Path, prefix: str, keep: set) -> list[str]:
+    """Remove model folders this module wrote for `prefix` that the new repository no longer has (an older
+    layout's distillrec_student, a scorer of a re-export without rating heads, ...): Triton would load them."""
+    gone = []
+    for d in sorted(out_dir.iterdir()):
+        cfg = d / "config.pbtxt"
+        if d.is_dir() and d.name.startswith(f"{prefix}_") and d.name not in keep and cfg.is_file():
+            with open(cfg) as f:
+                if f.readline().startswith(GENERATED):
+                    shutil.rmtree(d, ignore_errors=True)
+                    gone.append(d.name)
+    return gone
+
+
+# ------------------------------------------------------------------------------------------------ write
+def model_names(prefix: str = "distillrec") -> dict:
+    """role -> model name in the repository: encoder, scorer, recommend (Python), single (the single graph)."""
+    return {role: f"{prefix}_{suffix}" for role, suffix in MODEL_SUFFIXES.items()}
+
+
+def _check_options(max_batch_size, instances, preferred_batch_sizes, max_queue_delay_us, trt_precision,
+                   prefix, unknown_items, empty_history) -> list[int]:
+    """ValueError naming a bad option; returns the preferred batch sizes to write."""
     if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 0:
         raise ValueError(f"max_batch_size must be an int >= 0 (0 = no batching), got {max_batch_size!r}")
     if not isinstance(instances, int) or instances < 1:
@@ -341,63 +506,204 @@ def write_repository(onnx_dir, out_dir, *, model_name: str = "distillrec_student
         raise ValueError(f"max_queue_delay_us must be >= 0, got {max_queue_delay_us}")
     if trt_precision not in (None, "FP32", "FP16", "INT8"):
         raise ValueError(f"trt_precision must be FP32, FP16, INT8 or None, got {trt_precision!r}")
-    if not model_name or "/" in model_name or model_name.startswith("."):
-        raise ValueError(f"model_name must be a plain folder name, got {model_name!r}")
+    if not prefix or "/" in prefix or prefix.startswith(".") or not prefix.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"prefix must be a plain name (letters, digits, _ or -), got {prefix!r}")
+    if unknown_items not in ("error", "drop") or empty_history not in ("error", "popularity"):
+        raise ValueError(f"unknown_items must be 'error' or 'drop' and empty_history 'error' or 'popularity', got "
+                         f"{unknown_items!r} / {empty_history!r}")
+    return pref
 
-    model_path = onnx_dir / (model_file or meta.get("model_file", C.STUDENT_FILE))
+
+def _onnx_model(model_path: Path, want_in: list, want_out: list, batched: bool, what: str) -> tuple[list, list]:
+    """Config tensor entries of an ONNX file, checked against the names runtime.json promises."""
     if not model_path.is_file():
         raise TritonRepositoryError(f"{model_path} is missing; {_FIX}")
     sig = onnx_signature(model_path)
-    in_names = [s[0] for s in sig["inputs"]]
-    out_names = [s[0] for s in sig["outputs"]]
-    if in_names != list(INPUT_NAMES) or out_names != list(meta["outputs"]):
+    in_names, out_names = [s[0] for s in sig["inputs"]], [s[0] for s in sig["outputs"]]
+    if in_names != list(want_in) or out_names != list(want_out):
         raise TritonRepositoryError(f"{model_path} has inputs {in_names} / outputs {out_names}; runtime.json "
-                                    f"expects {list(INPUT_NAMES)} / {meta['outputs']}; {_FIX}")
-    batched = max_batch_size > 0
+                                    f"expects {list(want_in)} / {list(want_out)} for the {what}; {_FIX}")
     if batched:
         batch_syms = {s[2][0] for s in sig["inputs"] + sig["outputs"] if s[2]}
         if len(batch_syms) != 1 or isinstance(next(iter(batch_syms)), int):
             raise TritonRepositoryError(f"{model_path}: the first axis of every input/output must be one shared "
                                         f"dynamic batch axis, got {sorted(map(str, batch_syms))}; {_FIX}")
-    inputs = _tensor_entries(sig["inputs"], batched, "input")
-    outputs = _tensor_entries(sig["outputs"], batched, "output")
-    text = config_text(inputs, outputs, model_name=model_name, max_batch_size=max_batch_size, gpu=gpu,
-                       instances=instances, preferred_batch_sizes=pref, max_queue_delay_us=int(max_queue_delay_us),
-                       max_history=int(meta["max_history"]), max_candidates=int(max_candidates),
-                       trt_precision=trt_precision, trt_cache_dir=trt_cache_dir, trt_profiles=trt_profiles,
-                       cpu_threads=cpu_threads, warmup=warmup)
-    mc = model_config_pb2()
-    if mc is not None:  # validate with Triton's own schema whenever it is at hand
+    return _tensor_entries(sig["inputs"], batched, "input"), _tensor_entries(sig["outputs"], batched, "output")
+
+
+def _validated(text: str, what: str) -> str:
+    """The config text, parsed with Triton's schema whenever tritonclient is installed."""
+    if model_config_pb2() is not None:
         try:
             parse_config(text)
         except Exception as e:
-            raise TritonRepositoryError(f"generated config.pbtxt does not parse as inference.ModelConfig: {e}") from e
+            raise TritonRepositoryError(f"generated config.pbtxt of {what} does not parse as inference.ModelConfig: "
+                                        f"{e}") from e
+    return text
+
+
+def _encoder_file(meta: dict, encoder_file: Optional[str], gpu: bool) -> str:
+    """The encoder file to serve: encoder_file (a file name or a variant name of runtime.json two_part
+    variants) or the fp32 encoder; a GPU-only variant on CPU instances is a ValueError."""
+    variants = meta["two_part"].get("variants") or {"fp32": {"file": C.ENCODER_FILE}}
+    choice = encoder_file or "fp32"
+    entry = variants.get(choice) or next((v for v in variants.values() if v.get("file") == choice), None)
+    name = entry["file"] if entry else choice
+    if entry and entry.get("gpu_only") and not gpu:
+        raise ValueError(f"encoder {name} is GPU-only (fp16); write the repository with gpu=True or serve "
+                         f"another encoder variant ({sorted(variants)})")
+    return name
+
+
+def write_repository(onnx_dir, out_dir, *, prefix: str = "distillrec", max_batch_size: int = 128,
+                     gpu: bool = False, instances: int = 1, preferred_batch_sizes: Sequence[int] = (8, 32),
+                     max_queue_delay_us: int = 500, model_file: Optional[str] = None,
+                     encoder_file: Optional[str] = None, single_graph: bool = True, python_instances: int = 1,
+                     unknown_items: str = "error", empty_history: str = "error", max_candidates: int = 100,
+                     trt_precision: Optional[str] = "FP16", trt_cache_dir: Optional[str] = "/tmp/distillrec_trt_cache",
+                     trt_profiles: bool = True, cpu_threads: Optional[int] = None, warmup: bool = False,
+                     perf_requests: int = 8, perf_candidates: int = 10) -> Path:
+    """Write a Triton model repository for the runtime folder `onnx_dir`; returns `out_dir` (the repository).
+
+    Two-part models (when runtime.json has "two_part"): <prefix>_encoder, <prefix>_scorer (models with a rating
+    or like head), <prefix>_recommend (Python, KIND_CPU x python_instances; unknown_items / empty_history as
+    Recommender's). single_graph: also <prefix>_single_graph (student.onnx, or model_file, e.g.
+    "student.int8.onnx"); an export without two-part gets the single graph only.
+    encoder_file: an encoder variant (name or file of runtime.json two_part variants; default fp32).
+    gpu: KIND_GPU instances of the ONNX models and a TensorRT execution accelerator (precision trt_precision,
+    engine + timing cache in trt_cache_dir inside the container, one optimization profile up to max_batch_size x
+    max_history x max_candidates unless trt_profiles=False). warmup: one all-padding request at load time.
+    Every model folder is replaced atomically (written beside it, then renamed into place); folders of an older
+    layout written here for the same prefix are removed.
+    """
+    onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
+    try:
+        meta = Recommender._load_meta(onnx_dir / C.RUNTIME_META_FILE)
+    except RuntimeArtifactError as e:
+        raise TritonRepositoryError(str(e)) from e
+    pref = _check_options(max_batch_size, instances, preferred_batch_sizes, max_queue_delay_us, trt_precision,
+                          prefix, unknown_items, empty_history)
+    if not isinstance(python_instances, int) or python_instances < 1:
+        raise ValueError(f"python_instances must be a positive int, got {python_instances!r}")
+    names, batched, L = model_names(prefix), max_batch_size > 0, int(meta["max_history"])
+    onnx_opts = dict(max_batch_size=max_batch_size, gpu=gpu, instances=instances, preferred_batch_sizes=pref,
+                     max_queue_delay_us=int(max_queue_delay_us), max_history=L, max_candidates=int(max_candidates),
+                     trt_precision=trt_precision, trt_cache_dir=trt_cache_dir, trt_profiles=trt_profiles,
+                     cpu_threads=cpu_threads, warmup=warmup)
+    plan: dict = {}  # model name -> (config text, fill(folder))
+    reqs = _perf_requests(meta, int(perf_requests), int(perf_candidates))
+    perf: dict = {}
+    two_part = meta.get("two_part") if isinstance(meta.get("two_part"), dict) else None
+    if two_part is None and not single_graph:
+        raise TritonRepositoryError(f"{onnx_dir / C.RUNTIME_META_FILE} has no two-part model and single_graph=False:"
+                                    f" nothing to serve; {_FIX}")
+    if two_part is not None:
+        plan.update(_two_part_plan(onnx_dir, meta, names, encoder_file, onnx_opts, batched, pref,
+                                   int(max_queue_delay_us), max_batch_size, python_instances, unknown_items,
+                                   empty_history, reqs, perf))
+    if single_graph:
+        model_path = onnx_dir / (model_file or meta.get("model_file", C.STUDENT_FILE))
+        ins, outs = _onnx_model(model_path, INPUT_NAMES, meta["outputs"], batched, "single graph")
+        text = _validated(config_text(ins, outs, model_name=names["single"], **onnx_opts), names["single"])
+
+        def fill_single(d, model_path=model_path):
+            _copy_onnx(model_path, d / "1")
+            shutil.copyfile(onnx_dir / C.RUNTIME_META_FILE, d / C.RUNTIME_META_FILE)
+        plan[names["single"]] = (text, fill_single)
+        perf[names["single"]] = _perf_single(meta, reqs, ins, batched)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / model_name
-    staging = out_dir / f".{model_name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        (staging / "1").mkdir(parents=True)
-        shutil.copyfile(model_path, staging / "1" / "model.onnx")
-        for extra in _external_data_files(model_path):
-            shutil.copyfile(extra, staging / "1" / extra.name)
-        (staging / "config.pbtxt").write_text(text)
-        shutil.copyfile(onnx_dir / C.RUNTIME_META_FILE, staging / C.RUNTIME_META_FILE)
-        old = None
-        if final.exists():
-            old = out_dir / f".{model_name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-        os.replace(staging, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-
-    perf, readable = _perf_files(meta, inputs, batched, int(perf_requests), int(perf_candidates))
-    _atomic_write_text(out_dir / "perf_input.json", json.dumps(perf, indent=1) + "\n")
-    _atomic_write_text(out_dir / "perf_input_ids.json", json.dumps(readable, indent=1) + "\n")
+    for name, (text, fill) in plan.items():
+        def fill_all(d, text=text, fill=fill):
+            fill(d)
+            (d / "config.pbtxt").write_text(text)
+        _replace_folder(out_dir / name, fill_all)
+    _remove_stale(out_dir, prefix, set(plan))
+    for old in out_dir.glob("perf_input*.json"):  # perf files of models no longer written
+        if old.name != "perf_input_ids.json" and old.stem[len("perf_input_"):] not in plan:
+            old.unlink()
+    for name, data in perf.items():
+        _atomic_write_text(out_dir / f"perf_input_{name}.json", json.dumps(data, indent=1) + "\n")
+    _atomic_write_text(out_dir / "perf_input_ids.json", json.dumps(_readable(meta, reqs), indent=1) + "\n")
     return out_dir
+
+
+def _two_part_plan(onnx_dir: Path, meta: dict, names: dict, encoder_file, onnx_opts: dict, batched: bool,
+                   pref: list, delay_us: int, max_batch_size: int, python_instances: int, unknown_items: str,
+                   empty_history: str, reqs: list, perf: dict) -> dict:
+    """{model name: (config text, fill)} of the encoder, the scorer and the Python model (+ their perf data)."""
+    tp, plan = meta["two_part"], {}
+    try:
+        table = IT.load_table(C.item_table_dir(onnx_dir))
+    except IT.ItemTableError as e:
+        raise TritonRepositoryError(str(e)) from e
+    enc_path = onnx_dir / _encoder_file(meta, encoder_file, onnx_opts["gpu"])
+    ins, outs = _onnx_model(enc_path, tp["encoder_inputs"], tp["encoder_outputs"], batched, "encoder")
+    text = config_text(ins, outs, model_name=names["encoder"], axes=ENCODER_AXES, **onnx_opts)
+    plan[names["encoder"]] = (_validated(text, names["encoder"]), lambda d: _copy_onnx(enc_path, d / "1"))
+    perf[names["encoder"]] = _perf_encoder(meta, reqs, np.asarray(table.vectors), batched)
+    params = {"encoder_model": names["encoder"], "encoder_max_batch_size": max_batch_size,
+              "unknown_items": unknown_items, "empty_history": empty_history, "pad_to": "max_history"}
+    if tp.get("scorer_file"):
+        sc_path = onnx_dir / tp["scorer_file"]
+        ins, outs = _onnx_model(sc_path, tp["scorer_inputs"], tp["scorer_outputs"], batched, "scorer")
+        text = config_text(ins, outs, model_name=names["scorer"], axes=SCORER_AXES, **dict(onnx_opts, warmup=False))
+        plan[names["scorer"]] = (_validated(text, names["scorer"]), lambda d: _copy_onnx(sc_path, d / "1"))
+        params.update(scorer_model=names["scorer"], scorer_max_batch_size=max_batch_size)
+    assert set(params) <= set(TM.PARAMETERS)
+    py_in, py_out = _python_tensors(tp, batched)
+    text = python_config_text(py_in, py_out, model_name=names["recommend"], max_batch_size=max_batch_size,
+                              instances=python_instances, preferred_batch_sizes=pref, max_queue_delay_us=delay_us,
+                              parameters=params)
+    version = table.version
+    plan[names["recommend"]] = (_validated(text, names["recommend"]),
+                                lambda d: _fill_python_version(d / str(version), onnx_dir, version))
+    perf[names["recommend"]] = _perf_recommend(meta, reqs, batched)
+    return plan
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def publish_item_version(onnx_dir, repo_dir, *, prefix: str = "distillrec", keep: int = 2) -> Path:
+    """Add the item table version now served in `onnx_dir` (items/CURRENT) to <prefix>_recommend as a new
+    Triton model version folder, leaving every other model alone; returns that folder.
+
+    For add-items / remove-items after the repository was written: the encoder must be the one the repository
+    serves (same export), else TritonRepositoryError says to re-run `distillrec triton <run>`. The newest
+    `keep` version folders stay (older ones are removed: Triton serves the newest, the previous one is the
+    rollback). Then load it: POST v2/repository/models/<prefix>_recommend/load (explicit model control)."""
+    onnx_dir, repo_dir = Path(onnx_dir), Path(repo_dir)
+    names = model_names(prefix)
+    model_dir = repo_dir / names["recommend"]
+    rerun = "re-run `distillrec triton <run>` to write the whole repository"
+    if not (model_dir / "config.pbtxt").is_file():
+        raise TritonRepositoryError(f"{model_dir / 'config.pbtxt'} is missing: no Python model to add a version "
+                                    f"to; {rerun}")
+    if not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep must be a positive int, got {keep!r}")
+    try:
+        meta = Recommender._load_meta(onnx_dir / C.RUNTIME_META_FILE)
+        table = IT.load_table(C.item_table_dir(onnx_dir))
+    except (RuntimeArtifactError, IT.ItemTableError) as e:
+        raise TritonRepositoryError(str(e)) from e
+    served = repo_dir / names["encoder"] / "1" / "model.onnx"
+    files = {v.get("file") for v in ((meta.get("two_part") or {}).get("variants") or {}).values()}
+    digests = {_sha256(onnx_dir / f) for f in files if f and (onnx_dir / f).is_file()}
+    if not served.is_file() or _sha256(served) not in digests:
+        raise TritonRepositoryError(f"{served} is not an encoder of {onnx_dir} (another export, or missing): the "
+                                    f"new item table would be read by a different encoder; {rerun}")
+    final = model_dir / str(table.version)
+    _replace_folder(final, lambda d: _fill_python_version(d, onnx_dir, table.version))
+    versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    for v in versions[:-keep]:
+        shutil.rmtree(model_dir / str(v), ignore_errors=True)
+    return final
 
 
 def _gpu_from_providers(providers) -> bool:

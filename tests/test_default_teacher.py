@@ -80,3 +80,31 @@ def test_shipped_teacher_loads_to_the_model_that_was_trained(tmp_path):
     for task, metric in (("next_item", "NDCG@10"), ("rating", "RMSE"), ("like", "AUC")):
         # training evaluated with LoRA unmerged, this run merges it: float rounding moves AUC by ~5e-6
         assert rep["metrics"][task][metric]["value"] == pytest.approx(recorded[task][metric], abs=1e-4)
+
+
+def test_the_gguf_copy_loads_the_same_model(tmp_path, monkeypatch):
+    """The float32 copy of the default GGUF (distill.teacher.gguf_cache_dir) loads to the same weights, buffers,
+    tokenizer and hidden states as de-quantising the GGUF itself."""
+    import torch
+
+    import distill.teacher as T
+    from distill.config import TeacherConfig
+    monkeypatch.setenv(T.GGUF_CACHE_ENV, str(tmp_path / "gguf"))
+    T._load_base_cached.cache_clear()
+    tc = TeacherConfig()
+    cache = T.gguf_cache_dir(*T.resolve_model(tc))
+    assert cache.parent == tmp_path / "gguf" and not cache.exists()
+    a, tok_a = T.load_base(tc)  # from the GGUF, writes the copy
+    assert (cache / "config.json").is_file() and (cache / "model.safetensors").is_file()
+    T._load_base_cached.cache_clear()
+    b, tok_b = T.load_base(tc)  # from the copy
+    T._load_base_cached.cache_clear()
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    ids = tok_a.encode(" Toy Story (1995):")
+    assert ids == tok_b.encode(" Toy Story (1995):") and tok_a.pad_id == tok_b.pad_id
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        assert torch.equal(a(input_ids=x).last_hidden_state, b(input_ids=x).last_hidden_state)
+    monkeypatch.setenv(T.GGUF_CACHE_ENV, "off")
+    assert T.gguf_cache_dir(*T.resolve_model(tc)) is None

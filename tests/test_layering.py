@@ -24,7 +24,7 @@ config builder, and the package itself (its __version__)."""
 LOOP_DRIVERS = {"distill.teacher_stage": {"distill.teacher_report"}, "distill.student_stage": {"distill.ablation"}}
 """Training loops and the distill modules allowed to run them (distillrec may import anything)."""
 TORCH_FREE = ["export.runtime", "export.providers", "export.service", "export.triton", "export.contract",
-              "export.retrieval", "export.item_table", "export.batching",
+              "export.retrieval", "export.item_table", "export.batching", "export.triton_model",
               "serve_bench.*"]
 """Modules whose import must not load torch."""
 TORCH_LIBS = {"torch", "transformers", "peft", "optimum", "accelerate", "torchvision", "safetensors.torch"}
