@@ -292,6 +292,16 @@ def cmd_triton(args) -> int:
     return 0
 
 
+def cmd_scale_bench(args) -> int:
+    """Two-part serving on synthetic catalogs of growing size (serve_bench/scale.py); not part of `run`."""
+    from serve_bench.scale import parse_sizes, run_scale_bench
+    run = Path(args.run_dir)
+    run_scale_bench(run, parse_sizes(args.sizes), modes=[m.strip() for m in args.modes.split(",")],
+                    n_requests=args.requests, history=args.history, seed=args.seed)
+    print((run / "bench" / "scale" / "report.md").read_text())
+    return 0
+
+
 def cmd_add_items(args) -> int:
     """Append new items to the served item table (teacher text vectors -> the student's cold-start rows)."""
     from .catalog import CatalogError, add_items
@@ -389,6 +399,13 @@ COMMANDS: dict[str, Command] = {
         RUN_DIR,
         arg("--out", help="snapshot JSON path (default: docs/results/<run name>.json)"),
         arg("--readme", help="a README with <!-- results:begin --> / <!-- results:end --> markers to rewrite"))),
+    "scale-bench": Command(cmd_scale_bench, "two-part serving on synthetic catalogs of 10^4-10^6 items: exact vs ANN", (
+        RUN_DIR,
+        arg("--sizes", default="1e4,1e5,1e6", help="catalog sizes, comma-separated (the real items come first)"),
+        arg("--modes", default="exact,ann", help="retrieval modes to time"),
+        arg("--requests", type=int, default=256, help="real test histories timed per point"),
+        arg("--history", type=int, default=50, help="history length of the requests"),
+        arg("--seed", type=int, default=0))),
     "add-items": Command(cmd_add_items, "append new items to a run's served item table (no retraining, no re-export)", (
         RUN_DIR,
         arg("items_file", help="CSV/TSV/Parquet with the run's data.item_id_col and data.item_text_cols columns"),

@@ -3,7 +3,8 @@
 Systems (each only where its artifact exists; the provider that actually ran is recorded per row):
 teacher in PyTorch (LoRA merged, inference mode), teacher on onnxruntime (onnx/teacher.onnx), student in
 PyTorch, student ONNX FP32 / optimized / INT8 on CPU, and FP32 / FP16 on CUDA / TensorRT when onnxruntime
-really serves on a GPU (FP16 is never run on the CPU provider).
+really serves on a GPU (FP16 is never run on the CPU provider); and the served two-part path (encoder.onnx and
+its opt / int8 / qdq variants + the item table, exact retrieval) on CPU, beside the single-graph rows.
 
 Points (system x request set x workload x batch size x threads), see serve_bench.workload:
   main grid   natural-length histories, top-K and candidate workloads, `batch_sizes`, all threads
@@ -42,9 +43,10 @@ from distill.machine import host_info, torch_info
 from . import floor as F
 from .probe import measure_rss
 from .quality import baseline_check, catalog_table, merge_baseline_checks
-from .report import load_ablation, write_report
+from .report import load_ablation, load_scale_summary, write_report
 from .systems import (STUDENT_VARIANTS, TEACHER_ONNX_FILE, StudentOnnxSystem, StudentTorchSystem, System,
-                      TeacherOnnxSystem, TeacherTorchSystem, onnx_param_count, teacher_feed)
+                      TeacherOnnxSystem, TeacherTorchSystem, TwoPartSystem, onnx_param_count, teacher_feed,
+                      two_part_variants)
 from .timing import time_calls, time_concurrent
 from .workload import WORKLOADS, RequestSet, build_request_sets, top_k_unseen
 
@@ -53,6 +55,9 @@ __all__ = ["run_bench", "time_calls", "time_concurrent"]
 TEACHER_TORCH = TeacherTorchSystem.name
 TARGET_SPEEDUP, TARGET_P99_MS, TARGET_FLOOR_RATIO = 1000.0, 1.0, 3.0
 TARGET_INT8_SPEEDUP, TARGET_INT8_NDCG_LOSS = 1.5, 0.01
+TARGET_TP_FLOOR_RATIO, TARGET_TP_API_MS, TARGET_TP_P99_MS = 2.0, 0.05, 1.0
+"""Two-part targets (issue): encoder session.run p50 <= 2x its floor; the Recommender API adds <= 0.05 ms p50
+on top; p99 <= 1 ms end to end (1,682 items, batch 1, history 50)."""
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -64,8 +69,12 @@ def _log(msg: str) -> None:
 
 
 def workload_fn(system: System, workload: str, top_k: int) -> Callable:
-    """What one timed call does: top-K = model + top-K unseen selection; candidates = model outputs."""
+    """What one timed call does: top-K = model + top-K unseen selection (a system with its own served top-K
+    path, the two-part one, uses it: `system.topk(req, k)`); candidates = model outputs."""
     if workload == "topk":
+        topk = getattr(system, "topk", None)
+        if topk is not None:
+            return lambda req: topk(req, top_k)
         return lambda req: top_k_unseen(system.forward(req)["next_item"], req[0], req[2], top_k)
     if workload == "candidates":
         return system.forward
@@ -326,6 +335,58 @@ class _Bench:
                           model_file=STUDENT_VARIANTS[variant][0])
             sysm.close()
             gc.collect()
+        self.two_part_students(onnx_dir)
+
+    def two_part_systems(self, onnx_dir: Path, record: bool = True) -> dict:
+        """{variant: file} of the two-part encoder variants to measure: bench.two_part_variants that runtime.json
+        lists (GPU-only ones excluded; with `record`, each left out is reported as skipped)."""
+        skip = self.skip if record else (lambda what, reason: None)
+        listed = two_part_variants(onnx_dir)
+        if not listed:
+            if self.bc.two_part_variants:
+                skip("student two-part", f"{onnx_dir / 'runtime.json'} has no two-part model (exported by an "
+                                         f"older version: re-export the run)")
+            return {}
+        out = {}
+        for v in self.bc.two_part_variants:
+            if v not in listed:
+                skip(f"student two-part (encoder {v})", "not in runtime.json two_part variants (not exported, "
+                                                        "or it failed its parity check: see parity.json)")
+            elif listed[v].get("gpu_only"):
+                skip(f"student two-part (encoder {v})", "GPU only")
+            else:
+                out[v] = listed[v]["file"]
+        return out
+
+    def two_part_students(self, onnx_dir: Path) -> None:
+        """The served two-part path per encoder variant (CPU): the same points, concurrency, quality and
+        profile as a single-graph student; registered with serving="two_part"."""
+        variants = self.two_part_systems(onnx_dir)
+        if variants:
+            self.notes.append("two-part rows run on the CPU provider only; their top-K workload is the served path "
+                              "(encoder -> exact retrieval with the history excluded), their candidate workload "
+                              "the runtime's predict_arrays (encoder + catalog matmul + scorer)")
+        for variant, file in variants.items():
+            try:
+                sysm = TwoPartSystem(onnx_dir, variant, ["CPUExecutionProvider"])
+            except Exception as e:  # noqa: BLE001 - a variant that cannot load is reported, not fatal
+                self.skip(f"student two-part (encoder {variant}) [CPU]", f"{type(e).__name__}: {str(e)[:300]}")
+                continue
+            sysm.params = onnx_param_count(sysm.model_path)
+            self.time_system(sysm)
+            self.time_concurrency(sysm)
+            self.preds_all[sysm.name] = _predictions(sysm.forward, self.split, self.split.eval_users, self.max_len, 256)
+            if self.bc.floor and self.fixed:
+                feeds = [F.encoder_feed(sysm.rt, r) for r in self.sets[self.fixed].batches(1, 1)]
+                try:
+                    self.profiles[sysm.name] = F.profile_ops(sysm.model_path, feeds, self.bc.profile_calls, threads=1)
+                except Exception as e:  # noqa: BLE001
+                    self.profiles[sysm.name] = dict(error=f"{type(e).__name__}: {e}")
+            self.register(sysm, sysm.name, dict(kind="student_onnx", onnx_dir=str(onnx_dir), variant=variant,
+                                                model_file=file, providers=["CPUExecutionProvider"]),
+                          model_file=file)
+            sysm.close()
+            gc.collect()
 
     def _gpu_providers(self, gp: str) -> list:
         try:
@@ -362,6 +423,7 @@ class _Bench:
                 for p in self.points:
                     s = self.systems.get(p["system"], {})
                     if (s.get("kind") == "student" and s.get("runtime") == "onnxruntime"
+                            and s.get("serving") != "two_part"
                             and s.get("provider") == "CPUExecutionProvider" and p["requests"] == self.fixed
                             and p["workload"] == wl and p["batch"] == b):
                         row["variants"].setdefault(p["system"], {})[f"threads_{p['threads']}"] = dict(
@@ -369,7 +431,27 @@ class _Bench:
                 out["points"].append(row)
                 _log(f"  floor {wl:>10} b={b:<4}: overhead {oh['overhead_ms']:.4f} ms, {flops_per_call / 1e6:.2f} MFLOP "
                      f"-> floor {floor:.4f} ms ({row['bound']}-bound)")
+        out["two_part"] = self.two_part_floor(onnx_dir, rate["gflops"])
         return out
+
+    def two_part_floor(self, onnx_dir: Path, gflops: float) -> Optional[dict]:
+        """The two-part roofline at batch 1, history `fixed_history` (serve_bench.floor.two_part_floor), or
+        None when no two-part variant is measured."""
+        variants = self.two_part_systems(onnx_dir, record=False)
+        if not variants:
+            return None
+        bc = self.bc
+        reqs = self.sets[self.fixed].batches(1, 1)
+        try:
+            tp = F.two_part_floor(onnx_dir, variants, reqs, gflops, top_k=bc.top_k, min_samples=bc.min_samples,
+                                  min_seconds=min(bc.min_seconds, 1.0))
+        except Exception as e:  # noqa: BLE001 - reported in the targets table
+            return dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+        for name, v in tp["variants"].items():
+            _log(f"  floor two-part {name:>5}: session.run p50 {v['session_p50_ms']:.4f} ms ({v['x_floor']:.2f}x floor "
+                 f"{tp['floor_ms']:.4f} ms), API p50 {v['api_p50_ms']:.4f} ms (+{v['api_adds_ms']:.4f}) "
+                 f"p99 {v['api_p99_ms']:.4f} ms")
+        return tp
 
     # ---------------------------------------------------------------- RSS
     def rss(self) -> dict:
@@ -436,8 +518,10 @@ def evaluate_targets(report: dict) -> list[dict]:
     pts, systems = report["points"], report["systems"]
     q_all = report["quality_all_users"]["rows"]
     fixed = report["workload"].get("fixed_set")
+    # the single-graph targets read single-graph rows only (comparable with reports before two-part serving);
+    # the two-part targets below read the two-part floor measurements
     cpu_students = [n for n, s in systems.items() if s["kind"] == "student" and s["runtime"] == "onnxruntime"
-                    and s["provider"] == "CPUExecutionProvider"]
+                    and s["provider"] == "CPUExecutionProvider" and s.get("serving") != "two_part"]
     fp32 = next((n for n in cpu_students if systems[n]["variant"] == "fp32"), None)
     int8 = next((n for n in cpu_students if systems[n]["variant"] == "int8"), None)
     fp32_ndcg = _ndcg(q_all.get(fp32)) if fp32 else None
@@ -513,7 +597,51 @@ def evaluate_targets(report: dict) -> list[dict]:
     else:
         why = (lt or {}).get("error") or (lt or {}).get("skipped") or "not run (bench.loadtest: false)"
         out.append(dict(target="load test: 0 errors", measured=why, value=None, met=None))
+    out += two_part_targets(report)
     return out
+
+
+def _two_part_choice(report: dict, variants: dict) -> Optional[str]:
+    """The encoder variant the two-part targets are read on: the fastest end to end (API p50) whose NDCG@10
+    (all users) stays within 1% of the two-part FP32 row, as for the single graph; fp32 when quality is unknown."""
+    systems = report["systems"]
+    ndcg = {s["variant"]: s.get("ndcg10_all_users") for s in systems.values() if s.get("serving") == "two_part"}
+    ref = ndcg.get("fp32")
+    ok = [v for v in variants if v == "fp32" or (ref and ndcg.get(v) is not None
+                                                 and (ref - ndcg[v]) / ref <= TARGET_INT8_NDCG_LOSS)]
+    return min(ok, key=lambda v: variants[v]["api_p50_ms"]) if ok else None
+
+
+def two_part_targets(report: dict) -> list[dict]:
+    """The two-part roofline targets (1,682 items, batch 1, history 50, one thread), read from
+    report["floor"]["two_part"]."""
+    tp = (report.get("floor") or {}).get("two_part")
+    h = report["workload"].get("fixed_history", 50)
+    texts = (f"two-part, batch 1, history {h}: the served encoder's session.run p50 <= {TARGET_TP_FLOOR_RATIO:.0f}x "
+             f"the floor (max(trivial-graph session.run, encoder MatMul FLOPs / matmul rate))",
+             f"same point: the Recommender API (ids in, ids out) adds <= {TARGET_TP_API_MS} ms p50 on top",
+             f"same point: p99 <= {TARGET_TP_P99_MS} ms end to end (Recommender.recommend)")
+    if not tp or tp.get("error") or not tp.get("variants"):
+        why = (tp or {}).get("error") or "not measured (no two-part model, floor disabled or no fixed-length set)"
+        return [dict(target=t, measured=why, value=None, met=None) for t in texts]
+    name = _two_part_choice(report, tp["variants"])
+    if name is None:
+        return [dict(target=t, measured="not measured (no encoder variant kept NDCG@10 within 1% of FP32)",
+                     value=None, met=None) for t in texts]
+    v, n = tp["variants"][name], tp["n_items"]
+    where = f"encoder {name}, {n:,} items"
+    x = v["x_floor"]
+    return [
+        dict(target=texts[0], value=x, met=x <= TARGET_TP_FLOOR_RATIO,
+             measured=f"{x:.2f}x ({where}: session.run {v['session_p50_ms']:.4f} ms vs floor {tp['floor_ms']:.4f} ms, "
+                      f"{tp['bound']}-bound; encoder {tp['encoder_flops'] / 1e6:.2f} MFLOP in the graph, the catalog "
+                      f"matmul's {tp['catalog_flops'] / 1e6:.2f} MFLOP run in numpy outside it)"),
+        dict(target=texts[1], value=v["api_adds_ms"], met=v["api_adds_ms"] <= TARGET_TP_API_MS,
+             measured=f"+{v['api_adds_ms']:.4f} ms ({where}: API p50 {v['api_p50_ms']:.4f} ms vs session.run p50 "
+                      f"{v['session_p50_ms']:.4f} ms, timed interleaved)"),
+        dict(target=texts[2], value=v["api_p99_ms"], met=v["api_p99_ms"] <= TARGET_TP_P99_MS,
+             measured=f"{v['api_p99_ms']:.4f} ms ({where}; p50 {v['api_p50_ms']:.4f} ms)"),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -652,6 +780,7 @@ def assemble_report(B: _Bench, measured: dict, quality: dict, catalog: dict, loa
         rss=measured["rss"], floor=measured["floor"], profile=B.profiles,
         **quality, baseline_check=check_baselines(quality), catalog=catalog, loadtest=loadtest, **summaries)
     report["ablation"] = load_ablation(B.run, B.ds.data_hash, dataclasses.asdict(B.cfg.student))
+    report["scale"] = load_scale_summary(B.run)
     report["targets"] = evaluate_targets(report)
     return report
 

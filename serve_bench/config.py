@@ -47,6 +47,10 @@ class BenchConfig(Config):
     variants: list[Literal["fp32", "opt", "int8", "fp16"]] = field(
         default_factory=lambda: ["fp32", "opt", "int8", "fp16"])
     """Student ONNX variants benchmarked when their file exists (fp16 only on a GPU provider)."""
+    two_part_variants: list[Literal["fp32", "opt", "int8", "qdq"]] = field(
+        default_factory=lambda: ["fp32", "opt", "int8", "qdq"])
+    """Two-part encoder variants benchmarked (CPU) when runtime.json "two_part" lists them: the served path,
+    encoder + item table (empty list: no two-part rows). fp16 is GPU-only and not offered here."""
     gpu_providers: list[str] = field(default_factory=lambda: ["CUDAExecutionProvider", "TensorrtExecutionProvider"])
     """GPU providers tried when onnxruntime lists them; a row is kept only if the provider really serves."""
     teacher_onnx: bool = True

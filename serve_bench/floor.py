@@ -13,6 +13,15 @@ floor(request) = max(per-call overhead, FLOPs(request) / single-thread matmul ra
     those intermediate tensors exposed as outputs). Elementwise ops, softmax and layer norms are left out,
     so this is a lower bound of the work.
 
+Two-part serving (`two_part_floor`): the served graph is encoder.onnx (history item vectors -> user vector and
+tower features); the catalog matmul (user vector @ item vectors + bias, 2*B*d*N FLOPs) runs in numpy in the
+runtime, outside the graph. So the encoder's floor = max(bare session.run of a trivial graph with the ENCODER's
+inputs and outputs, encoder MatMul FLOPs / matmul rate); the catalog matmul's FLOPs are counted and reported
+beside it (they are part of the API's cost, not of the graph's). The Recommender API (raw ids in, raw ids out:
+validation, id lookup, gather, encoder, retrieval with the history excluded, ids out) is timed interleaved with
+the bare session.run on the same requests, so "what the API adds" is a difference of two p50s taken under the
+same machine load.
+
 `profile_ops` runs onnxruntime's profiler (SessionOptions.enable_profiling) and aggregates kernel time per
 operator type: top operators by time, and the share of a call spent outside kernels (framework overhead).
 """
@@ -21,6 +30,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -70,6 +80,28 @@ def trivial_folder(onnx_dir: Path, dst: Path) -> Path:
     onnx.save(trivial_model(list(meta["outputs"]), int(meta["n_items"])), str(dst / "trivial.onnx"))
     (dst / "runtime.json").write_text(json.dumps({**meta, "model_file": "trivial.onnx"}))
     return dst
+
+
+def trivial_encoder_model(dim: int, outputs: dict, opset: int = 17):
+    """An ONNX model with the two-part encoder's inputs (history_vectors [B, L, dim], history_ratings [B, L],
+    history_length [B]) and outputs ({name: width}, each [B, width]) that does (almost) no work: each output is
+    the length cast to float times a zero row."""
+    from onnx import TensorProto, helper, numpy_helper
+    inputs = [helper.make_tensor_value_info("history_vectors", TensorProto.FLOAT, ["batch", "history", dim]),
+              helper.make_tensor_value_info("history_ratings", TensorProto.FLOAT, ["batch", "history"]),
+              helper.make_tensor_value_info("history_length", TensorProto.INT64, ["batch"])]
+    inits = [numpy_helper.from_array(np.array([1], np.int64), "axis1")]
+    nodes = [helper.make_node("Cast", ["history_length"], ["len_f"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["len_f", "axis1"], ["len_col"])]
+    outs = []
+    for name, width in outputs.items():
+        inits.append(numpy_helper.from_array(np.zeros((1, int(width)), np.float32), f"zeros_{name}"))
+        nodes.append(helper.make_node("Mul", ["len_col", f"zeros_{name}"], [name]))
+        outs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", int(width)]))
+    graph = helper.make_graph(nodes, "trivial_encoder", inputs, outs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="serve_bench")
+    model.ir_version = min(model.ir_version, 10)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------- matmul rate
@@ -171,6 +203,14 @@ def feed_of(req: tuple) -> dict:
     return dict(zip(INPUTS, (np.ascontiguousarray(a) for a in req)))
 
 
+def encoder_feed(rt, req: tuple) -> dict:
+    """The two-part encoder's feed for a request, as the runtime builds it (export.runtime.Recommender._encode:
+    the history's item vectors gathered from the served item table)."""
+    items, ratings, length = (np.ascontiguousarray(a) for a in req[:3])
+    return {"history_vectors": np.ascontiguousarray(rt.catalog.table.vectors[items]),
+            "history_ratings": ratings.astype(np.float32, copy=False), "history_length": length.astype(np.int64)}
+
+
 # ---------------------------------------------------------------------------------------------- overhead
 def overhead(onnx_dir: Path, reqs: list[tuple], fn_of_system, min_samples: int = 200,
              min_seconds: float = 0.5) -> dict:
@@ -199,6 +239,88 @@ def overhead(onnx_dir: Path, reqs: list[tuple], fn_of_system, min_samples: int =
 def floor_ms(overhead_ms: float, flops: float, gflops: float) -> float:
     """max(per-call overhead, compute time at the measured matmul rate)."""
     return max(overhead_ms, flops / (gflops * 1e9) * 1e3)
+
+
+# ---------------------------------------------------------------------------------------------- two-part
+def time_interleaved(fns: dict, args: list, warmup: int, min_samples: int, min_seconds: float) -> dict:
+    """{name: time_calls-style summary}: the functions called one after the other on the same argument, round
+    robin over `args`, until each has min_samples calls and min_seconds passed (so a load burst on a shared
+    machine hits all of them alike). fns: {name: fn(arg)}."""
+    from .timing import summarize
+    for i in range(max(0, warmup)):
+        for fn in fns.values():
+            fn(args[i % len(args)])
+    lat = {name: [] for name in fns}
+    t_start = time.perf_counter()
+    i = 0
+    while True:
+        a = args[i % len(args)]
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(a)
+            lat[name].append((time.perf_counter() - t0) * 1e3)
+        i += 1
+        if i >= min_samples and time.perf_counter() - t_start >= min_seconds:
+            break
+    return {name: summarize(v) for name, v in lat.items()}
+
+
+def api_requests(rt, reqs: list[tuple]) -> list[tuple]:
+    """(raw-id history, ratings or None) per batch-1 request: what a caller of Recommender.recommend sends."""
+    out = []
+    for items, ratings, length, _ in reqs:
+        n = int(length[0])
+        hist = [rt.item_ids[i] for i in items[0, items.shape[1] - n:]]
+        rates = ratings[0, items.shape[1] - n:].tolist() if rt.uses_ratings else None
+        out.append((hist, rates))
+    return out
+
+
+def two_part_floor(onnx_dir: Path, variants: dict, reqs: list[tuple], gflops: float, top_k: int = 10,
+                   min_samples: int = 200, min_seconds: float = 0.5) -> dict:
+    """The two-part roofline at batch 1 on one intra-op thread, for each encoder variant {name: file}.
+
+    floor = max(bare session.run of the trivial encoder graph, encoder MatMul FLOPs / gflops); per variant:
+    the served encoder's bare session.run p50 / p99 and Recommender.recommend (ids in, ids out, exact retrieval,
+    history excluded) p50 / p99, timed interleaved; api_adds_ms = API p50 - session.run p50."""
+    import onnxruntime as ort
+    from export.contract import ENCODER_FILE
+    from export.runtime import Recommender
+    onnx_dir = Path(onnx_dir)
+    base = Recommender(onnx_dir, mode="two_part", retrieval="exact", intra_op_threads=1)
+    feeds = [encoder_feed(base, r) for r in reqs]
+    names = list(base.output_names)
+    widths = {nm: int(v.shape[-1]) for nm, v in zip(names, base.session.run(names, feeds[0]))}
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    trivial = ort.InferenceSession(trivial_encoder_model(base.catalog.table.dim, widths).SerializeToString(),
+                                   sess_options=so, providers=["CPUExecutionProvider"])
+    triv = time_calls(lambda f: trivial.run(names, f), feeds, warmup=10, min_samples=min_samples,
+                      min_seconds=min_seconds)
+    fl = count_matmul_flops(onnx_dir / ENCODER_FILE, feeds[0])
+    b, d, n = feeds[0]["history_vectors"].shape[0], base.catalog.table.dim, base.catalog.n_active
+    catalog_flops = 2.0 * b * d * n
+    floor = floor_ms(triv["p50_ms"], fl["flops"], gflops)
+    out = dict(n_items=base.catalog.n_items, batch=b, history=int(feeds[0]["history_vectors"].shape[1]),
+               dim=d, top_k=top_k, trivial_run_ms=triv["p50_ms"], encoder_flops=fl["flops"],
+               encoder_matmul_nodes=fl["matmul_nodes"], compute_ms=fl["flops"] / (gflops * 1e9) * 1e3,
+               catalog_flops=catalog_flops, catalog_compute_ms=catalog_flops / (gflops * 1e9) * 1e3,
+               floor_ms=floor, bound="overhead" if triv["p50_ms"] >= floor else "compute", gflops=gflops,
+               variants={})
+    del base
+    for name, file in variants.items():
+        rec = Recommender(onnx_dir, mode="two_part", variant=name, retrieval="exact", intra_op_threads=1)
+        api = api_requests(rec, reqs)
+        pairs = list(zip(feeds, api))
+        st = time_interleaved({"session": lambda p: rec.session.run(names, p[0]),
+                               "api": lambda p: rec.recommend(p[1][0], ratings=p[1][1], k=top_k)},
+                              pairs, warmup=10, min_samples=min_samples, min_seconds=min_seconds)
+        s, a = st["session"], st["api"]
+        out["variants"][name] = dict(file=file, session_p50_ms=s["p50_ms"], session_p99_ms=s["p99_ms"],
+                                     api_p50_ms=a["p50_ms"], api_p90_ms=a["p90_ms"], api_p99_ms=a["p99_ms"],
+                                     api_adds_ms=a["p50_ms"] - s["p50_ms"], x_floor=s["p50_ms"] / floor,
+                                     samples=s["samples"])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- profile

@@ -60,7 +60,7 @@ def headline_table(report: dict) -> str:
     b_mid = 32 if 32 in w["batch_sizes"] else b_big
     ref = next((s.get("ndcg10_all_users") for s in systems.values()
                 if s.get("kind") == "student" and s.get("runtime") == "onnxruntime" and s.get("variant") == "fp32"
-                and s.get("provider") == "CPUExecutionProvider"), None)
+                and s.get("provider") == "CPUExecutionProvider" and s.get("serving") != "two_part"), None)
     h = f"h{w.get('fixed_history', 50)}"
     lines = [f"| system | runtime · provider | params | size | peak RSS | p50 b=1 {h} ms | p99 b=1 {h} ms | "
              f"p50 b={b_mid} ms | req/s b={b_big} | speed-up b=1 {h} (vs fastest teacher) | NDCG@10 teacher users | "
@@ -206,6 +206,30 @@ def floor_section(report: dict) -> str:
     return "\n".join(lines)
 
 
+def two_part_floor_section(report: dict) -> str:
+    """The two-part roofline: the encoder's floor, each variant's session.run and API p50 / p99 (batch 1)."""
+    tp = (report.get("floor") or {}).get("two_part")
+    if not tp:
+        return "_(two-part floor not measured: no two-part model in this run, or the floor is disabled)_"
+    if tp.get("error"):
+        return f"_(two-part floor failed: {tp['error']})_"
+    lines = [f"The served two-part graph is encoder.onnx: {tp['encoder_flops'] / 1e6:,.2f} MFLOP of MatMuls per call "
+             f"(batch {tp['batch']}, history {tp['history']}) = {_ms(tp['compute_ms'])} ms at the matmul rate; the "
+             f"trivial graph with its inputs and outputs runs in {_ms(tp['trivial_run_ms'])} ms; floor = "
+             f"{_ms(tp['floor_ms'])} ms ({tp['bound']}-bound). The catalog matmul (user vector x {tp['n_items']:,} item "
+             f"vectors + bias, {tp['catalog_flops'] / 1e6:,.2f} MFLOP = {_ms(tp['catalog_compute_ms'])} ms at that rate) "
+             f"is numpy in the runtime, outside the graph: it is part of the API's time, not of the floor. "
+             f"API = `Recommender.recommend(raw ids, ratings, k={tp['top_k']})` (exact retrieval, history excluded), "
+             f"timed interleaved with the bare session.run on the same requests; one intra-op thread.", "",
+             "| encoder variant | session.run p50 / p99 ms | x floor | API p50 / p90 / p99 ms | API adds (p50) ms |",
+             "|---|---|---|---|---|"]
+    for name, v in tp["variants"].items():
+        lines.append(f"| {name} ({v['file']}) | {_ms(v['session_p50_ms'])} / {_ms(v['session_p99_ms'])} | "
+                     f"{_x(v['x_floor'])} | {_ms(v['api_p50_ms'])} / {_ms(v['api_p90_ms'])} / {_ms(v['api_p99_ms'])} | "
+                     f"{v['api_adds_ms']:+.4f} |")
+    return "\n".join(lines)
+
+
 def profile_section(report: dict) -> str:
     prof = report.get("profile") or {}
     if not prof:
@@ -345,6 +369,43 @@ def ablation_section(report: dict) -> str:
         lines += ["", f"Cold start ({cs['items']} items held out of student training; {cs['test_events']} test "
                       f"events target one of them):", "", format_metrics_table(cs["rows"])]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- scale
+SCALE_REPORT = "bench/scale/report.json"
+"""Where `distillrec scale-bench` (serve_bench.scale) writes its report; report.md and scale.png lie beside it."""
+
+
+def load_scale_summary(run: Path) -> Optional[dict]:
+    """The scale benchmark's headline for the bench report (None when it has not been run): its Markdown's path
+    relative to bench/, the target verdict and the rows (items, mode, p50, recall)."""
+    path = Path(run) / SCALE_REPORT
+    if not path.exists():
+        return None
+    try:
+        rep = json.loads(path.read_text())
+        rows = [dict(items=r["items"], mode=r["mode"], p50_ms=r["p50_ms"], p99_ms=r["p99_ms"],
+                     recall_at_k=r.get("recall_at_k")) for r in rep["rows"]]
+        return dict(report_md="scale/report.md", command=rep.get("command"), target=rep.get("target") or {},
+                    rows=rows, loadavg_start=rep.get("loadavg_start"))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        return dict(report_md="scale/report.md", error=f"{path} is unreadable ({type(e).__name__}: {e})")
+
+
+def scale_section(report: dict) -> str:
+    """One line linking the scale benchmark's report (bench/scale/report.md), with its target verdict."""
+    sc = report.get("scale")
+    if not sc:
+        return ("_Not run: `distillrec scale-bench <run>` measures two-part serving on synthetic catalogs of "
+                "10^4-10^6 items (exact vs ANN); its report is linked here once it exists._")
+    if sc.get("error"):
+        return f"[{sc['report_md']}]({sc['report_md']}): {sc['error']}"
+    t = sc.get("target") or {}
+    met = {True: "met", False: "NOT met", None: "not measured"}[t.get("met")]
+    sizes = ", ".join(f"{n:,}" for n in dict.fromkeys(r["items"] for r in sc["rows"]))
+    return (f"Two-part serving on synthetic catalogs ({sizes} items, exact vs ANN): "
+            f"[{sc['report_md']}]({sc['report_md']}) (`{sc.get('command')}`). Target ({t.get('target', '?')}): "
+            f"{met}{' — ' + t['measured'] if t.get('measured') else ''}.")
 
 
 # ---------------------------------------------------------------------------------------------- verdict
@@ -500,6 +561,10 @@ def floor_and_profile_section(report: dict) -> str:
 
 {floor_section(report)}
 
+### Two-part serving (encoder + item table)
+
+{two_part_floor_section(report)}
+
 {profile_section(report)}"""
 
 
@@ -558,6 +623,7 @@ def render_markdown(report: dict) -> str:
         quality_section(report),
         f"## Distillation ablation: what the teacher adds\n\n{ablation_section(report)}",
         f"## Load test of the HTTP service\n\n{loadtest_section(report)}",
+        f"## Scale benchmark (two-part serving, 10^4-10^6 items)\n\n{scale_section(report)}",
         not_measured_section(report),
         f"## Budget\n\n{_budget(report)}",
     ]

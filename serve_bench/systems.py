@@ -6,7 +6,11 @@ candidates int64 [B, C]), internal item ids, left padded (serve_bench.workload).
   TeacherTorchSystem   the LLM teacher in PyTorch, LoRA merged into the base weights, inference mode
   TeacherOnnxSystem    teacher_onnx/teacher.onnx (inputs input_ids, attention_mask, before_pos, item_pos) on onnxruntime
   StudentTorchSystem   the student in PyTorch (item table frozen, inference mode)
-  StudentOnnxSystem    an exported student file through the serving runtime (export.runtime.Recommender)
+  StudentOnnxSystem    an exported single-graph student file through the serving runtime (export.runtime.Recommender)
+  TwoPartSystem        the served two-part path: encoder.onnx (or an encoder variant) + the item table, through the
+                       same runtime (mode="two_part", exact retrieval: the catalog is 1,682 items); its top-K
+                       workload is the served one (encoder -> retriever.search with the history excluded), its
+                       forward the runtime's predict_arrays (encoder + catalog matmul + scorer: full scores)
 
 How the teacher answers a request: it reads the history as text and then ONE candidate's text
 (docs/protocol.md: the state before the candidate's text gives the full-catalog next_item scores, the state at
@@ -79,6 +83,7 @@ class System:
     params = 0
     size_bytes = 0
     model_path: Optional[str] = None
+    serving: Optional[str] = None  # ONNX students: "single" (one graph) or "two_part" (encoder + item table)
 
     def forward(self, req: tuple) -> dict:
         raise NotImplementedError
@@ -95,7 +100,8 @@ class System:
     def meta(self) -> dict:
         return dict(kind=self.kind, runtime=self.runtime, variant=self.variant, provider=self.provider,
                     requested_provider=self.requested_provider, fallback=self.fallback, device=self.device,
-                    params=int(self.params), bytes=int(self.size_bytes), model_path=self.model_path)
+                    params=int(self.params), bytes=int(self.size_bytes), model_path=self.model_path,
+                    serving=self.serving)
 
     def close(self) -> None:
         pass
@@ -148,6 +154,7 @@ class StudentOnnxSystem(System):
     """One exported student file on one provider, through export.runtime.Recommender (the serving path)."""
 
     runtime = "onnxruntime"
+    serving = "single"
 
     def __init__(self, onnx_dir: Path, variant: str = "fp32", providers: Optional[list] = None,
                  label: Optional[str] = None, model_file: Optional[str] = None,
@@ -163,8 +170,7 @@ class StudentOnnxSystem(System):
         self._Recommender = Recommender
         # the bench's "all threads" (None) is onnxruntime's own default (0 = one thread per core), not the
         # runtime's shared-session default (min(4, cores // 2)): the report states which it measured
-        self.rt = Recommender(self.onnx_dir, providers=self.providers_arg, model_file=self.model_file,
-                              intra_op_threads=_ort_threads(intra_op_threads))
+        self.rt = self._recommender(intra_op_threads)
         self._by_threads = {intra_op_threads: self.rt}
         self.provider = self.rt.providers[0]
         self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
@@ -182,10 +188,14 @@ class StudentOnnxSystem(System):
             res["like"] = out["like_logit"]
         return res
 
+    def _recommender(self, n: Optional[int]):
+        """The runtime serving this system's file with `n` intra-op threads (the bench's None = all)."""
+        return self._Recommender(self.onnx_dir, providers=self.providers_arg, model_file=self.model_file,
+                                 intra_op_threads=_ort_threads(n))
+
     def session_with_threads(self, n: Optional[int]):
         if n not in self._by_threads:
-            self._by_threads[n] = self._Recommender(self.onnx_dir, providers=self.providers_arg,
-                                                    model_file=self.model_file, intra_op_threads=_ort_threads(n))
+            self._by_threads[n] = self._recommender(n)
         return self._by_threads[n]
 
     @contextlib.contextmanager
@@ -200,6 +210,52 @@ class StudentOnnxSystem(System):
     def close(self) -> None:
         self._by_threads.clear()
         self.rt = None
+
+
+def two_part_variants(onnx_dir: Path) -> dict:
+    """runtime.json "two_part" "variants" of a runtime folder ({} when the export wrote no two-part model)."""
+    import json
+    meta = json.loads((Path(onnx_dir) / "runtime.json").read_text())
+    tp = meta.get("two_part")
+    return dict(tp.get("variants") or {}) if isinstance(tp, dict) else {}
+
+
+class TwoPartSystem(StudentOnnxSystem):
+    """The served two-part path on one encoder variant: export.runtime.Recommender(mode="two_part").
+
+    forward(req) = the runtime's predict_arrays: encoder + the catalog matmul (numpy) + the scorer graph, the
+    full [B, N] scores (so quality is computed exactly as for the single graph). topk(req, k) = what
+    recommend serves, on internal ids: encoder, then retriever.search(user vectors, k, banned = each request's
+    history), no full-catalog score copy. Retrieval is exact (the trained catalog is small; serve_bench.scale
+    measures ANN on large synthetic catalogs)."""
+
+    serving = "two_part"
+
+    def __init__(self, onnx_dir: Path, variant: str = "fp32", providers: Optional[list] = None,
+                 intra_op_threads: Optional[int] = None, retrieval: str = "exact"):
+        variants = two_part_variants(onnx_dir)
+        if variant not in variants:
+            raise ValueError(f"encoder variant {variant!r} is not in {Path(onnx_dir) / 'runtime.json'} two_part "
+                             f"variants (has {sorted(variants)}); re-export the run to get it")
+        self.retrieval = retrieval
+        super().__init__(onnx_dir, variant, providers, label=f"student two-part (encoder {variant})",
+                         model_file=variants[variant]["file"], intra_op_threads=intra_op_threads)
+
+    def _recommender(self, n: Optional[int]):
+        return self._Recommender(self.onnx_dir, providers=self.providers_arg, variant=self.variant,
+                                 mode="two_part", retrieval=self.retrieval, intra_op_threads=_ort_threads(n))
+
+    def topk(self, req: tuple, k: int) -> list:
+        """Top-k internal ids per request, history excluded, through the encoder and the retriever."""
+        from export.contract import ENCODER_OUTPUTS
+        items, ratings, length, _ = req
+        rt = self.rt
+        cat = rt.catalog
+        items_c, rates_c, length_c, _ = rt._check_arrays(items, ratings, length, None, cat.n_items)
+        user = rt._encode(cat, items_c, rates_c, length_c)[ENCODER_OUTPUTS["next_item"]]
+        L = items.shape[1]
+        banned = [items[r, L - int(n):] for r, n in enumerate(length)]
+        return [ids for ids, _ in cat.retriever.search(user, k, banned=banned)]
 
 
 # ------------------------------------------------------------------------------------------------ teacher
