@@ -48,23 +48,29 @@ exclusion, candidates re-scored exactly):
     descheduled); (**) p90 4.6 ms. Uncontended single-thread exact is ~0.9 ms at 10^5 and scales linearly
     (~9 ms at 10^6, an extrapolation).
 
-Choice: HNSW (IndexHNSWFlat, METRIC_INNER_PRODUCT on [v, b] / [u, 1]) is the default. IVF-Flat looks perfect
-at 10^5 on this clustered data, but at 10^6 (4096 lists cutting each of the 50 clusters into ~80 pieces; the
-top inner products sit at high-norm items spread over many lists) it needs nprobe=64 for 0.92 recall at 0.64 ms
-p50 and a 4.6 ms p90, and its k-means took 10 minutes to train; HNSW's cost grows ~log N. The MIPS->L2
-augmentation (extra sqrt(M^2-||x||^2) coordinate) was measured too: a worse recall at the same ef, 2x the build
-time (likely because the extra coordinate makes items near-equidistant from every query), so the plain
-inner-product graph wins here. IVF stays available (index_type="ivf") for memory-tight or fast-rebuild cases.
-Defaults: M=32 (the usual recall/memory point: 64 neighbour ids per item on level 0, ~0.26 KiB/item on top of
-the 65 floats), ef_construction=100 (the common choice; not swept here, the 10^6 build alone
-took 9 minutes on the shared cores; build time grows ~linearly with it),
-ef_search=128 (at 10^6: 0.956 at 96, 0.968 at 128, 0.976 at 256 for +30% latency; 128 keeps a margin over the
-0.95 target; the beam is anyway raised to k' = k + |banned| + margin, 70 for 50 seen items), nprobe=64 /
-nlist ~ 4 sqrt(n) for IVF (from the 10^6 row).
+Second measurement (the lead, issue 13's scale benchmark: 10^6 items = the 1,682 real rows of the default run's
+item table plus noisy copies of them, serve_bench/scale.py; queries = the real encoder's user vectors of 200
+test users, their seen items banned; quiet machine, single-thread search):
 
-Thread count: faiss's OpenMP thread count is process-global; `search` sets it to `threads` (default 1) before
-every search. One thread per query is the right default for a server that runs many requests concurrently (the
-lead's batch-1, 1.5 ms budget): OpenMP fan-out on a 64-dim query costs more in synchronisation than it saves.
+    10^6    HNSW IP M=32 efC=100 ef=128..1024       135-212   0.7-2.3      45          0.75 .. 0.90
+    10^6    IVF-Flat IP nlist=4096 nprobe=32..128        52   0.36-1.23    19          0.39 .. 0.83
+    10^6    IVF-Flat L2 on [v, b, sqrt(R^2-|.|^2)],      46   0.13 (8)     19          0.82 (8)
+            nlist=4096, k-means on 64 rows/list                0.32 (32)                0.962 (32)
+                                                               0.68 (64)                0.992 (64)
+
+A catalog made of many items that resemble each other (every real row has ~600 noisy siblings: variants,
+sequels, near-duplicates, as real catalogs have) breaks the inner-product graph: the top scores sit among
+near-equal siblings and the graph walk stops early. Inner-product IVF fails for the known MIPS reason (k-means
+groups by direction and position, the top inner products sit at high-norm items in many lists). The MIPS->L2
+reduction fixes IVF: with the extra coordinate, the nearest item in L2 IS the best-scored one, so k-means lists
+group items that score alike and a few lists hold the whole top-k.
+
+Choice: IVF-Flat over the L2-transformed rows (index_type="ivf") is the default: 0.96-0.99 recall@10 at 10^6
+for 0.3-0.7 ms, a 46 s build (k-means on a 64-per-list sample) and half HNSW's memory (the rows plus list ids,
+no graph). nprobe=48 (between the measured 32 and 64; 1.2 % of the lists at 10^6, 4.7 % at 10^5),
+nlist ~ 4 sqrt(n). HNSW (IndexHNSWFlat, inner product on [v, b] / [u, 1]) stays available
+(index_type="hnsw": the better choice on catalogs without near-duplicate clusters, per the first table).
+M=32, ef_construction=100, ef_search=128 are its defaults.
 """
 from __future__ import annotations
 
@@ -88,10 +94,13 @@ costs ~0.1 ms at 10^4, ~0.3 ms at 3x10^4 and ~0.9 ms at 10^5 (linear in N); HNSW
 to 10^5. The pure latency crossover is ~1-2x10^4, but below 5x10^4 exact stays under ~0.5 ms, well inside the
 ~1 ms left after the encoder, with perfect recall, no build time and no index memory; at 10^5 exact (~0.9 ms)
 would eat the whole budget. Hence 5x10^4."""
+TRAIN_PER_LIST = 64
+"""k-means training rows per IVF list (AnnRetriever._training_sample)."""
 INDEX_FILE = "index.faiss"
 META_FILE = "retrieval.json"
 FORMAT = "distillrec-retrieval"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: IVF indexes hold the L2-transformed rows (a v1 IVF index searched inner products)."""
 INSTALL_HINT = "pip install faiss-cpu (the `ann` extra: pip install distillrec[ann])"
 
 
@@ -130,6 +139,21 @@ def top_k_indices(scores: np.ndarray, k: int, banned=None) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- validation
+
+def _top_k_eligible(vals: np.ndarray, k: int) -> np.ndarray:
+    """top_k_indices for a float32 score row with no NaN where -inf marks an ineligible item: the same order
+    (highest first, ties by the lower index), -inf entries never returned. The serving hot path: no float64 copy,
+    no gather of the eligible ids (banned and inactive items are masked to -inf in the row instead)."""
+    n = vals.shape[0]
+    if k < n:
+        t = vals[np.argpartition(vals, n - k)[n - k]]  # the k-th highest value
+        above = np.flatnonzero(vals > t)
+        sel = np.concatenate([above, np.flatnonzero(vals == t)[:k - above.size]]) if above.size < k else above
+    else:
+        sel = np.arange(n)
+    sel = sel[np.lexsort((sel, -vals[sel]))]
+    return sel[vals[sel] > -np.inf]
+
 
 def faiss_available() -> bool:
     """True when `import faiss` would succeed (checked without importing it)."""
@@ -273,6 +297,8 @@ class ExactRetriever:
         self.n_items, self.dim = self.vectors.shape
         self.all_active = bool(self.active.all())
         self.active_ids = np.flatnonzero(self.active)
+        # inactive items score -inf through their bias: removed by the top-k, never gathered out per query
+        self._bias_eff = self.bias if self.all_active else np.where(self.active, self.bias, -np.inf).astype(np.float32)
         self.max_score_bytes = int(max_score_bytes)
         self.build_seconds = 0.0
 
@@ -299,26 +325,17 @@ class ExactRetriever:
         for start in range(0, len(plain), step):
             chunk = plain[start:start + step]
             scores = q[chunk] @ self.vectors.T
-            scores += self.bias
+            scores += self._bias_eff
             for j, i in enumerate(chunk):
                 out[i] = self._row_top_k(scores[j], k, banned[i])
         return out
 
-    def _eligible_ids(self, banned) -> np.ndarray | None:
-        """Sorted ids that may be returned (None: all of them, no gather needed)."""
-        if banned is None or not banned.size:
-            return None if self.all_active else self.active_ids
-        keep = self.active.copy()
-        keep[banned] = False
-        return np.flatnonzero(keep)
-
     def _row_top_k(self, row: np.ndarray, k: int, banned) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k of one row of scores over the eligible ids (removed, never just pushed down)."""
-        ids = self._eligible_ids(banned)
-        if ids is None:
-            sel = top_k_indices(row, k)
-            return _result(sel, row[sel])
-        sel = ids[top_k_indices(row[ids], k)]
+        """Top-k of one row of scores (this search's own array) over the eligible ids: banned ids are set to
+        -inf like the inactive ones, and -inf is never returned (removed, never just pushed down)."""
+        if banned is not None and banned.size:
+            row[banned] = -np.inf
+        sel = _top_k_eligible(row, k)
         return _result(sel, row[sel])
 
 
@@ -358,8 +375,8 @@ class AnnRetriever:
 
     kind = "ann"
 
-    def __init__(self, vectors, bias, active=None, *, index_type: str = "hnsw", nlist: int | None = None,
-                 nprobe: int = 64, M: int = 32, ef_construction: int = 100, ef_search: int = 128,
+    def __init__(self, vectors, bias, active=None, *, index_type: str = "ivf", nlist: int | None = None,
+                 nprobe: int = 48, M: int = 32, ef_construction: int = 100, ef_search: int = 128,
                  margin: int = 10, max_widen: int = 3, threads: int = 1, build_threads: int | None = None,
                  _index=None, _build_seconds: float | None = None):
         faiss = _faiss()
@@ -401,9 +418,25 @@ class AnnRetriever:
                 "max_widen": self.max_widen}
 
     def _augmented(self) -> np.ndarray:
-        """Active rows as [v, b] float32, so that [u, 1] @ [v, b] = u @ v + b."""
+        """Active rows as [v, b] float32, so that [u, 1] @ [v, b] = u @ v + b. For IVF one more coordinate,
+        sqrt(R^2 - |[v, b]|^2) with R the largest norm, turns the inner product into a Euclidean distance
+        (|[u, 1, 0] - [v, b, c]|^2 = |u|^2 + 1 + R^2 - 2 (u @ v + b)): the nearest item in L2 is the best-scored
+        one, and k-means lists then group items that score alike (see the module docstring)."""
         ids = self.active_ids
-        return np.ascontiguousarray(np.hstack([self.vectors[ids], self.bias[ids, None]]), dtype=np.float32)
+        x = np.hstack([self.vectors[ids], self.bias[ids, None]]).astype(np.float32)
+        if self.index_type == "hnsw" or x.shape[0] == 0:
+            return np.ascontiguousarray(x)
+        sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+        extra = np.sqrt(np.maximum(sq.max() - sq, 0.0)).astype(np.float32)
+        return np.ascontiguousarray(np.hstack([x, extra[:, None]]))
+
+    def _query(self, q: np.ndarray) -> np.ndarray:
+        """Queries in the index's space: [u, 1] (HNSW, inner product) or [u, 1, 0] (IVF, L2)."""
+        extra = 1 if self.index_type == "hnsw" else 2
+        qa = np.zeros((q.shape[0], q.shape[1] + extra), dtype=np.float32)
+        qa[:, :q.shape[1]] = q
+        qa[:, q.shape[1]] = 1.0
+        return qa
 
     def _build(self, faiss):
         x = self._augmented()
@@ -416,14 +449,22 @@ class AnnRetriever:
                 index.hnsw.efConstruction = self.ef_construction
             else:
                 self.nlist = min(self.nlist, max(1, x.shape[0] // 39))
-                index = faiss.IndexIVFFlat(faiss.IndexFlatIP(x.shape[1]), x.shape[1], self.nlist,
-                                           faiss.METRIC_INNER_PRODUCT)
+                index = faiss.IndexIVFFlat(faiss.IndexFlatL2(x.shape[1]), x.shape[1], self.nlist, faiss.METRIC_L2)
                 index.cp.seed = 1234  # k-means is seeded: the same table builds the same index
-                index.train(x)
+                index.train(self._training_sample(x))
             index.add(x)
         finally:
             faiss.omp_set_num_threads(self.threads)
         return index
+
+    def _training_sample(self, x: np.ndarray) -> np.ndarray:
+        """k-means training rows: TRAIN_PER_LIST per list, a seeded sample (faiss wants >= 39 per list; more only
+        slows the build: at 10^6 rows all of them took minutes, 64 per list ~45 s on 2 cores)."""
+        n = min(x.shape[0], TRAIN_PER_LIST * self.nlist)
+        if n == x.shape[0]:
+            return x
+        rows = np.sort(np.random.default_rng(1234).choice(x.shape[0], n, replace=False))
+        return np.ascontiguousarray(x[rows])
 
     def memory_bytes(self) -> int:
         """Estimated memory of the index plus the id map (the item table itself is not counted)."""
@@ -473,7 +514,7 @@ class AnnRetriever:
     def _ann_labels(self, faiss, q: np.ndarray, kp: int, nprobe: int) -> np.ndarray:
         """faiss labels [B, kp'] (positions in the index, -1 = none) for the augmented queries [u, 1]."""
         kp = min(kp, self.index.ntotal)
-        qa = np.hstack([q, np.ones((q.shape[0], 1), dtype=np.float32)])
+        qa = self._query(q)
         if self.index_type == "hnsw":
             params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, kp))
         else:

@@ -482,7 +482,8 @@ class Recommender:
     def _lookup(self, ids: list, what: str, allow_drop: bool, cat: Optional[Catalog] = None) -> tuple[list[int], list[int]]:
         """-> (internal ids, positions kept). Unknown ids raise (or are dropped when configured)."""
         cat = cat or self._catalog
-        keys = [self._to_key(x) for x in ids]
+        # fast path: every id a str (JSON strings); ints and bad types go through _to_key
+        keys = ids if all(type(x) is str for x in ids) else [self._to_key(x) for x in ids]
         out, kept, unknown = [], [], []
         index = cat.index
         for pos, k in enumerate(keys):
