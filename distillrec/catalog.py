@@ -40,6 +40,12 @@ def _items_dir(run_dir: Path) -> Path:
 
 
 def _check_student(student, table, run_dir: Path) -> None:
+    from export.two_part import student_model_id
+    want = table.meta.get("model_id")
+    if want and student_model_id(run_dir / "student") != want:
+        raise CatalogError(f"{run_dir / 'student'} changed since the item table was exported (model "
+                           f"{student_model_id(run_dir / 'student')}, the table was built for {want}): new rows must "
+                           f"come from the served student; run `distillrec export {run_dir}` first")
     trained = int(table.meta.get("trained_items", table.n_items))
     if student.n_items != trained or int(student.cfg.dim) != table.dim:
         raise CatalogError(f"{run_dir / 'student'} ({student.n_items} items, dim {student.cfg.dim}) is not the student "

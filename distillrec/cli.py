@@ -304,10 +304,12 @@ def cmd_scale_bench(args) -> int:
 
 def cmd_add_items(args) -> int:
     """Append new items to the served item table (teacher text vectors -> the student's cold-start rows)."""
+    from export.item_table import ItemTableError
+
     from .catalog import CatalogError, add_items
     try:
         out = add_items(Path(args.run_dir), args.items_file, device=args.device)
-    except (CatalogError, ValueError, FileNotFoundError) as e:
+    except (CatalogError, ValueError, FileNotFoundError, ItemTableError) as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps(out, indent=2))
     print(f"item table version {out['version']} published: running servers reload it (Recommender.reload())")
@@ -316,10 +318,12 @@ def cmd_add_items(args) -> int:
 
 def cmd_remove_items(args) -> int:
     """Take items out of serving (or back in with --reactivate) as a new item table version."""
+    from export.item_table import ItemTableError
+
     from .catalog import CatalogError, remove_items
     try:
         out = remove_items(Path(args.run_dir), args.ids, id_file=args.file, reactivate=args.reactivate)
-    except (CatalogError, ValueError) as e:
+    except (CatalogError, ValueError, ItemTableError) as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps(out, indent=2))
     return 0

@@ -169,6 +169,7 @@ class TableWatcher:
         self.rec, self.check_s, self.clock = rec, check_s, clock
         self.reloads = 0
         self.errors = 0
+        self._failed: Optional[int] = None  # a version whose reload failed: not retried until CURRENT moves
         self._next = 0.0
         self._lock = threading.Lock()  # two callers (batcher + a probe) never reload at once
 
@@ -197,14 +198,16 @@ class TableWatcher:
             if now < self._next:
                 return False
             self._next = now + self.check_s
+            on_disk = None
             try:
                 on_disk = self.rec.disk_table_version()
-                if on_disk == self.table_version:
+                if on_disk == self.table_version or on_disk == self._failed:
                     return False
                 before = self.table_version
                 swapped = bool(self.rec.reload())
             except Exception as e:  # noqa: BLE001 - a half-written table must not stop the service
                 self.errors += 1
+                self._failed = on_disk
                 log.error("item table reload failed (still serving version %s): %s: %s", self.table_version,
                           type(e).__name__, e, exc_info=e)
                 return False
@@ -215,7 +218,7 @@ class TableWatcher:
 
 
 class WatchThread:
-    """Runs a TableWatcher on its own daemon thread: the reload watch when batching is off."""
+    """Runs a TableWatcher on its own daemon thread (the service's table watch, off the request path)."""
 
     def __init__(self, watcher: TableWatcher):
         self.watcher = watcher

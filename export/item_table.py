@@ -8,7 +8,8 @@ the graph, so items can be added or taken out of serving without a new export (`
         CURRENT              "v000003\\n": the served version (replaced with os.replace: readers see old or new)
         .lock                writers hold an exclusive flock on it (one update at a time)
         v000003/
-            meta.json        version, parent, n_items, n_active, trained_items, change, array shapes
+            meta.json        version, parent, model_id (the export the rows belong to), n_items, n_active,
+                             trained_items, change, array shapes
             ids.json         raw item ids, one per row (row = internal id)
             vectors.npy      float32 [N, d]  item vectors (ID embedding + text projection): next_item score
                              of item i for user vector u is u @ vectors[i] + bias[i]
@@ -258,6 +259,16 @@ def _publish(items_dir: Path, version: int) -> None:
     _fsync_dir(items_dir)
 
 
+def publish_version(items_dir: Union[str, Path], version: int) -> None:
+    """Serve an existing version again (a rollback): CURRENT is replaced atomically, under the writers' lock."""
+    items_dir = Path(items_dir)
+    with _locked(items_dir):
+        if not (items_dir / version_name(version)).is_dir():
+            raise ItemTableError(f"{items_dir / version_name(version)} does not exist (on disk: "
+                                 f"{versions_on_disk(items_dir)})")
+        _publish(items_dir, version)
+
+
 def _prune(items_dir: Path, keep: int) -> None:
     cur = current_version(items_dir)
     old = [v for v in versions_on_disk(items_dir) if v != cur]
@@ -281,8 +292,9 @@ def _normalise(ids: Sequence, arrays: dict) -> tuple[list[str], dict]:
     return ids, out
 
 
-def _meta(version: int, parent: Optional[int], ids: list[str], arrays: dict, trained_items: int, change: dict) -> dict:
-    return {"version": version, "parent": parent, "n_items": len(ids),
+def _meta(version: int, parent: Optional[int], ids: list[str], arrays: dict, trained_items: int, change: dict,
+          model_id: Optional[str] = None) -> dict:
+    return {"version": version, "parent": parent, "model_id": model_id, "n_items": len(ids),
             "n_active": int(np.count_nonzero(arrays["active"])), "trained_items": int(trained_items),
             "dim": int(arrays["vectors"].shape[1]),
             "arrays": {k: {"dtype": str(a.dtype), "shape": list(a.shape)} for k, a in arrays.items()},
@@ -290,7 +302,7 @@ def _meta(version: int, parent: Optional[int], ids: list[str], arrays: dict, tra
 
 
 def write_table(items_dir: Union[str, Path], ids: Sequence, arrays: dict, change: Optional[dict] = None,
-                trained_items: Optional[int] = None, keep: int = KEEP_VERSIONS) -> int:
+                trained_items: Optional[int] = None, keep: int = KEEP_VERSIONS, model_id: Optional[str] = None) -> int:
     """Publish a whole table as a new version (max version on disk + 1, so a running server always sees a
     change) and return its number. `arrays` needs vectors and bias; active defaults to all True and popularity
     to 0. Used by the export (the trained catalog) and by the updates below."""
@@ -309,7 +321,7 @@ def write_table(items_dir: Union[str, Path], ids: Sequence, arrays: dict, change
             parent = current_version(items_dir)
         version = max(on_disk + [parent or 0]) + 1
         meta = _meta(version, parent, ids, arrays, n if trained_items is None else trained_items,
-                     change or {"kind": "write"})
+                     change or {"kind": "write"}, model_id)
         _write_version(items_dir, version, ids, arrays, meta)
         _publish(items_dir, version)
         _prune(items_dir, keep)
@@ -325,7 +337,8 @@ def _update(items_dir: Path, edit, keep: int) -> tuple[int, dict]:
         if problems:
             raise ItemUpdateError("the updated item table is inconsistent: " + "; ".join(problems))
         version = max(versions_on_disk(items_dir) + [table.version]) + 1
-        meta = _meta(version, table.version, ids, arrays, table.meta.get("trained_items", table.n_items), change)
+        meta = _meta(version, table.version, ids, arrays, table.meta.get("trained_items", table.n_items), change,
+                     table.meta.get("model_id"))  # an update serves the same model as its parent
         _write_version(items_dir, version, ids, arrays, meta)
         _publish(items_dir, version)
         _prune(items_dir, keep)

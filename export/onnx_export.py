@@ -397,7 +397,8 @@ def export_student(student_dir: Path, onnx_dir: Path, cfg: ExportConfig, seed: i
                                          "gpu_only": rec["gpu_only"]}
     two_part_s = time.perf_counter()
     runtime["two_part"], parity["two_part"] = export_two_part(student, onnx_dir, runtime, cfg, refs, max_history, seed,
-                                                              calibration=calibration, strict_variants=strict)
+                                                              calibration=calibration, strict_variants=strict,
+                                                              student_dir=student_dir)
     two_part_s = time.perf_counter() - two_part_s
     write_json(onnx_dir / C.PARITY_FILE, parity)
 
@@ -426,7 +427,8 @@ def export_student(student_dir: Path, onnx_dir: Path, cfg: ExportConfig, seed: i
 
 def export_two_part(student: Student, onnx_dir: Path, runtime: dict, cfg: ExportConfig, refs: list[dict],
                     max_history: int, seed: int, variants: Optional[Sequence[str]] = None,
-                    calibration: Optional[tuple] = None, strict_variants: Optional[bool] = None) -> tuple[dict, dict]:
+                    calibration: Optional[tuple] = None, strict_variants: Optional[bool] = None,
+                    student_dir: Optional[Path] = None) -> tuple[dict, dict]:
     """encoder.onnx + scorer.onnx + a new item table version, verified, then the served two-part path is checked
     against the PyTorch student (export/two_part.py). runtime.json is written with the "two_part" block only for
     the parity check and rewritten without it when the check fails (the single graph stays servable).
@@ -451,13 +453,22 @@ def export_two_part(student: Student, onnx_dir: Path, runtime: dict, cfg: Export
             TP.verify_io(onnx.load(str(tmp)), TP.scorer_io(scorer), scorer.output_names, "scorer.onnx")
     else:
         sc_path.unlink(missing_ok=True)
-    version = TP.write_item_table(student, onnx_dir, runtime["item_ids"], runtime["item_popularity"])
-    meta = {**TP.two_part_meta(student, encoder, scorer), "table_version_at_export": version}
+    from export.item_table import ItemTableError, current_version, publish_version
+    items_dir = C.item_table_dir(onnx_dir)
+    try:
+        previous = current_version(items_dir)
+    except ItemTableError:
+        previous = None
+    model_id = TP.student_model_id(student_dir) if student_dir is not None else None
+    version = TP.write_item_table(student, onnx_dir, runtime["item_ids"], runtime["item_popularity"], model_id)
+    meta = {**TP.two_part_meta(student, encoder, scorer), "table_version_at_export": version, "model_id": model_id}
     write_json(onnx_dir / C.RUNTIME_META_FILE, {**runtime, "two_part": meta})
     try:
         parity = TP.check_two_part_parity(onnx_dir, refs, cfg.parity_tol, single_graph=onnx_dir / C.STUDENT_FILE)
     except ExportError:
         write_json(onnx_dir / C.RUNTIME_META_FILE, runtime)
+        if previous is not None:  # the unchecked table is not served: CURRENT goes back to what it named
+            publish_version(items_dir, previous)
         for f in C.ENCODER_VARIANT_FILES.values():
             (onnx_dir / f).unlink(missing_ok=True)  # stale: built from an earlier encoder.onnx
         raise

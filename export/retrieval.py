@@ -500,11 +500,15 @@ class AnnRetriever:
                 ann_rows.append(i)
         if not ann_rows:
             return out
-        n_banned = [self._n_banned_active(banned[i]) for i in ann_rows]
-        k_first = k + max(n_banned) + self.margin
-        labels = self._ann_labels(faiss, q[ann_rows], k_first, self.nprobe)
-        for j, i in enumerate(ann_rows):
-            out[i] = self._finish_row(faiss, q[i], k, banned[i], labels[j], k_first)
+        # each row asks the index for its own k' = k + |its banned| + margin (rows with the same k' share one
+        # faiss call): a row's answer never depends on which other rows share its batch
+        groups: dict[int, list[int]] = {}
+        for i in ann_rows:
+            groups.setdefault(k + self._n_banned_active(banned[i]) + self.margin, []).append(i)
+        for k_first, rows_ in groups.items():
+            labels = self._ann_labels(faiss, q[rows_], k_first, self.nprobe)
+            for j, i in enumerate(rows_):
+                out[i] = self._finish_row(faiss, q[i], k, banned[i], labels[j], k_first)
         return out
 
     def _n_banned_active(self, banned) -> int:

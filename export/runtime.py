@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import numbers
 import os
 import threading
@@ -46,6 +47,7 @@ from export.providers import (CPU, TRT, ProviderFallbackWarning, build_providers
 
 _FIX = C.EXPORT_HINT
 _REQUIRED = C.REQUIRED_META_KEYS
+_log = logging.getLogger("distillrec.runtime")
 MAX_DEFAULT_THREADS = 4
 """Cap of the default intra-op thread count (see default_intra_op_threads)."""
 
@@ -313,21 +315,44 @@ class Recommender:
             return build_retriever(table.vectors, table.bias, table.active, mode=mode,
                                    ann_min_items=self.ann_min_items, **self.ann_params)
         from export.retrieval import AnnRetriever
-        cache = self.items_dir / version_name(table.version) / ANN_DIR
-        build_params = {k: v for k, v in self.ann_params.items() if k not in ("ef_search", "nprobe", "margin", "max_widen")}
+        vdir = self.items_dir / version_name(table.version)
+        cache = vdir / ANN_DIR
+        build_params = {k: v for k, v in self.ann_params.items()
+                        if k not in ("ef_search", "nprobe", "margin", "max_widen", "threads")}
+        search = {k: v for k, v in self.ann_params.items() if k != "threads" and k not in build_params}
         if cache.is_dir() and not build_params:
             try:
-                search = {k: v for k, v in self.ann_params.items() if k != "threads"}
                 return AnnRetriever.load(cache, table.vectors, table.bias, table.active,
                                          threads=self.ann_params.get("threads", 1), **search)
-            except (ValueError, OSError, RuntimeError):
-                pass  # stale or unreadable: rebuild below
+            except (ValueError, OSError, RuntimeError) as e:  # stale or unreadable: rebuild and replace it
+                _log.warning("ANN index %s not reused (%s: %s); rebuilding it", cache, type(e).__name__, e)
+                import shutil
+                shutil.rmtree(cache, ignore_errors=True)
         retriever = build_retriever(table.vectors, table.bias, table.active, mode="ann", **self.ann_params)
-        try:
-            retriever.save(cache)
-        except OSError:
-            pass  # read-only model folder
+        if not build_params:
+            self._save_index(retriever, vdir, cache)
         return retriever
+
+    @staticmethod
+    def _save_index(retriever, vdir: Path, cache: Path) -> None:
+        """Keep a built index for the next process: written under a private temporary name and renamed into
+        place, so a reader never sees half an index and, when several workers build the same version at once,
+        the first rename wins and the others drop their copy. A read-only folder, a full disk or a version
+        pruned meanwhile only cost the next process a rebuild (logged)."""
+        import shutil
+        import uuid
+        if not vdir.is_dir():
+            return
+        tmp = vdir / f".{ANN_DIR}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            retriever.save(tmp)
+            os.rename(tmp, cache)
+        except (OSError, RuntimeError) as e:  # faiss reports write errors as RuntimeError
+            if not cache.is_dir():
+                _log.warning("ANN index not saved to %s (%s: %s): the next process rebuilds it", cache,
+                             type(e).__name__, e)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _pick_mode(self, mode: str, model_file: Optional[str]) -> str:
         has = isinstance(self.meta.get("two_part"), dict)
@@ -354,6 +379,12 @@ class Recommender:
             table = load_table(self.items_dir, version)
         except ItemTableError as e:
             raise RuntimeArtifactError(str(e)) from e
+        want = self.two_part.get("model_id")
+        if want and table.meta.get("model_id") != want:
+            raise RuntimeArtifactError(
+                f"{self.items_dir} version {table.version} belongs to another export (model {table.meta.get('model_id')}, "
+                f"this runtime serves {want}): the student was re-exported since this Recommender was built; "
+                f"restart the server (or build a new Recommender) to serve the new export")
         if table.dim != int(self.two_part["dim"]):
             raise RuntimeArtifactError(f"{self.items_dir} holds {table.dim}-d vectors, the encoder reads "
                                        f"{self.two_part['dim']}-d ones; {_FIX}")

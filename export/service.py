@@ -552,7 +552,6 @@ class _Handlers:
                  reload_check_s: Optional[float] = DEFAULT_RELOAD_CHECK_S):
         self.rec, self.name, self.max_batch = rec, name, max_batch
         self.provider = rec.providers[0]
-        self.k_limit = min(max_k, rec.n_items)
         self.max_k = max_k
         self.batching, self.max_queue, self.batch_max, self.batch_wait_ms = batching, max_queue, batch_max, \
             batch_wait_ms
@@ -568,11 +567,12 @@ class _Handlers:
         """App startup: the batcher (or, batching off, the table watch thread); then /ready answers 200."""
         if self.batching:
             self.batcher = MicroBatcher(self.rec, max_queue=self.max_queue, max_batch=self.batch_max,
-                                        max_wait_ms=self.batch_wait_ms, watcher=self.watcher,
-                                        on_batch=self.metrics.observe_batch, request_error=RequestError).start()
-        else:
-            self._watch_thread = WatchThread(self.watcher)
-            self._watch_thread.start()
+                                        max_wait_ms=self.batch_wait_ms, on_batch=self.metrics.observe_batch,
+                                        request_error=RequestError).start()
+        # the table watch has its own thread: a reload (loading a table, building an ANN index: up to a minute at
+        # 10^6 items) never holds up the batcher; the swap is one assignment that requests in flight do not see
+        self._watch_thread = WatchThread(self.watcher)
+        self._watch_thread.start()
         self.state = "ready"
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -609,11 +609,12 @@ class _Handlers:
 
     def _k(self, k: Optional[int]) -> int:
         """The k to serve: the request's (at most the limit) or the model's top_k (cut to the catalog)."""
+        limit = min(self.max_k, self.rec.n_items)  # the live catalog: add-items grows it
         if k is None:
-            return min(self.rec.top_k, self.k_limit)
-        if k > self.k_limit:
-            raise _BadRequest(f"k={k} exceeds the limit of {self.k_limit} (the catalog has {self.rec.n_items} "
-                              f"items; this service's max_k is {self.max_k}); ask for at most {self.k_limit}")
+            return min(self.rec.top_k, limit)
+        if k > limit:
+            raise _BadRequest(f"k={k} exceeds the limit of {limit} (the catalog has {self.rec.n_items} "
+                              f"items; this service's max_k is {self.max_k}); ask for at most {limit}")
         return k  # k <= 0 is left to the runtime, which names it
 
     def _ranked(self, got: list, k: int) -> dict:
@@ -721,7 +722,7 @@ class _Handlers:
             "uses_ratings": rec.uses_ratings,
             "max_history": rec.max_history,
             "top_k": rec.top_k,
-            "max_k": self.k_limit,
+            "max_k": min(self.max_k, rec.n_items),
             "like_threshold": rec.like_threshold,
             "rating_range": list(rec.rating_range),
             "inputs": list(getattr(rec, "input_names", [i["name"] for i in m.get("inputs") or []])),

@@ -24,7 +24,7 @@ What one request does (TritonPythonModel.execute, every request of the dynamic b
 The top-k is exact and is the answer of export/retrieval.py's ExactRetriever (top_k_indices is vendored
 here verbatim in behaviour: ties by the lower row, NaN last, banned rows removed, never pushed down). There is
 no ANN index in Triton: exact scoring costs ~0.9 ms per query at 10^5 items on one core; for much larger
-catalogs serve distillrec's HTTP service (faiss HNSW) or put an ANN service behind the encoder.
+catalogs serve distillrec's HTTP service (faiss IVF) or put an ANN service behind the encoder.
 
 Request tensors (batch axis first; "" is padding anywhere in a string tensor and is dropped):
     history_items   BYTES [B, L]  raw item ids, oldest first
@@ -295,6 +295,7 @@ class RecommendCore:
         k = self.top_k if k is None else k
         if isinstance(k, (bool, np.bool_)) or not isinstance(k, (numbers.Integral, np.integer)) or int(k) <= 0:
             raise RequestError(f"{what}: k must be a positive int, got {k!r}")
+        k = min(int(k), len(self.table.ids))  # never more than the catalog: a huge k must not size the output
         banned = set(rows) if exclude_seen else set()
         deny = self._id_set(exclude)
         if deny is not None:

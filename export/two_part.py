@@ -268,12 +268,25 @@ def scorer_io(scorer: PairScorer) -> dict:
     return out
 
 
-def write_item_table(student: Student, onnx_dir: Path, item_ids: list[str], popularity) -> int:
+def student_model_id(student_dir: Path) -> str:
+    """The export a table belongs to: sha256 (16 hex) of the student's weights file. Stamped into runtime.json
+    ("two_part" "model_id") and every table version's meta.json; the runtime refuses a table of another model
+    (a server still holding the previous encoder after a re-export) and add-items a retrained student."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(Path(student_dir) / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def write_item_table(student: Student, onnx_dir: Path, item_ids: list[str], popularity,
+                     model_id: Optional[str] = None) -> int:
     """Publish the trained catalog as a new item table version (added items of an earlier table are NOT
     carried over: a re-export serves what the student was trained on; re-run add-items for the rest)."""
     arrays = item_arrays(student, popularity)
-    return write_table(C.item_table_dir(onnx_dir), item_ids, arrays,
-                       change={"kind": "export", "count": len(item_ids)}, trained_items=len(item_ids))
+    return write_table(C.item_table_dir(onnx_dir), item_ids, arrays, change={"kind": "export", "count": len(item_ids)},
+                       trained_items=len(item_ids), model_id=model_id)
 
 
 def two_part_meta(student: Student, encoder: nn.Module, scorer: Optional[PairScorer]) -> dict:

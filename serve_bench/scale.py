@@ -148,7 +148,7 @@ def write_synthetic_catalog(onnx_dir: Path, dst: Path, n_items: int, noise: floa
     arrays = synthetic_arrays(real, n_items, noise=noise, seed=seed)
     write_table(C.item_table_dir(dst), synthetic_ids(table.ids, n_items), arrays,
                 change={"kind": "synthetic", "count": n_items, "real_rows": table.n_items, "noise": noise},
-                trained_items=table.n_items)
+                trained_items=table.n_items, model_id=table.meta.get("model_id"))  # served by the same encoder
     return dst
 
 

@@ -186,7 +186,8 @@ def test_int_ids_are_matched_as_strings(tmp_path, onnx_dir):
     meta["item_ids"] = [str(1000 + i) for i in range(N_ITEMS)]
     (d / "runtime.json").write_text(json.dumps(meta))
     table = load_table(d / "items")  # two-part serving reads its ids from the item table
-    write_table(d / "items", meta["item_ids"], {k: np.asarray(a) for k, a in table.arrays.items()})
+    write_table(d / "items", meta["item_ids"], {k: np.asarray(a) for k, a in table.arrays.items()},
+                model_id=table.meta["model_id"])
     c = TestClient(create_app(d))
     a = c.post("/recommend", json={"history": [1001, 1002], "k": 4}).json()
     b = c.post("/recommend", json={"history": ["1001", "1002"], "k": 4}).json()

@@ -229,3 +229,40 @@ def test_requests_with_bad_lists_are_request_errors(serving_export):
         rec.recommend_batch([["m101"]], allow="m102")
     with pytest.raises(RequestError, match="exclude must be a list"):
         rec.recommend_batch([["m101"]], exclude=[["m1"], ["m2"]])
+
+
+def test_ann_index_is_saved_per_version_and_reused(onnx_copy, caplog):
+    pytest.importorskip("faiss")
+    from export.retrieval import INDEX_FILE
+    rec = Recommender(onnx_copy, retrieval="ann", ann_params={"nprobe": 2})
+    vdir = onnx_copy / C.ITEM_TABLE_DIR / f"v{rec.table_version:06d}"
+    assert rec.catalog.retriever.kind == "ann" and (vdir / "ann" / INDEX_FILE).is_file()
+    assert not [p for p in vdir.iterdir() if p.name.endswith(".tmp")]  # written under a temporary name
+    hist = ["m101", "m105", "m120"]
+    want = rec.recommend(hist, k=5)
+    mtime = (vdir / "ann" / INDEX_FILE).stat().st_mtime_ns
+    again = Recommender(onnx_copy, retrieval="ann", ann_params={"nprobe": 2})  # search parameters only: reused
+    assert again.recommend(hist, k=5) == want and (vdir / "ann" / INDEX_FILE).stat().st_mtime_ns == mtime
+    other = Recommender(onnx_copy, retrieval="ann", ann_params={"nprobe": 2, "nlist": 3})  # a build parameter:
+    assert other.recommend(hist, k=5) == want and (vdir / "ann" / INDEX_FILE).stat().st_mtime_ns == mtime  # not saved
+    # a corrupt saved index is rebuilt (and replaced), with a warning, never served
+    (vdir / "ann" / INDEX_FILE).write_bytes(b"garbage")
+    with caplog.at_level("WARNING", logger="distillrec.runtime"):
+        third = Recommender(onnx_copy, retrieval="ann", ann_params={"nprobe": 2})
+    assert any("not reused" in r.getMessage() for r in caplog.records)
+    assert third.recommend(hist, k=5) == want and (vdir / "ann" / INDEX_FILE).stat().st_size > 100
+
+
+def test_a_table_of_another_export_is_refused(onnx_copy):
+    rec = Recommender(onnx_copy)
+    meta = json.loads((onnx_copy / C.RUNTIME_META_FILE).read_text())
+    assert rec.two_part["model_id"] and load_table(onnx_copy / C.ITEM_TABLE_DIR).meta["model_id"] == meta["two_part"]["model_id"]
+    table = load_table(onnx_copy / C.ITEM_TABLE_DIR)
+    write_table(onnx_copy / C.ITEM_TABLE_DIR, table.ids, {k: np.asarray(a) for k, a in table.arrays.items()},
+                model_id="another-export")  # what a re-export of a retrained student publishes
+    with pytest.raises(RuntimeArtifactError, match="belongs to another export"):
+        rec.reload()
+    assert rec.table_version == table.version  # still serving the old one
+    # updates keep their parent's model id
+    set_active(onnx_copy / C.ITEM_TABLE_DIR, ["m101"], active=False)
+    assert load_table(onnx_copy / C.ITEM_TABLE_DIR).meta["model_id"] == "another-export"
