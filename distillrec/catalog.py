@@ -56,21 +56,34 @@ def _check_student(student, table, run_dir: Path) -> None:
                            "new items have nothing to be scored from; retrain with use_text_vectors=true")
 
 
+def run_data_config(run_dir: Path):
+    """The run's data section (its config.yaml), validated: which columns and text rule its items came from."""
+    import yaml
+
+    from distill.config import ConfigError, DataConfig, build_config
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise CatalogError(f"{path} not found: {run_dir} is not a run folder (start one with `distillrec run`)")
+    try:
+        return build_config(DataConfig, (yaml.safe_load(path.read_text()) or {}).get("data") or {}, "data")
+    except ConfigError as e:
+        raise CatalogError(f"{path}: {e}") from None
+
+
 def add_items(run_dir, items_file, device: str = "cpu", progress: bool = True) -> dict:
     """Append the items of `items_file` to the run's served item table; returns a summary with step timings."""
     from distill.item_text import encode_item_texts
     from distill.student import Student
     from export.two_part import cold_item_arrays
 
-    from .cli import _config_for_run
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
-    cfg = _config_for_run(str(run_dir), [])
+    data_cfg = run_data_config(run_dir)
     items = _items_dir(run_dir)
     table = load_table(items)
     student = Student.load(run_dir / "student")
     _check_student(student, table, run_dir)
-    ids, texts = read_new_items(cfg.data, items_file, existing_ids=table.ids)
+    ids, texts = read_new_items(data_cfg, items_file, existing_ids=table.ids)
     t_read = time.perf_counter()
     text = encode_item_texts(run_dir, texts, device=device, progress=progress)
     t_text = time.perf_counter()
