@@ -165,7 +165,9 @@ def load_table(items_dir: Union[str, Path], version: Optional[int] = None, mmap:
                 raise ItemTableError(f"{path} is missing; {_HINT}")
             continue
         try:
-            arrays[name] = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+            # np.asarray drops the np.memmap subclass (its __getitem__ costs ~20 us per gather on the request
+            # path) while keeping the same mapped, read-only memory
+            arrays[name] = np.asarray(np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False))
         except (OSError, ValueError) as e:
             raise ItemTableError(f"{path} is corrupt ({e}); {_HINT}") from e
     table = ItemTable(folder=items_dir, version=v, ids=ids, arrays=arrays, meta=meta)
