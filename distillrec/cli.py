@@ -292,6 +292,18 @@ def cmd_triton(args) -> int:
     return 0
 
 
+def cmd_synth(args) -> int:
+    """A synthetic log at any scale (distill/synth.py): Parquet files that data.source=parquet reads."""
+    from distill.synth import SynthError, main_args
+    try:
+        out = main_args(args.users, args.items, args.interactions, args.out, seed=args.seed,
+                        overwrite=args.overwrite, topics=args.topics)
+    except SynthError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def cmd_scale_bench(args) -> int:
     """Two-part serving on synthetic catalogs of growing size (serve_bench/scale.py); not part of `run`."""
     from serve_bench.scale import parse_sizes, run_scale_bench
@@ -403,6 +415,15 @@ COMMANDS: dict[str, Command] = {
         RUN_DIR,
         arg("--out", help="snapshot JSON path (default: docs/results/<run name>.json)"),
         arg("--readme", help="a README with <!-- results:begin --> / <!-- results:end --> markers to rewrite"))),
+    "synth": Command(cmd_synth, "write a seeded synthetic interaction log (power-law popularity, sequences, ratings, "
+                     "item titles) as Parquet", (
+        arg("--users", type=int, required=True),
+        arg("--items", type=int, required=True),
+        arg("--interactions", type=int, required=True, help="total rows; history lengths sum to exactly this"),
+        arg("--topics", type=int, help="item groups (default 50)"),
+        arg("--seed", type=int, default=0),
+        arg("--overwrite", action="store_true", help="replace existing output files"),
+        arg("out", help="OUT.parquet (the items go to OUT.items.parquet)"))),
     "scale-bench": Command(cmd_scale_bench, "two-part serving on synthetic catalogs of 10^4-10^6 items: exact vs ANN", (
         RUN_DIR,
         arg("--sizes", default="1e4,1e5,1e6", help="catalog sizes, comma-separated (the real items come first)"),
