@@ -8,6 +8,8 @@ Internal ids: users 0..U-1 and items 0..N-1 in order of first appearance in the 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import hashlib
 import importlib.util
 import json
@@ -112,14 +114,58 @@ def _load_generic(cfg: DataConfig):
 
 
 # ----------------------------------------------------------------------------- the dataset
+class Ragged(Sequence):
+    """Rows of different lengths in CSR layout: one flat array and offsets [n + 1]; row u is
+    flat[offsets[u]:offsets[u + 1]], a view (no copy, no Python object per row until asked for).
+
+    Replaces a list of per-user arrays (10^5 users = 10^5 ndarray objects) with two arrays; it indexes, iterates
+    and has a length like that list did."""
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray):
+        if offsets.ndim != 1 or offsets[0] != 0 or offsets[-1] != flat.shape[0] or np.any(np.diff(offsets) < 0):
+            raise ValueError(f"offsets must rise from 0 to len(flat)={flat.shape[0]}")
+        self.flat, self.offsets = flat, offsets
+
+    def __len__(self) -> int:
+        return self.offsets.shape[0] - 1
+
+    def __getitem__(self, u):
+        if isinstance(u, slice):
+            return [self[i] for i in range(*u.indices(len(self)))]
+        u = int(u)
+        if u < 0:
+            u += len(self)
+        if not 0 <= u < len(self):
+            raise IndexError(f"row {u} out of range for {len(self)} rows")
+        return self.flat[self.offsets[u]:self.offsets[u + 1]]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def factorize_as_str(values) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted unique ids as str, codes int64): the same answer as np.unique(values.astype(str),
+    return_inverse=True) without building one Python string per row: the column is factorized in its own dtype
+    (vectorized), and only the unique values are turned into strings and sorted (lexicographically, as before)."""
+    codes, uniq = pd.factorize(pd.Series(values), sort=False)
+    as_str = pd.Series(uniq).astype(str).to_numpy()
+    order = np.argsort(as_str, kind="stable")
+    rank = np.empty(order.size, dtype=np.int64)
+    rank[order] = np.arange(order.size)
+    ids = as_str[order]
+    if len(set(ids.tolist())) != ids.size:  # e.g. 1 and "1" in one column: the old string path merged them
+        return np.unique(np.asarray(values).astype(str), return_inverse=True)
+    return ids, rank[codes]
+
+
 @dataclass
 class Dataset:
     name: str
     user_ids: np.ndarray  # raw ids (str), index = internal user id
     item_ids: np.ndarray  # raw ids (str), index = internal item id
     item_text: list[str]
-    items: list[np.ndarray]  # per user: internal item ids in chronological order
-    ratings: Optional[list[np.ndarray]]  # per user: float32 ratings, or None without ratings
+    items: Ragged  # per user: internal item ids in chronological order (a CSR view per row)
+    ratings: Optional[Ragged]  # per user: float32 ratings, or None without ratings
     like_threshold: float
     data_hash: str
     source_file: str
@@ -243,16 +289,13 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     else:
         time = np.arange(len(inter))
 
-    users_raw = inter[cols["user"]].astype(str).to_numpy()
-    items_raw = inter[cols["item"]].astype(str).to_numpy()
-    user_ids, user_idx = np.unique(users_raw, return_inverse=True)
-    item_ids, item_idx = np.unique(items_raw, return_inverse=True)
+    user_ids, user_idx = factorize_as_str(inter[cols["user"]])
+    item_ids, item_idx = factorize_as_str(inter[cols["item"]])
     # stable sort by (user, time): ties keep file order (docs/protocol.md)
     order = np.lexsort((np.arange(len(inter)), time, user_idx))
-    user_sorted = user_idx[order]
-    bounds = np.flatnonzero(np.diff(user_sorted)) + 1
-    seq_items = np.split(item_idx[order].astype(np.int64), bounds)
-    seq_ratings = np.split(ratings[order], bounds) if ratings is not None else None
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(user_idx, minlength=len(user_ids)))]).astype(np.int64)
+    seq_items = Ragged(item_idx[order].astype(np.int64), offsets)
+    seq_ratings = Ragged(ratings[order], offsets) if ratings is not None else None
 
     item_text, coverage = _item_texts(item_ids, items, cols["item"], path)
 
@@ -280,7 +323,7 @@ class Split:
 
     @classmethod
     def leave_last_out(cls, ds: Dataset) -> "Split":
-        lengths = np.array([len(s) for s in ds.items])
+        lengths = ds.items.lengths() if isinstance(ds.items, Ragged) else np.array([len(s) for s in ds.items])
         n_train = np.where(lengths >= 3, lengths - 2, lengths)
         return cls(ds=ds, n_train=n_train, eval_users=np.flatnonzero(lengths >= 3))
 

@@ -230,3 +230,25 @@ def test_bad_time_and_source(tmp_path):
         load_dataset(csv_cfg(tmp_path / "log.csv", **CUSTOM))
     with pytest.raises(ValueError, match="data.source='json'"):  # rejected by the config, before any loading
         load_dataset(DataConfig(source="json"))
+
+
+def test_ragged_rows_and_string_factorization_match_the_list_and_np_unique_paths():
+    """The CSR layout indexes like the list of per-user arrays it replaced, and factorize_as_str gives
+    np.unique(values.astype(str))'s answer (lexicographic string order: "10" < "9") without per-row strings."""
+    import pandas as pd
+
+    from distill.data import Ragged, factorize_as_str
+    rows = [np.array([3, 1]), np.array([], dtype=np.int64), np.array([7, 7, 2])]
+    r = Ragged(np.concatenate(rows).astype(np.int64), np.array([0, 2, 2, 5]))
+    assert len(r) == 3 and r.lengths().tolist() == [2, 0, 3]
+    assert all(np.array_equal(a, b) for a, b in zip(r, rows)) and np.array_equal(r[-1], rows[2])
+    assert [x.tolist() for x in r[1:]] == [[], [7, 7, 2]]
+    with pytest.raises(IndexError):
+        r[3]
+    with pytest.raises(ValueError, match="offsets"):
+        Ragged(np.arange(3), np.array([0, 2]))
+    for values in (np.array([10, 9, 100, 9, 1]), np.array(["b", "a10", "a9", "b"]), np.array([1.0, 2.5, 1.0]),
+                   pd.Series([5, 3, 5], dtype="int32")):
+        want_ids, want_codes = np.unique(pd.Series(values).astype(str).to_numpy(), return_inverse=True)
+        ids, codes = factorize_as_str(values)
+        assert ids.tolist() == want_ids.tolist() and codes.tolist() == want_codes.tolist()
