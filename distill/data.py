@@ -51,14 +51,23 @@ def _require_cols(df: pd.DataFrame, cols: list[str], path: Path, hint: str) -> N
         raise DataError(f"{path}: column(s) {missing} not found (have {list(df.columns)}); {hint}")
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+def read_table(path: Path) -> pd.DataFrame:
+    """CSV (comma), TSV (.tsv/.tab and recbole's .inter/.item/.user) or Parquet (.parquet/.pq); DataError when
+    the file is empty."""
     if path.suffix in (".parquet", ".pq"):
         return pd.read_parquet(path)
-    sep = "\t" if path.suffix in (".tsv", ".inter", ".item", ".user") else ","
+    sep = "\t" if path.suffix in (".tsv", ".tab", ".inter", ".item", ".user") else ","
     try:
         return pd.read_csv(path, sep=sep)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path} is empty (not even a header line); point data.path at a non-empty log") from None
+
+
+def ml100k_item_text(titles, years) -> pd.Series:
+    """ML-100K's item text: "<movie_title> (<release_year>)", the year without a trailing ".0". The data stage's
+    rule, and add-items' for new items of an ML-100K run (distillrec/catalog.py)."""
+    year = pd.Series(years).reset_index(drop=True).astype(str).str.replace(r"\.0$", "", regex=True)
+    return pd.Series(titles).reset_index(drop=True).astype(str) + " (" + year + ")"
 
 
 def _load_recbole(folder: Path):
@@ -70,8 +79,7 @@ def _load_recbole(folder: Path):
     if item_path.exists():
         items = pd.read_csv(item_path, sep="\t")
         items.columns = [c.split(":")[0] for c in items.columns]
-        year = items["release_year"].astype(str).str.replace(r"\.0$", "", regex=True)
-        items["text"] = items["movie_title"].astype(str) + " (" + year + ")"
+        items["text"] = ml100k_item_text(items["movie_title"], items["release_year"])
         items = items[["item_id", "text"]]
         items.attrs.update(source=str(item_path), id_col="item_id")
     return inter, items, inter_path, dict(user="user_id", item="item_id", rating="rating", time="timestamp")
@@ -99,13 +107,13 @@ def _load_generic(cfg: DataConfig):
     if not cfg.path:
         raise DataError(f"data.source={cfg.source} needs data.path pointing at the interactions file")
     path = _require_file(Path(cfg.path), "interactions")
-    inter = _read_table(path)
+    inter = read_table(path)
     cols = [cfg.user_col, cfg.item_col] + [c for c in (cfg.rating_col, cfg.time_col) if c]
     _require_cols(inter, cols, path, "set data.user_col / item_col / rating_col / time_col (rating_col and time_col may be null)")
     items = None
     if cfg.items_path:
         ipath = _require_file(Path(cfg.items_path), "item text")
-        raw = _read_table(ipath)
+        raw = read_table(ipath)
         _require_cols(raw, [cfg.item_id_col] + list(cfg.item_text_cols), ipath, "set data.item_id_col / data.item_text_cols")
         text = item_text_series(raw, cfg.item_text_cols)
         items = pd.DataFrame({"item_id": raw[cfg.item_id_col], "text": text})

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from .config import TeacherConfig
-from .data import item_text_series
+from .data import DataError, item_text_series, read_table
 from .io import atomic_path
 
 STATS_FILE = "item_text_stats.npz"
@@ -53,12 +53,10 @@ class ItemTextStatsError(ValueError):
 
 # ----------------------------------------------------------------------------- the new-items file
 def _read_table(path: Path) -> pd.DataFrame:
-    """CSV (comma), TSV (.tsv/.tab) or Parquet (.parquet/.pq); an empty file reads as no rows."""
-    if path.suffix in (".parquet", ".pq"):
-        return pd.read_parquet(path)
+    """The data stage's reader (distill.data.read_table); an empty file reads as no rows (read_item_file says why)."""
     try:
-        return pd.read_csv(path, sep="\t" if path.suffix in (".tsv", ".tab") else ",")
-    except pd.errors.EmptyDataError:
+        return read_table(path)
+    except DataError:
         return pd.DataFrame()
 
 

@@ -30,21 +30,22 @@ class CatalogError(ValueError):
     """The run cannot take catalog updates (not exported, trained without text vectors, mismatched student)."""
 
 
-def _items_dir(run_dir: Path) -> Path:
+def _served_table(run_dir: Path):
+    """(items folder, the version served now) of a run; CatalogError when the run has no usable item table."""
     items = C.item_table_dir(C.serving_dir(run_dir))
     try:
-        load_table(items, mmap=True)
+        return items, load_table(items, mmap=True)
     except ItemTableError as e:
         raise CatalogError(f"{run_dir} has no usable item table ({e}); run `distillrec export {run_dir}` first") from None
-    return items
 
 
 def _check_student(student, table, run_dir: Path) -> None:
     from export.two_part import student_model_id
     want = table.meta.get("model_id")
-    if want and student_model_id(run_dir / "student") != want:
+    have = student_model_id(run_dir / "student") if want else None
+    if want and have != want:
         raise CatalogError(f"{run_dir / 'student'} changed since the item table was exported (model "
-                           f"{student_model_id(run_dir / 'student')}, the table was built for {want}): new rows must "
+                           f"{have}, the table was built for {want}): new rows must "
                            f"come from the served student; run `distillrec export {run_dir}` first")
     trained = int(table.meta.get("trained_items", table.n_items))
     if student.n_items != trained or int(student.cfg.dim) != table.dim:
@@ -79,8 +80,7 @@ def add_items(run_dir, items_file, device: str = "cpu", progress: bool = True) -
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     data_cfg = run_data_config(run_dir)
-    items = _items_dir(run_dir)
-    table = load_table(items)
+    items, table = _served_table(run_dir)
     student = Student.load(run_dir / "student")
     _check_student(student, table, run_dir)
     ids, texts = read_new_items(data_cfg, items_file, existing_ids=table.ids)
@@ -104,18 +104,18 @@ def read_new_items(data_cfg, path, existing_ids=()) -> tuple[list[str], list[str
     """(ids, texts) of a new-items file, the texts built as the run built its item texts: the run's
     data.item_text_cols joined by a space (distill/item_text.py), and for an ML-100K run, whose training texts
     were "<title> (<year>)", the year appended the same way when the file has a `release_year` column."""
+    from distill.data import ml100k_item_text, read_table
     from distill.item_text import read_item_file
     ids, texts = read_item_file(path, data_cfg.item_id_col, list(data_cfg.item_text_cols), existing_ids)
     if data_cfg.source != "ml-100k":
         return ids, texts
-    import pandas as pd
-    p = Path(path)
-    raw = pd.read_parquet(p) if p.suffix in (".parquet", ".pq") else \
-        pd.read_csv(p, sep="\t" if p.suffix in (".tsv", ".tab") else ",", dtype=str)
+    raw = read_table(Path(path))
     if ML100K_YEAR_COL not in raw.columns:
         return ids, texts
-    years = raw[ML100K_YEAR_COL].astype(str).str.replace(r"\.0$", "", regex=True)
-    return ids, [t if y in ("", "nan", "None") else f"{t} ({y})" for t, y in zip(texts, years)]
+    years = raw[ML100K_YEAR_COL]
+    full = ml100k_item_text(texts, years).tolist()
+    blank = years.isna().to_numpy() | years.astype(str).str.strip().eq("").to_numpy()
+    return ids, [t if b else f for t, f, b in zip(texts, full, blank)]
 
 
 def read_id_file(path) -> list[str]:
@@ -137,9 +137,8 @@ def remove_items(run_dir, ids: Sequence[str] = (), id_file: Optional[str] = None
     wanted = [str(x) for x in ids] + (read_id_file(id_file) if id_file else [])
     if not wanted:
         raise CatalogError("no item ids given: pass ids or --file")
-    items = _items_dir(run_dir)
-    before = load_table(items).version
+    items, before = _served_table(run_dir)
     version, change = set_active(items, wanted, active=reactivate)
     table = load_table(items, version)
-    return {"version": version, "previous_version": before, "changed": change["count"],
+    return {"version": version, "previous_version": before.version, "changed": change["count"],
             "unchanged": change["unchanged"], "n_active": table.n_active, "n_items": table.n_items}

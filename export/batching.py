@@ -22,8 +22,9 @@ Futures: a request awaited on an event loop gets an asyncio future, resolved fro
 other requests while a batch runs in onnxruntime (which releases the GIL).
 
 `TableWatcher` polls `rec.disk_table_version()` at most every `check_s` seconds and calls `rec.reload()` when
-it differs from `rec.table_version`; the batcher thread runs it between batches (a batch never straddles a
-table swap), `WatchThread` runs it when batching is off.
+it differs from `rec.table_version`; `WatchThread` runs it on its own thread, so a reload (loading a table,
+building an ANN index) never holds up the batcher. The swap is one assignment in the runtime: a batch that took
+the old catalog finishes on it.
 """
 from __future__ import annotations
 
@@ -254,7 +255,6 @@ class MicroBatcher:
       concurrently (the previous batch held more than one row). A lone client is therefore never delayed;
       with max_wait_ms=0 batches form only from requests that arrived while the previous batch ran
       (DEFAULT_BATCH_WAIT_MS says why 0.5 ms by default).
-    watcher: a TableWatcher run between batches (the worker wakes up for it even when idle).
     on_batch: called from the worker with (batch size) after each session call (metrics).
     request_error: the exception type that is the caller's fault (export.runtime.RequestError; default: any
       exception class named RequestError): a batch refused with it is re-run row by row.
@@ -263,12 +263,11 @@ class MicroBatcher:
     """
 
     def __init__(self, rec, *, max_queue: int = DEFAULT_MAX_QUEUE, max_batch: int = DEFAULT_BATCH_MAX,
-                 max_wait_ms: float = DEFAULT_BATCH_WAIT_MS, watcher: Optional[TableWatcher] = None,
+                 max_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
                  on_batch: Optional[Callable[[int], None]] = None, request_error: Optional[type] = None):
         self.rec = rec
         self.request_error = request_error
         self.max_queue, self.max_batch, self.max_wait_s = int(max_queue), int(max_batch), float(max_wait_ms) / 1e3
-        self.watcher = watcher
         self.on_batch = on_batch
         self.native_allow = supports_allow(rec)
         self._q: queue.Queue = queue.Queue(maxsize=self.max_queue)
@@ -354,11 +353,6 @@ class MicroBatcher:
         return await self.submit(job, asyncio.get_running_loop())
 
     # ---- worker
-    def _next_timeout(self) -> Optional[float]:
-        if self.watcher is None or not self.watcher.enabled:
-            return None
-        return max(0.001, self.watcher.seconds_to_next())
-
     def _collect(self, first) -> tuple[list, bool]:
         """The batch that starts with `first`: everything queued (up to max_batch), then the adaptive wait.
         -> (jobs, stop_seen)."""
@@ -388,12 +382,7 @@ class MicroBatcher:
 
     def _run(self) -> None:
         while True:
-            if self.watcher is not None:
-                self.watcher.maybe_reload()
-            try:
-                first = self._q.get(timeout=self._next_timeout())
-            except queue.Empty:
-                continue
+            first = self._q.get()
             if first is _STOP:
                 return
             batch, stop = self._collect(first)

@@ -712,9 +712,6 @@ class Recommender:
             out.append({cat.index[k] for k in map(self._to_key, ids) if k in cat.index})
         return out
 
-    def _banned(self, cat: Catalog, seen: set, exclude: Optional[set], exclude_seen: bool) -> set:
-        return (seen if exclude_seen else set()) | (exclude or set())
-
     def _rank_scores(self, cat: Catalog, scores: np.ndarray, banned: set, allow: Optional[set], k: int):
         """Exact top-k of a full score row (single graph, popularity): banned, inactive and (with an allow
         list) everything outside it are removed before the top-k."""
@@ -745,7 +742,7 @@ class Recommender:
             raise RequestError(f"empty history at row(s) {empty[:20]} (after dropping unknown ids); pass at least "
                              f"one known item or construct the Recommender with empty_history='popularity'")
         live = [row for row in range(len(items)) if items[row]]
-        banned = [self._banned(cat, seen[r], excl[r], exclude_seen) for r in range(len(items))]
+        banned = [(seen[r] if exclude_seen else set()) | (excl[r] or set()) for r in range(len(items))]
         results: list[list[tuple[str, float]]] = [[] for _ in items]
         if live:
             arr_i, arr_r, length = self._pad([items[r] for r in live], [rates[r] for r in live])

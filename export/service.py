@@ -607,9 +607,14 @@ class _Handlers:
             raise _BadRequest(f"{what} holds {n} histories; this service accepts at most max_batch={self.max_batch} "
                               f"per request (split the batch)")
 
+    @property
+    def k_limit(self) -> int:
+        """The largest k served now: max_k, cut to the live catalog (add-items grows it)."""
+        return min(self.max_k, self.rec.n_items)
+
     def _k(self, k: Optional[int]) -> int:
         """The k to serve: the request's (at most the limit) or the model's top_k (cut to the catalog)."""
-        limit = min(self.max_k, self.rec.n_items)  # the live catalog: add-items grows it
+        limit = self.k_limit
         if k is None:
             return min(self.rec.top_k, limit)
         if k > limit:
@@ -722,7 +727,7 @@ class _Handlers:
             "uses_ratings": rec.uses_ratings,
             "max_history": rec.max_history,
             "top_k": rec.top_k,
-            "max_k": min(self.max_k, rec.n_items),
+            "max_k": self.k_limit,
             "like_threshold": rec.like_threshold,
             "rating_range": list(rec.rating_range),
             "inputs": list(getattr(rec, "input_names", [i["name"] for i in m.get("inputs") or []])),
