@@ -366,6 +366,11 @@ class TeacherConfig(Config):
     """Interactions of history the teacher reads per evaluated user (the protocol's last <= 50)."""
     cache_top_k: int = 50
     """next_item soft labels kept per position (item ids + logits)."""
+    cache_shard_users: int = 256
+    """Users per cache shard (distill/cache.py). The cache stage labels shard by shard and writes each one atomically,
+    so a killed run resumes by labelling only the missing shards, and under torchrun / accelerate each rank labels the
+    shards s with s % world_size == rank. 256 keeps a shard of ML-100K-like users (~100 positions each) at ~25k rows;
+    the shard count never depends on the world size, so a cache labelled by 1 or N processes is the same."""
     infer_batch_tokens: int = 4096
     """Token budget of one inference batch (item vectors, cache, evaluation)."""
     loss_weights: dict[str, float] = field(default_factory=lambda: {"next_item": 1.0, "rating": 0.5, "like": 0.5})
@@ -399,7 +404,7 @@ class TeacherConfig(Config):
         if self.layers is not None and self.layers < 1:
             self._fail("layers", "a number of decoder layers >= 1, or null for all")
         self._at_least(1, "lora_r", "lora_alpha", "max_item_tokens", "window", "head_dim", "batch_size",
-                       "max_steps", "eval_history", "cache_top_k", "infer_batch_tokens", "grad_accum",
+                       "max_steps", "eval_history", "cache_top_k", "cache_shard_users", "infer_batch_tokens", "grad_accum",
                        "val_history", "checkpoint_every")
         self._at_least(1, "lora_last_layers", "train_users", "eval_users", "cache_users", "val_users", optional=True)
         self._at_least(0, "context", "adapt_every", "val_every", "weight_decay")
@@ -484,6 +489,25 @@ class StudentConfig(Config):
     145 = ML-100K's 5 epochs x 29 steps at batch 128: ML-100K and larger logs keep `patience` epochs; a 250-user
     subset (8 steps per epoch) waits 19 epochs. On seeded 250-user ML-100K subsets the no-KD student's NDCG@10 went
     from 1.01x to 1.19x popularity's (seed mean; docs/distillation.md). 0 = `patience` epochs whatever the size."""
+    next_item_loss: Literal["full", "sampled"] = "full"
+    """next_item's softmax: 'full' scores every item at every labelled position ([P, N] logits; exact, and cheap up
+    to ~10^4 items); 'sampled' scores the positive + `sampled_negatives` items shared by the batch (+ the teacher's
+    cached top-K for KD) with the logQ correction (distill.losses.sampled_softmax_loss), so a step costs O(P * M)
+    instead of O(P * N): for catalogs of 10^5+ items. With 'sampled' the next_item KD uses the cached top-K only
+    (kd_scope 'auto' resolves to 'topk'; 'catalog' is an error). 'full' stays the default: on ML-100K (1,682 items)
+    the full softmax is cheap and is the reference (docs/distillation.md, "Sampled softmax")."""
+    sampled_negatives: int = 1024
+    """M, the negatives of next_item_loss='sampled', drawn with replacement once per step and shared by every
+    position of the batch. 1024 = ~1% of a 10^5-item catalog: the [P, M] logits of a 128-window batch (P ~ 6,400)
+    are 26 MB instead of 2.6 GB, and M * d multiply-adds per position are a few times the encoder's own cost, so the
+    step no longer scales with N; larger M lowers the bias of the sampled normaliser (it vanishes as M grows)."""
+    sampler: Literal["uniform", "popularity"] = "popularity"
+    """Proposal q of the sampled negatives: 'popularity' q(i) ∝ (training count + 1)^0.75, 'uniform' q(i) = 1 / N
+    (both 0 on items excluded from training). Every sampled logit gets - log(M q(i)) (logQ), so either gives a
+    consistent estimate of the full softmax; q only changes its variance, which is lowest when q follows the
+    student's own softmax, which is much closer to popularity than to uniform on recommendation data (uniform
+    negatives are mostly easy tail items). The 0.75 power (word2vec's) flattens the head so the tail is still
+    drawn; the +1 keeps every trainable item drawable (importance sampling needs q > 0 wherever the softmax is)."""
     kd_alpha: float = 0.5
     """Mixing weight: task loss = (1 - alpha) * hard + alpha * KD, on positions that have teacher labels."""
     temperature: float = 2.0
@@ -559,7 +583,7 @@ class StudentConfig(Config):
         super().__post_init__()
         self._at_least(1, "dim", "layers", "heads", "ffn_mult", "max_len", "n_experts", "ple_levels",
                        "tower_hidden", "epochs", "batch_size", "listwise_top_k", "rank_kd_top_k",
-                       "ablation_epochs", "ablation_n_boot")
+                       "ablation_epochs", "ablation_n_boot", "sampled_negatives")
         self._at_least(0, "patience", "n_shared_experts", "min_steps_per_epoch", "min_patience_steps", "weight_decay", "kd_next_item", "kd_listwise", "kd_rank",
                        "kd_rating", "kd_like", "kd_align", "rank_kd_gamma_position", "rank_kd_gamma_confidence",
                        "rank_kd_gamma_consistency")
@@ -569,6 +593,10 @@ class StudentConfig(Config):
             self._fail("dim", f"must be divisible by student.heads={self.heads}")
         if self.listwise_top_k < 2:
             self._fail("listwise_top_k", "a ranking needs at least 2 items")
+        if self.next_item_loss == "sampled" and self.kd_scope == "catalog":
+            self._fail("kd_scope", "the full-catalog KL needs the [P, N] student logits that "
+                       "student.next_item_loss=sampled never computes; set student.kd_scope=topk (or auto, which "
+                       "resolves to topk with the sampled loss) or student.next_item_loss=full")
         if self.rank_kd_gamma_position + self.rank_kd_gamma_confidence + self.rank_kd_gamma_consistency <= 0:
             raise ConfigError("student.rank_kd_gamma_position / _confidence / _consistency are all 0: the importance "
                               "weight would be undefined; set one > 0 (or student.kd_rank=0 to switch it off)")

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .budget import BudgetPlan, StageClock, forward_throughput
+from .dist import Dist
 from .common import Timer, lr_lambda, pick_device, set_seed
 from .config import RunConfig
 from .data import Dataset, Split, load_dataset, sample_users
@@ -130,57 +131,6 @@ def _build(cfg: RunConfig, ds: Dataset, split: Split, device, with_item_vectors:
     teacher = Teacher(backbone, heads, inputs).to(device)
     teacher.item_text_records = [item_stats] if item_stats is not None else []  # saved by _evaluate_and_save
     return teacher, builder
-
-
-# ----------------------------------------------------------------------------- distributed helpers
-class Dist:
-    """torchrun / accelerate launch set WORLD_SIZE, RANK, LOCAL_RANK: DDP with nccl (CUDA) or gloo (CPU)."""
-
-    def __init__(self, device: str):
-        import os
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = device
-        if self.world > 1:
-            import torch.distributed as dist
-            if device.startswith("cuda"):
-                torch.cuda.set_device(self.local_rank)
-                self.device = f"cuda:{self.local_rank}"
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self):
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.barrier()
-
-    def average_(self, tensors):
-        if self.world > 1:
-            import torch.distributed as dist
-            for t in tensors:
-                if t is not None:
-                    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-                    t /= self.world
-
-    def any_(self, flag: bool) -> bool:
-        """True on every rank when it is True on any rank (a stop decision all ranks must share)."""
-        if self.world == 1:
-            return flag
-        import torch.distributed as dist
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
-
-    def close(self):
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.barrier()
-            dist.destroy_process_group()
 
 
 def _amp_context(tc, device: str):

@@ -120,6 +120,8 @@ def stage_cache(cfg) -> dict:
     from distill.cache import build_cache
     from distill.teacher_report import write_teacher_report
     man = build_cache(cfg)
+    if "labelling" not in man:  # torchrun / accelerate: rank 0 writes the manifest and reports
+        return man
     lab = man["labelling"]
     print(f"teacher cache: {man['rows']} positions of {man['users']} users, "
           f"{lab['interactions_per_s']:.1f} interactions/s; teacher report: {write_teacher_report(cfg)}")

@@ -56,9 +56,13 @@ def test_corrupt_cache_file_is_a_clear_error(run, tmp_path):
     ds = load_dataset(run.data)
     copy = tmp_path / "copy"
     shutil.copytree(run.run_dir, copy)
-    f = copy / "teacher_cache" / "cache.npz"
+    f = copy / "teacher_cache" / "shards" / "00000" / "next_topk_items.npy"
     f.write_bytes(f.read_bytes()[:1000])
-    with pytest.raises(StaleCacheError, match="corrupt"):
+    with pytest.raises(StaleCacheError, match="shards/00000.*corrupt.*distillrec cache"):
+        load_cache(copy, ds.data_hash)
+    (copy / "teacher_cache" / "items.npz").write_bytes(b"garbage")
+    shutil.rmtree(copy / "teacher_cache" / "shards" / "00000")
+    with pytest.raises(StaleCacheError, match="missing or corrupt"):
         load_cache(copy, ds.data_hash)
 
 
@@ -66,7 +70,9 @@ def test_cache_states_the_labelling_cost_up_front(run, capsys):
     """The cache has no time budget: it must label every position, so it states the cost before it starts, from
     the exact token count and the teacher stage's measured evaluation throughput."""
     import json
+    import shutil
     from pathlib import Path
+    shutil.rmtree(Path(run.run_dir) / "teacher_cache" / "shards")  # else the complete cache is reused (resume)
     man = build_cache(run)
     out = capsys.readouterr().out
     lab = man["labelling"]
@@ -75,6 +81,10 @@ def test_cache_states_the_labelling_cost_up_front(run, capsys):
     assert lab["estimate_source"] == "the teacher's evaluation throughput"
     assert lab["estimated_seconds"] == round(lab["tokens"] / tps, 1)  # lab["tokens"]: what was really labelled
     assert f"labelling {man['rows']:,} positions of 5 users" in out and f"{lab['tokens']:,} LLM tokens" in out
+    assert "0 of its 1 shard(s) already labelled, 1 to label" in out
+    again = build_cache(run)  # complete and fresh: nothing is labelled again
+    assert "1 of its 1 shard(s) already labelled, 0 to label" in capsys.readouterr().out
+    assert again["labelling"]["shards_labelled_now"] == 0 and again["shards"] == man["shards"]
 
 
 def test_artifacts_are_readable_by_other_users(run):
@@ -85,7 +95,8 @@ def test_artifacts_are_readable_by_other_users(run):
 
     from distill.io import current_umask
     expected = 0o666 & ~current_umask()
-    for f in ("teacher_cache/cache.npz", "teacher_cache/manifest.json", "teacher/heads.safetensors",
+    for f in ("teacher_cache/items.npz", "teacher_cache/shards/00000/next_topk_items.npy",
+              "teacher_cache/shards/00000/meta.json", "teacher_cache/manifest.json", "teacher/heads.safetensors",
               "teacher/adapter/adapter_model.safetensors", "teacher/adapter/adapter_config.json",
               "teacher/metrics.json", "teacher/test_predictions.npz"):
         assert stat.S_IMODE(os.stat(Path(run.run_dir) / f).st_mode) == expected, f

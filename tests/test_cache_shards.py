@@ -1,0 +1,173 @@
+"""The sharded teacher cache (issue 14, item 1): under torchrun / accelerate (2 ranks, gloo) the merged cache equals a
+one-process run; a run killed by SIGKILL mid-shard resumes by labelling only the missing shards; a cache read through
+memory maps gives the student exactly what the in-memory cache gives."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from distill.cache import ROW_FIELDS, ShardedRows, build_cache, load_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERRIDES = ["teacher.max_steps=2", "teacher.cache_users=12", "teacher.cache_shard_users=4"]
+
+
+def _env():
+    import os
+    return dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny run with a trained teacher (no cache) and the one-process cache of a copy of it."""
+    from distillrec.cli import _start_run
+    from distill.teacher_stage import train_teacher
+    tmp = tmp_path_factory.mktemp("shards")
+    cfg = _start_run(str(ROOT / "configs" / "tiny.yaml"), OVERRIDES, run_dir=tmp / "base")
+    train_teacher(cfg)
+    ref = _copy(cfg, tmp / "one")
+    build_cache(ref)
+    return cfg
+
+
+def _copy(cfg, dest: Path):
+    """The run folder without its cache, as a config pointing there."""
+    from distillrec.cli import _config_for_run
+    shutil.copytree(cfg.run_dir, dest, ignore=shutil.ignore_patterns("teacher_cache"))
+    return _config_for_run(str(dest), [])
+
+
+def _arrays(run_dir, data_hash, in_memory=True):
+    c = load_cache(run_dir, data_hash, in_memory=in_memory)
+    return c
+
+
+def _data_hash(cfg):
+    from distill.data import load_dataset
+    return load_dataset(cfg.data).data_hash
+
+
+def _assert_same_cache(a: dict, b: dict, exact: bool):
+    for k in ("users", "offsets", "next_topk_items", "item_vectors", "item_table", "item_bias"):
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    for k in ("next_topk_logits", "user_vector", "rating", "like_logit"):
+        x, y = np.asarray(a[k], dtype=np.float32), np.asarray(b[k], dtype=np.float32)
+        if exact:
+            np.testing.assert_array_equal(x, y, err_msg=k)
+        else:  # fp32 within 1e-5; fp16 fields within one fp16 rounding step of their value
+            tol = 1e-5 if a[k].dtype == np.float32 else np.abs(y) * 2.0 ** -10 + 1e-5
+            assert np.all(np.abs(x - y) <= tol), (k, float(np.abs(x - y).max()))
+
+
+LAUNCHERS = {
+    "torchrun": lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                              f"--master_port={port}"],
+    "accelerate": lambda port: [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+                                "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
+                                f"--main_process_port={port}"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_ranks_gloo_equal_one_process(base, tmp_path, launcher, free_port):
+    run = _copy(base, tmp_path / "two")
+    out = subprocess.run([*LAUNCHERS[launcher](free_port), "-m", "distillrec", "cache", run.run_dir],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    man = json.loads((Path(run.run_dir) / "teacher_cache" / "manifest.json").read_text())
+    assert man["world_size"] == 2 and len(man["shards"]) == 3 and man["users"] == 12
+    ranks = {json.loads((Path(run.run_dir) / "teacher_cache" / "shards" / s["name"] / "meta.json").read_text())["rank"]
+             for s in man["shards"]}
+    assert ranks == {0, 1}  # shards 0 and 2 by rank 0, shard 1 by rank 1
+    assert out.stdout.count("this process: 0 of its") == 2  # both ranks labelled
+    h = _data_hash(base)
+    one = _arrays(Path(base.run_dir).parent / "one", h)
+    _assert_same_cache(_arrays(run.run_dir, h), one, exact=False)
+    assert man["rows"] == int(one["offsets"][-1]) == len(one["next_topk_items"])
+
+
+KILL_ON_SECOND_SHARD = """
+import os, signal, sys
+import numpy as np
+import distill.cache as C
+from distillrec.cli import _config_for_run
+calls = []
+def write(folder, arrays, meta):
+    calls.append(folder.name)
+    if len(calls) == 2:  # die half-way through writing the second shard
+        tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+        tmp.mkdir(parents=True)
+        np.save(tmp / "users.npy", arrays["users"])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(folder, arrays, meta)
+real, C._write_shard = C._write_shard, write
+C.build_cache(_config_for_run(sys.argv[1], []))
+"""
+
+
+def test_killed_run_relabels_only_missing_shards(base, tmp_path, capsys):
+    run = _copy(base, tmp_path / "killed")
+    shards = Path(run.run_dir) / "teacher_cache" / "shards"
+    p = subprocess.run([sys.executable, "-c", KILL_ON_SECOND_SHARD, run.run_dir], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert sorted(x.name for x in shards.iterdir() if not x.name.startswith(".")) == ["00000"]
+    assert [x.name for x in shards.iterdir() if x.name.startswith(".00001.tmp")]  # the half-written shard
+    assert not (Path(run.run_dir) / "teacher_cache" / "manifest.json").exists()
+    before = (shards / "00000" / "meta.json").stat().st_mtime_ns
+    man = build_cache(run)
+    assert "1 of its 3 shard(s) already labelled, 2 to label" in capsys.readouterr().out
+    assert man["labelling"]["shards_labelled_now"] == 2
+    assert (shards / "00000" / "meta.json").stat().st_mtime_ns == before  # not labelled again
+    assert sorted(x.name for x in shards.iterdir()) == ["00000", "00001", "00002"]  # leftovers cleaned
+    h = _data_hash(base)
+    _assert_same_cache(_arrays(run.run_dir, h), _arrays(Path(base.run_dir).parent / "one", h), exact=True)
+
+
+def test_changed_shard_plan_relabels_and_drops_old_shards(base, tmp_path, capsys):
+    run = _copy(base, tmp_path / "replan")
+    shutil.copytree(Path(base.run_dir).parent / "one" / "teacher_cache", Path(run.run_dir) / "teacher_cache")
+    run.teacher.cache_shard_users = 6  # other users per shard: every fingerprint changes
+    man = build_cache(run)
+    assert "0 of its 2 shard(s) already labelled, 2 to label" in capsys.readouterr().out
+    assert [s["name"] for s in man["shards"]] == ["00000", "00001"]
+    assert sorted(x.name for x in (Path(run.run_dir) / "teacher_cache" / "shards").iterdir()) == ["00000", "00001"]
+    h = _data_hash(base)
+    _assert_same_cache(_arrays(run.run_dir, h), _arrays(Path(base.run_dir).parent / "one", h), exact=False)
+
+
+def test_memory_mapped_cache_gives_the_student_the_same_batches_and_model(base):
+    import torch
+    from distill.data import Split, load_dataset
+    from distill.student_stage import _to_batch, build_training_arrays, fit_student
+    one = Path(base.run_dir).parent / "one"
+    h = _data_hash(base)
+    full, lazy = load_cache(one, h, in_memory=True), load_cache(one, h, in_memory=False)
+    for k in ROW_FIELDS:
+        assert isinstance(lazy[k], ShardedRows) and isinstance(full[k], np.ndarray)
+        assert lazy[k].shape == full[k].shape and lazy[k].dtype == full[k].dtype
+        idx = np.random.default_rng(0).integers(0, full[k].shape[0], size=(7, 5))
+        np.testing.assert_array_equal(lazy[k][idx], full[k][idx])
+    with pytest.raises(IndexError, match="out of range"):
+        lazy["rating"][np.array([full["rating"].shape[0]])]
+    split = Split.leave_last_out(load_dataset(base.data))
+    arrays = build_training_arrays(split, base.student.max_len, full)
+    idx = np.arange(min(64, len(arrays["items"])))
+    a, b = _to_batch(arrays, idx, full, "cpu", True), _to_batch(arrays, idx, lazy, "cpu", True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a few steps, one thread: with 2 threads the CPU embedding backward adds in a varying order (1e-7 differences
+    # between two identical runs), which would hide what this compares
+    from dataclasses import replace
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sc = replace(base.student, epochs=1, max_steps_per_epoch=4)
+        fits = [fit_student(sc, split, c, use_teacher=True, seed=0) for c in (full, lazy)]
+    finally:
+        torch.set_num_threads(threads)
+    sa, sb = (f.student.state_dict() for f in fits)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
