@@ -63,6 +63,31 @@ def read_table(path: Path) -> pd.DataFrame:
         raise DataError(f"{path} is empty (not even a header line); point data.path at a non-empty log") from None
 
 
+def read_columns(path: Path, cols: list[str], hint: str) -> pd.DataFrame:
+    """Only `cols` of a CSV/TSV/Parquet file (the reader of interaction logs, which may be large): the header or the
+    Parquet schema is checked first (DataError naming the missing columns and `hint`), then pyarrow reads those
+    columns alone (Parquet: column chunks; CSV: a multi-threaded parse that keeps only them). A log's other columns
+    cost neither time nor memory."""
+    if path.suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+        try:
+            names = pq.read_schema(path).names
+        except Exception as e:  # pyarrow.ArrowInvalid: not a Parquet file
+            raise DataError(f"{path} is not a readable Parquet file ({e}); rewrite it, or name it .csv if it is CSV") from e
+        _require_cols(pd.DataFrame(columns=names), cols, path, hint)
+        return pq.read_table(path, columns=list(cols)).to_pandas()
+    sep = "\t" if path.suffix in (".tsv", ".tab", ".inter", ".item", ".user") else ","
+    try:
+        header = pd.read_csv(path, sep=sep, nrows=0)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path} is empty (not even a header line); point data.path at a non-empty log") from None
+    _require_cols(header, cols, path, hint)
+    try:
+        return pd.read_csv(path, sep=sep, usecols=list(cols), engine="pyarrow")
+    except Exception:  # a file pyarrow's parser rejects (ragged rows, odd quoting): pandas' own parser says where
+        return pd.read_csv(path, sep=sep, usecols=list(cols))
+
+
 def ml100k_item_text(titles, years) -> pd.Series:
     """ML-100K's item text: "<movie_title> (<release_year>)", the year without a trailing ".0". The data stage's
     rule, and add-items' for new items of an ML-100K run (distillrec/catalog.py)."""
@@ -107,9 +132,9 @@ def _load_generic(cfg: DataConfig):
     if not cfg.path:
         raise DataError(f"data.source={cfg.source} needs data.path pointing at the interactions file")
     path = _require_file(Path(cfg.path), "interactions")
-    inter = read_table(path)
     cols = [cfg.user_col, cfg.item_col] + [c for c in (cfg.rating_col, cfg.time_col) if c]
-    _require_cols(inter, cols, path, "set data.user_col / item_col / rating_col / time_col (rating_col and time_col may be null)")
+    inter = read_columns(path, cols, "set data.user_col / item_col / rating_col / time_col (rating_col and time_col "
+                                     "may be null)")
     items = None
     if cfg.items_path:
         ipath = _require_file(Path(cfg.items_path), "item text")

@@ -252,3 +252,31 @@ def test_ragged_rows_and_string_factorization_match_the_list_and_np_unique_paths
         want_ids, want_codes = np.unique(pd.Series(values).astype(str).to_numpy(), return_inverse=True)
         ids, codes = factorize_as_str(values)
         assert ids.tolist() == want_ids.tolist() and codes.tolist() == want_codes.tolist()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".parquet"])
+def test_logs_are_read_by_columns(tmp_path, suffix):
+    """Only the configured columns are read (a wide log's other columns cost nothing); a missing one is named with
+    the fix; CSV (pyarrow's parser), TSV and Parquet give the same frame."""
+    import pandas as pd
+    from distill.data import DataError, read_columns
+    df = pd.DataFrame({"u": [3, 1, 2], "i": ["a", "b", "a"], "r": [4.0, 5.0, 1.5], "junk": ["x" * 50] * 3,
+                       "t": [30, 10, 20]})
+    path = tmp_path / f"log{suffix}"
+    if suffix == ".parquet":
+        df.to_parquet(path)
+    else:
+        df.to_csv(path, sep="\t" if suffix == ".tsv" else ",", index=False)
+    got = read_columns(path, ["u", "i", "r", "t"], "hint")
+    assert list(got.columns) == ["u", "i", "r", "t"]
+    pd.testing.assert_frame_equal(got, df[["u", "i", "r", "t"]], check_dtype=False)
+    with pytest.raises(DataError, match=r"\['when'\] not found.*set the columns"):
+        read_columns(path, ["u", "when"], "set the columns")
+
+
+def test_a_corrupt_parquet_log_is_a_clear_error(tmp_path):
+    from distill.data import DataError, read_columns
+    path = tmp_path / "log.parquet"
+    path.write_bytes(b"u,i\n1,2\n")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        read_columns(path, ["u", "i"], "hint")
