@@ -200,18 +200,26 @@ class _Labeller:
         for batch in tqdm(token_batches([len(e.ids) for e in encs], tc.infer_batch_tokens), desc=desc, leave=False):
             ids, mask = pad_batch([encs[i].ids for i in batch], self.builder.pad_id)
             h = self.teacher.hidden(ids.to(self.device), mask.to(self.device))
+            # every labelled position of the batch through the heads at once: (batch row, token before item j,
+            # item j's last token) -> its cache row
+            b_row, before, item_end, rows = [], [], [], []
             for row, i in enumerate(batch):
                 u, c, a, b = examples[i]
-                loc = np.arange(a, b) - c
-                out = self.teacher.heads(h[row, [encs[i].before[k] for k in loc]],
-                                         h[row, [encs[i].item_end[k] for k in loc]])
-                rows = row_of[u] + np.arange(a, b)
-                v, ix = torch.topk(out["next_item"].float(), K, dim=-1)
-                out_arrays["next_topk_items"][rows], out_arrays["next_topk_logits"][rows] = ix.cpu().numpy(), v.cpu().numpy()
-                out_arrays["user_vector"][rows] = out["user_vector"].float().cpu().numpy()
-                if "rating" in out:
-                    out_arrays["rating"][rows] = out["rating"].float().cpu().numpy()
-                    out_arrays["like_logit"][rows] = out["like"].float().cpu().numpy()
+                for k in range(a - c, b - c):
+                    b_row.append(row)
+                    before.append(encs[i].before[k])
+                    item_end.append(encs[i].item_end[k])
+                rows.append(row_of[u] + np.arange(a, b))
+            r = torch.as_tensor(b_row, device=h.device)
+            out = self.teacher.heads(h[r, torch.as_tensor(before, device=h.device)],
+                                     h[r, torch.as_tensor(item_end, device=h.device)])
+            rows = np.concatenate(rows)
+            v, ix = torch.topk(out["next_item"].float(), K, dim=-1)
+            out_arrays["next_topk_items"][rows], out_arrays["next_topk_logits"][rows] = ix.cpu().numpy(), v.cpu().numpy()
+            out_arrays["user_vector"][rows] = out["user_vector"].float().cpu().numpy()
+            if "rating" in out:
+                out_arrays["rating"][rows] = out["rating"].float().cpu().numpy()
+                out_arrays["like_logit"][rows] = out["like"].float().cpu().numpy()
             tokens += int(mask.sum())
         return out_arrays, tokens, time.perf_counter() - t0
 

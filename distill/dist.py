@@ -31,6 +31,13 @@ class Dist:
                 kw = {} if timeout_s is None else dict(timeout=timedelta(seconds=timeout_s))
                 dist.init_process_group(backend or ("nccl" if device.startswith("cuda") else "gloo"), **kw)
 
+    @classmethod
+    def single(cls, device: str) -> "Dist":
+        """World size 1 whatever the environment says (a library call inside a launched job, e.g. the ablation)."""
+        d = cls.__new__(cls)
+        d.world, d.rank, d.local_rank, d.device = 1, 0, 0, device
+        return d
+
     @property
     def main(self) -> bool:
         return self.rank == 0

@@ -24,6 +24,12 @@ Conventions (docs/distillation.md has the long form):
 - Items excluded from training (the cold-start slice) are masked out of every softmax (hard CE, KL,
   ListMLE, RankKD) with a large negative logit, so neither their ID embedding nor their bias gets a gradient.
 - Every component is logged unweighted: its mean over the positions it applies to.
+- Sampled softmax (student.next_item_loss = 'sampled', for catalogs of 10^5+ items): the hard CE is
+  `sampled_softmax_loss` over the positive + M negatives drawn per step from q (`NegativeSampler`) and shared by
+  the batch, every negative logit corrected by - log(M q(item)) (logQ); the student never builds [P, N] logits.
+  The next_item KD then reads the cached top-K only: KL on the teacher's top-K support, ListMLE as in the full
+  mode, and RankingDistillation with its catalog log-normaliser replaced by the same logQ estimate over (the
+  step's negatives ∪ the row's teacher top-K). Excluded items have q = 0: never drawn, never a gradient.
 """
 from __future__ import annotations
 
@@ -42,6 +48,94 @@ NEG = -1e4
 def teacher_catalog_logits(user_vector: torch.Tensor, item_table: torch.Tensor, item_bias: torch.Tensor) -> torch.Tensor:
     """The teacher's full-catalog next_item logits from the cache: [P, d] @ [N, d].T + [N] -> [P, N]."""
     return user_vector.float() @ item_table.float().T + item_bias.float()
+
+
+POPULARITY_POWER = 0.75
+"""q(i) ∝ (training count + 1)^0.75 for student.sampler='popularity' (word2vec's unigram^0.75, Mikolov 2013)."""
+
+
+def sampling_distribution(kind: str, n_items: int, counts: Optional[torch.Tensor] = None,
+                          exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The proposal q [N] (float64, sums to 1) of the sampled negatives. 'uniform': 1 / (#items not excluded);
+    'popularity': (counts + 1)^POPULARITY_POWER normalised (`counts` [N]: training events per item; the + 1
+    keeps every trainable item drawable: the logQ estimate is unbiased only where q > 0). Excluded items
+    (bool [N]) get q = 0: never drawn."""
+    if kind == "uniform":
+        w = torch.ones(n_items, dtype=torch.float64)
+    elif kind == "popularity":
+        if counts is None:
+            raise ValueError("student.sampler=popularity needs the training item counts (fit_student passes "
+                             "split.train_item_counts()); pass item_counts to DistillationObjective or use "
+                             "student.sampler=uniform")
+        counts = torch.as_tensor(counts, dtype=torch.float64).cpu()
+        if counts.shape != (n_items,) or bool((counts < 0).any()):
+            raise ValueError(f"item counts must be [{n_items}] and >= 0, got shape {tuple(counts.shape)}")
+        w = (counts + 1.0) ** POPULARITY_POWER
+    else:
+        raise ValueError(f"unknown student.sampler {kind!r}; choose uniform or popularity")
+    if exclude is not None:
+        w = w.masked_fill(exclude.bool().cpu(), 0.0)
+    if not w.sum() > 0:
+        raise ValueError("every item is excluded from training: nothing to sample negatives from")
+    return w / w.sum()
+
+
+class NegativeSampler(nn.Module):
+    """M negatives per call, drawn WITH replacement from q (the torch RNG: seeded by the stage), shared by every
+    position of the batch; returns (ids [M], log_expected [M]) with log_expected = log(M q(id)), the log of the
+    item's expected count among the M draws, which is what the logQ correction subtracts (Jean et al. 2015;
+    Yi et al. 2019). With replacement the expected count is exactly M q; duplicates are kept (each draw is one
+    term of the importance-sampling sum)."""
+
+    def __init__(self, q: torch.Tensor, num_negatives: int):
+        super().__init__()
+        if int(num_negatives) < 1:
+            raise ValueError(f"student.sampled_negatives must be >= 1, got {num_negatives}")
+        self.m = int(num_negatives)
+        self.register_buffer("q", q.float(), persistent=False)
+        with torch.no_grad():
+            log_expected = torch.log(q.double() * self.m).float()  # -inf where q = 0: never drawn
+        self.register_buffer("log_expected", log_expected, persistent=False)
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.multinomial(self.q, self.m, replacement=True)
+        return ids, self.log_expected[ids]
+
+
+def sampled_softmax_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor, neg_log_expected: torch.Tensor,
+                         hit: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The logQ-corrected sampled softmax cross-entropy per row:
+
+        L = log( exp(s_pos) + sum_{j: n_j != pos} exp(s_{n_j} - log(M q(n_j))) ) - s_pos
+
+    pos_logits [P]; neg_logits [P, M] at the negatives n_1..n_M; neg_log_expected [M] = log(M q(n_j));
+    hit [P, M] bool: accidental hits (n_j = the row's positive), masked out. The positive is in the candidate set
+    with certainty, once: its expected count is 1 and its correction log 1 = 0. Then the sum inside the log is an
+    unbiased estimate of the catalog normaliser Z = sum_i exp(s_i) (Bengio & Senecal 2008), so L -> the full CE
+    as M grows (biased low by Jensen at finite M), and with every item drawn once at q = 1/N (M q = 1) L IS the
+    full CE. (TF's sampled_softmax_loss also subtracts log(M q(pos)) from the positive; its gradient then
+    tends to the full CE's times 1 / (1 - p_pos) per row and its value to the full CE + log(M q(pos)).)
+    """
+    neg = neg_logits.float() - neg_log_expected.float()
+    if hit is not None:
+        neg = neg.masked_fill(hit, NEG)
+    pos = pos_logits.float()
+    return torch.logsumexp(torch.cat([pos.unsqueeze(-1), neg], dim=-1), dim=-1) - pos
+
+
+def _member(ids: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:
+    """[P, M] bool: ids[j] (shared, [M]) is one of row p's lists[p] ([P, K]); O(P M log K) time, O(P M) memory."""
+    srt = torch.sort(lists, dim=-1).values
+    at = torch.searchsorted(srt, ids.expand(lists.shape[0], -1).contiguous()).clamp_max(lists.shape[-1] - 1)
+    return torch.gather(srt, -1, at) == ids
+
+
+def _repeats(ids: torch.Tensor) -> torch.Tensor:
+    """[M] bool: ids[j] already occurred at an earlier j' < j."""
+    srt, order = torch.sort(ids, stable=True)
+    dup = torch.zeros_like(ids, dtype=torch.bool)
+    dup[order[1:]] = srt[1:] == srt[:-1]
+    return dup
 
 
 class NextItemKL(nn.Module):
@@ -153,8 +247,9 @@ class RankingDistillation(nn.Module):
 
     @torch.no_grad()
     def weights(self, student_logits: torch.Tensor, t_items: torch.Tensor, t_logits: torch.Tensor,
-                valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The importance weights w_k / sum_k w_k, [P, k] (k = min(top_k, K)); 0 on invalid entries."""
+                valid: Optional[torch.Tensor] = None, support: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The importance weights w_k / sum_k w_k, [P, k] (k = min(top_k, K)); 0 on invalid entries.
+        `support` [P, S]: the item ids of student_logits' columns (None: column = item id, the catalog)."""
         items, t = t_items[..., : self.top_k], t_logits[..., : self.top_k].float()
         k = items.shape[-1]
         v = torch.ones_like(items, dtype=torch.bool) if valid is None else valid[..., : self.top_k]
@@ -162,6 +257,8 @@ class RankingDistillation(nn.Module):
         w_pos = _row_normalise(torch.exp(-rank / self.lam).expand(items.shape) * v)
         w_conf = torch.softmax(t.masked_fill(~v, NEG), dim=-1) * v  # a row with no valid entry: 0
         s_top = torch.topk(student_logits.float(), min(k, student_logits.shape[-1]), dim=-1).indices
+        if support is not None:
+            s_top = torch.gather(support, -1, s_top)
         w_cons = _row_normalise(((items[..., :, None] == s_top[..., None, :]).any(-1) & v).float())
         g_p, g_c, g_o = self.gammas
         return _row_normalise(g_p * w_pos + g_c * w_conf + g_o * w_cons)
@@ -172,6 +269,29 @@ class RankingDistillation(nn.Module):
         s = student_logits.float()
         log_p = torch.gather(s, -1, t_items[..., : self.top_k]) - torch.logsumexp(s, dim=-1, keepdim=True)
         return -(w * log_p).sum(-1)  # w already sums to 1 (or 0: a row with no valid entry)
+
+    def forward_sampled(self, s_items: torch.Tensor, t_items: torch.Tensor, t_logits: torch.Tensor,
+                        valid: Optional[torch.Tensor], neg_ids: torch.Tensor, neg_logits: torch.Tensor,
+                        neg_log_expected: torch.Tensor) -> torch.Tensor:
+        """The loss with the catalog log-normaliser replaced by its logQ estimate (student.next_item_loss=sampled):
+
+            log Z ~ log( sum_{k in top-K} exp(s_{i_k}) + sum_{j: n_j not in top-K} exp(s_{n_j} - log(M q(n_j))) )
+
+        s_items [P, K]: the student's logits at the row's teacher top-K (all K cached items, exact terms; invalid
+        ones at NEG); neg_ids [M], neg_logits [P, M], neg_log_expected [M]: the step's shared negatives. The sum
+        is an unbiased estimate of Z as in sampled_softmax_loss. The consistency weight compares the teacher's
+        items with the student's top-k among these candidates (the catalog top-k is not computed), so it counts
+        a teacher item that is in the candidate top-k but not in the catalog top-k as consistent."""
+        s = s_items.float()
+        in_top = _member(neg_ids, t_items)  # [P, M]: drawn negatives that are already exact terms
+        neg = neg_logits.float()
+        log_z = torch.logsumexp(torch.cat([s, (neg - neg_log_expected).masked_fill(in_top, NEG)], dim=-1),
+                                dim=-1, keepdim=True)
+        with torch.no_grad():  # the candidate list the student's top-k is taken from: each item once
+            cand = torch.cat([s, neg.masked_fill(in_top | _repeats(neg_ids), NEG)], dim=-1)
+            support = torch.cat([t_items, neg_ids.expand(t_items.shape[0], -1)], dim=-1)
+        w = self.weights(cand, t_items, t_logits, valid, support=support)
+        return -(w * (s[..., : self.top_k] - log_z)).sum(-1)
 
 
 class LikeBCE(nn.Module):
@@ -228,12 +348,19 @@ class DistillationObjective(nn.Module):
       batch  items / ratings / labelled / has_teacher [B, L]; with a teacher also t_items / t_logits
              [B, L, K], t_rating / t_like [B, L], t_user [B, L, d_t] (the cached teacher user vector)
     `use_teacher=False` (or kd_alpha = 0) gives the hard-label objective of the no-KD student.
+
+    cfg.next_item_loss = 'sampled': `out` is forward_positions(..., catalog=False) (user_vector [P, d] and the
+    score_items scorer instead of next_item [P, N]); every step draws cfg.sampled_negatives negatives from
+    `sampling_distribution(cfg.sampler, ...)` (`item_counts` [N], the training events per item, for 'popularity')
+    and the hard CE is sampled_softmax_loss. KD: KL on the teacher's top-K (scope 'topk'), ListMLE unchanged, and
+    RankingDistillation.forward_sampled (its normaliser estimated over the negatives ∪ the row's top-K).
     """
 
     def __init__(self, cfg: StudentConfig, tasks: list[str], student_dim: int, like_threshold: float = 4.0,
                  use_teacher: bool = True, teacher_dim: Optional[int] = None,
                  item_table: Optional[torch.Tensor] = None, item_bias: Optional[torch.Tensor] = None,
-                 exclude_items: Optional[torch.Tensor] = None):
+                 exclude_items: Optional[torch.Tensor] = None, item_counts: Optional[torch.Tensor] = None,
+                 n_items: Optional[int] = None):
         super().__init__()
         self.tasks, self.like_threshold = list(tasks), float(like_threshold)
         self.alpha = float(cfg.kd_alpha) if use_teacher else 0.0
@@ -249,9 +376,17 @@ class DistillationObjective(nn.Module):
         if cfg.kd_scope not in ("auto", "topk", "catalog"):
             raise ValueError(f"unknown student.kd_scope '{cfg.kd_scope}'; choose auto, topk or catalog")
         has_catalog = item_table is not None and item_bias is not None
+        if cfg.next_item_loss not in ("full", "sampled"):
+            raise ValueError(f"unknown student.next_item_loss {cfg.next_item_loss!r}; choose full or sampled")
+        self.sampled = cfg.next_item_loss == "sampled"
+        if self.sampled and cfg.kd_scope == "catalog":
+            raise ValueError("student.kd_scope=catalog needs the student's [P, N] catalog logits, which "
+                             "student.next_item_loss=sampled never computes; set student.kd_scope=topk (or auto) "
+                             "or student.next_item_loss=full")
         if cfg.kd_scope == "catalog" and self.w["kl"] > 0 and not has_catalog:
             raise ValueError("student.kd_scope=catalog needs the cache's user_vector, item_table and item_bias")
-        self.scope = "catalog" if cfg.kd_scope == "catalog" or (cfg.kd_scope == "auto" and has_catalog) else "topk"
+        self.scope = "catalog" if not self.sampled and (
+            cfg.kd_scope == "catalog" or (cfg.kd_scope == "auto" and has_catalog)) else "topk"
         self.kl = NextItemKL(cfg.temperature)
         self.listwise = ListwiseRankingLoss(cfg.listwise_top_k)
         self.rank_kd = RankingDistillation(cfg.rank_kd_top_k, cfg.rank_kd_lambda,
@@ -266,25 +401,49 @@ class DistillationObjective(nn.Module):
             self.register_buffer("exclude", exclude_items.bool(), persistent=False)
         else:
             self.exclude = None
+        self.sampler = None
+        if self.sampled:
+            n = n_items if n_items is not None else next(
+                (len(x) for x in (item_counts, exclude_items, item_bias) if x is not None), None)
+            if n is None:
+                raise ValueError("student.next_item_loss=sampled needs the catalog size: pass n_items "
+                                 "(or item_counts) to DistillationObjective")
+            q = sampling_distribution(cfg.sampler, int(n), item_counts, exclude_items)
+            self.sampler = NegativeSampler(q, cfg.sampled_negatives)
+        self.sampler_kind = cfg.sampler
 
     @property
     def needs_user_vectors(self) -> bool:
         return self.align is not None or (self.scope == "catalog" and self.w["kl"] > 0)
 
     def components(self) -> dict[str, float]:
-        """The KD component weights actually in force (0 = off), plus alpha and the KL support."""
-        return dict(alpha=self.alpha, scope=self.scope, **{k: float(v) for k, v in self.w.items()})
+        """The KD component weights actually in force (0 = off), plus alpha and the KL support (and, with the
+        sampled softmax, its sampler and number of negatives)."""
+        extra = dict(next_item_loss="sampled", sampler=self.sampler_kind, sampled_negatives=self.sampler.m) \
+            if self.sampled else {}
+        return dict(alpha=self.alpha, scope=self.scope, **{k: float(v) for k, v in self.w.items()}, **extra)
 
     def forward(self, out: dict, batch: dict):
         m = batch["labelled"]
-        logits = out["next_item"]  # [P, N], P = labelled positions
-        if logits.shape[0] != int(m.sum()):
+        if self.sampled and "score_items" not in out:
+            raise ValueError("student.next_item_loss=sampled expects forward_positions(..., catalog=False) outputs "
+                             "(user_vector + score_items), not the catalog logits")
+        logits = None if self.sampled else out["next_item"]  # [P, N], P = labelled positions
+        if (out["user_vector"] if self.sampled else logits).shape[0] != int(m.sum()):
             raise ValueError("DistillationObjective expects outputs at the labelled positions only: call "
                              "forward_positions(..., select=batch['labelled'])")
-        if self.exclude is not None:
-            logits = logits.masked_fill(self.exclude, NEG)
         target = batch["items"][m]
-        hard = {"next_item": F.cross_entropy(logits, target, reduction="none")}
+        negatives = None
+        if self.sampled:
+            negatives = self._negatives(out)
+            neg_ids, neg_log_expected, neg_logits = negatives
+            pos = out["score_items"](out["user_vector"], target.unsqueeze(-1))[:, 0]
+            hit = neg_ids.unsqueeze(0) == target.unsqueeze(-1)  # accidental hits
+            hard = {"next_item": sampled_softmax_loss(pos, neg_logits, neg_log_expected, hit)}
+        else:
+            if self.exclude is not None:
+                logits = logits.masked_fill(self.exclude, NEG)
+            hard = {"next_item": F.cross_entropy(logits, target, reduction="none")}
         if "rating" in self.tasks:
             r_true = batch["ratings"][m]
             hard["rating"] = (out["rating"][..., 0] - r_true) ** 2
@@ -295,7 +454,7 @@ class DistillationObjective(nn.Module):
         kd: dict[str, torch.Tensor] = {}
         n_t = int(h.sum()) if h is not None else 0
         if self.alpha > 0 and n_t:
-            kd = self._kd_terms(out, batch, m, h, logits, logged)
+            kd = self._kd_terms(out, batch, m, h, logits, logged, negatives)
         losses = {}
         for t in self.tasks:
             if t in kd:
@@ -311,12 +470,34 @@ class DistillationObjective(nn.Module):
             align = self.w["align"] * a.mean()
         return losses, align, logged
 
-    def _kd_terms(self, out, batch, m, h, logits, logged) -> dict[str, torch.Tensor]:
-        """KD term per task on the teacher-labelled positions (rows of `logits` where h)."""
+    def _negatives(self, out: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This step's shared negatives: (ids [M], log(M q(ids)) [M], the student's logits there [P, M])."""
+        ids, log_expected = self.sampler()
+        return ids, log_expected, out["score_items"](out["user_vector"], ids)
+
+    def _kd_terms(self, out, batch, m, h, logits, logged, negatives=None) -> dict[str, torch.Tensor]:
+        """KD term per task on the teacher-labelled positions (rows of `logits`, or of the sampled scores, where h)."""
         kd = {}
-        s_all = logits[h]  # [P_t, N], excluded items already at NEG
         t_items = batch["t_items"][m][h]  # [P_t, K], the teacher's top-K, best first
         valid = None if self.exclude is None else ~self.exclude[t_items]
+        if self.sampled:
+            terms = self._next_item_kd_sampled(out, batch, m, h, t_items, valid, negatives, logged)
+        else:
+            terms = self._next_item_kd(logits[h], batch, m, h, t_items, valid, logged)
+        if terms:
+            kd["next_item"] = sum(terms)
+        if self.w["rating"] > 0:
+            r = self.rating_kd(out["rating"][..., 0][h], batch["t_rating"][m][h])
+            logged[self.rating_kd.name] = r.detach().mean().item()
+            kd["rating"] = self.w["rating"] * r
+        if self.w["like"] > 0:
+            lk = self.like_kd(out["like"][..., 0][h], batch["t_like"][m][h])
+            logged[self.like_kd.name] = lk.detach().mean().item()
+            kd["like"] = self.w["like"] * lk
+        return kd
+
+    def _next_item_kd(self, s_all, batch, m, h, t_items, valid, logged) -> list[torch.Tensor]:
+        """The weighted next_item KD terms over the catalog logits s_all [P_t, N] (excluded items already at NEG)."""
         terms = []
         if self.w["kl"] > 0:
             if self.scope == "catalog":
@@ -336,14 +517,31 @@ class DistillationObjective(nn.Module):
             rk = self.rank_kd(s_all, t_items, batch["t_logits"][m][h], valid)
             logged[self.rank_kd.name] = rk.detach().mean().item()
             terms.append(self.w["rank"] * rk)
-        if terms:
-            kd["next_item"] = sum(terms)
-        if self.w["rating"] > 0:
-            r = self.rating_kd(out["rating"][..., 0][h], batch["t_rating"][m][h])
-            logged[self.rating_kd.name] = r.detach().mean().item()
-            kd["rating"] = self.w["rating"] * r
-        if self.w["like"] > 0:
-            lk = self.like_kd(out["like"][..., 0][h], batch["t_like"][m][h])
-            logged[self.like_kd.name] = lk.detach().mean().item()
-            kd["like"] = self.w["like"] * lk
-        return kd
+        return terms
+
+    def _next_item_kd_sampled(self, out, batch, m, h, t_items, valid, negatives, logged) -> list[torch.Tensor]:
+        """The same terms with the sampled softmax: the student scored at the teacher's top-K only (KL, ListMLE),
+        RankingDistillation's normaliser estimated over the step's negatives ∪ the row's top-K."""
+        if not (self.w["kl"] > 0 or self.w["listwise"] > 0 or self.w["rank"] > 0):
+            return []
+        s_top = out["score_items"](out["user_vector"][h], t_items)  # [P_t, K]
+        if valid is not None:
+            s_top = s_top.masked_fill(~valid, NEG)  # as the catalog path: excluded items at NEG, no gradient
+        t_logits = batch["t_logits"][m][h]
+        terms = []
+        if self.w["kl"] > 0:
+            kl = self.kl(s_top, t_logits, valid)
+            logged[self.kl.name] = kl.detach().mean().item()
+            terms.append(self.w["kl"] * kl)
+        if self.w["listwise"] > 0:
+            k = self.listwise.top_k
+            lw = self.listwise(s_top[:, :k], None if valid is None else valid[:, :k])
+            logged[self.listwise.name] = lw.detach().mean().item()
+            terms.append(self.w["listwise"] * lw)
+        if self.w["rank"] > 0:
+            neg_ids, neg_log_expected, neg_logits = negatives
+            rk = self.rank_kd.forward_sampled(s_top, t_items, t_logits, valid, neg_ids, neg_logits[h],
+                                              neg_log_expected)
+            logged[self.rank_kd.name] = rk.detach().mean().item()
+            terms.append(self.w["rank"] * rk)
+        return terms

@@ -115,13 +115,57 @@ class Student(nn.Module):
         if self._frozen_table is not None:
             return self._frozen_table
         table = self.id_emb.weight
-        self._id_drop = None
-        if self.training and self.cfg.id_dropout > 0 and self.text_proj is not None:
-            self._id_drop = torch.rand(self.n_items, device=table.device) < self.cfg.id_dropout
+        self._draw_id_drop()
+        if self._id_drop is not None:
             table = table.masked_fill(self._id_drop.unsqueeze(1), 0.0)
         if self.text_proj is not None:
             table = table + self.text_proj(self.text_vectors)
         return table
+
+    def _draw_id_drop(self) -> None:
+        """This training forward's ID-dropout mask (bool [N], `_id_drop`), or None outside training / without it."""
+        self._id_drop = None
+        if self.training and self.cfg.id_dropout > 0 and self.text_proj is not None:
+            self._id_drop = torch.rand(self.n_items, device=self.id_emb.weight.device) < self.cfg.id_dropout
+
+    def item_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (any shape) of item_table(), [*ids.shape, d], computed for the distinct ids only: the sampled
+        training path never builds the [N, d] table (its text projection alone is O(N)). Uses the ID-dropout
+        mask of the current training forward (drawn by forward_positions); gradient reaches only these rows."""
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        return self._rows(uniq)[0][inv]
+
+    def _rows(self, uniq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(item vectors [U, d], biases [U]) of the items `uniq`, with this training forward's ID dropout."""
+        bias = self.item_bias[uniq]
+        if self._frozen_table is not None:
+            return self._frozen_table[uniq], bias
+        rows = self.id_emb(uniq)
+        if self._id_drop is not None:
+            drop = self._id_drop[uniq]
+            rows = rows.masked_fill(drop.unsqueeze(1), 0.0)
+            if self.training:
+                bias = bias.masked_fill(drop, 0.0)
+        if self.text_proj is not None:
+            rows = rows + self.text_proj(self.text_vectors[uniq])
+        return rows, bias
+
+    DENSE_ROWS = 32
+    """score_items with one list of C items per row: when the batch's lists hold at most DENSE_ROWS * C distinct
+    items, score every row against all of them (one GEMM) and gather; else gather each row's item vectors. On CPU
+    the gather's backward (a scatter-add of P * C rows) costs ~50-80x a GEMM multiply-add per score."""
+
+    def score_items(self, user: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """next_item logits of the user vectors [P, d] at the items `ids`: [C] shared by every row -> [P, C]
+        (user @ table[ids].T + bias[ids]), or [P, C] one list per row -> [P, C]. The same numbers as the columns
+        `ids` of heads()' [P, N] logits (ID dropout included: a dropped item has neither ID nor bias)."""
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        vec, bias = self._rows(uniq)
+        if ids.ndim == 1:
+            return user @ vec[inv].T + bias[inv]
+        if len(uniq) <= self.DENSE_ROWS * ids.shape[-1]:
+            return torch.gather(user @ vec.T + bias, 1, inv)
+        return (vec[inv] @ user.unsqueeze(-1)).squeeze(-1) + bias[inv]
 
     def freeze_item_table(self) -> None:
         """Precompute the item table for inference/export (it does not depend on the request)."""
@@ -212,7 +256,10 @@ class Student(nn.Module):
         if self.training and self._id_drop is not None:
             bias = bias.masked_fill(self._id_drop, 0.0)
         out = {"next_item": user @ table.T + bias, "user_vector": user}
-        cand_vec = table[cand]
+        return self._pair_heads(per_task, table[cand], out)
+
+    def _pair_heads(self, per_task: dict, cand_vec: torch.Tensor, out: dict) -> dict:
+        """rating / like of the candidate vectors [..., C, d] into `out`."""
         if "rating" in self.tasks:
             out["rating"] = self.rating_tower(per_task["rating"], cand_vec) + self.rating_mean
         if "like" in self.tasks:
@@ -225,7 +272,7 @@ class Student(nn.Module):
         states = self.encode(history_items, history_ratings, history_length, table)
         return self.heads(states[:, -1], table, candidates)
 
-    def forward_positions(self, items, ratings, length, select: Optional[torch.Tensor] = None):
+    def forward_positions(self, items, ratings, length, select: Optional[torch.Tensor] = None, catalog: bool = True):
         """Training: the state before each slot j predicts item j; rating/like are for item j itself.
 
         Returns per-position outputs [B, L, ...] (next_item [B, L, N], rating/like [B, L, 1]) plus
@@ -233,7 +280,13 @@ class Student(nn.Module):
         positions j < L - length are padding. With `select` (bool [B, L]) only the selected positions
         are scored and every output is flat [P, ...] in row-major order of `select` (training scores
         only its labelled positions: the [*, N] catalog logits dominate the cost).
+
+        catalog=False (student.next_item_loss=sampled): no "next_item" logits and no [N, d] item table;
+        instead "user_vector" [.., d] and "score_items", this model's score_items(user, ids), with which the
+        loss scores only its candidates (item rows, bias and ID dropout as in the catalog logits).
         """
+        if not catalog:
+            return self._positions_without_catalog(items, ratings, length, select)
         table = self.item_table()
         states = self.encode(items, ratings, length, table)[:, :-1]
         if select is not None:
@@ -241,6 +294,18 @@ class Student(nn.Module):
         out = self.heads(states, table, items.unsqueeze(-1))
         out["state"] = states
         return out
+
+    def _positions_without_catalog(self, items, ratings, length, select):
+        """forward_positions(catalog=False): the history's item rows only (item_rows), one ID-dropout draw."""
+        if self._frozen_table is None:
+            self._draw_id_drop()
+        states = self.encode_vectors(self.item_rows(items), ratings, length)[:, :-1]
+        if select is not None:
+            states, items = states[select], items[select]
+        per_task = self.mtl(states)
+        user = self.next_proj(per_task["next_item"])
+        out = {"user_vector": user, "score_items": self.score_items, "state": states}
+        return self._pair_heads(per_task, self.item_rows(items.unsqueeze(-1)), out)
 
     def param_counts(self) -> dict:
         """Trainable parameters, and the frozen buffers (the text-vector table) that ship with the model."""

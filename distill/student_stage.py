@@ -32,6 +32,7 @@ from .cache import load_cache
 from .common import lr_lambda, pick_device, set_seed, stage_dir
 from .config import RunConfig, StudentConfig
 from .data import Split, load_dataset
+from .dist import Dist
 from .evaluation import evaluate_predictions, history_arrays
 from .io import write_json
 from .losses import DistillationObjective
@@ -136,11 +137,17 @@ def student_predict(student: Student, split: Split, users, stage: str, batch_siz
     return dict(users=np.asarray(users), scores=scores, rating=rating, like_logit=like)
 
 
-def val_ndcg10(student: Student, split: Split, device="cpu") -> float:
+def val_ndcg10(student: Student, split: Split, device="cpu", chunk: int = 2048) -> float:
+    """Mean validation NDCG@10 over the eval users, `chunk` users at a time: the [users, N] scores of a 10^5-user log
+    over 2*10^4 items would take 8 GB at once; per chunk they take chunk * N * 4 bytes (the metric is per user)."""
     users = split.eval_users
-    val = student_predict(student, split, users, "val", device=device)
-    return float(M.ranking_metrics(val["scores"], split.targets(users, "val")[0],
-                                   [split.seen(u, "val") for u in users], ks=(10,))["NDCG@10"].mean())
+    total = 0.0
+    for i in range(0, len(users), chunk):
+        part = users[i:i + chunk]
+        val = student_predict(student, split, part, "val", device=device)
+        total += float(M.ranking_metrics(val["scores"], split.targets(part, "val")[0],
+                                         [split.seen(u, "val") for u in part], ks=(10,))["NDCG@10"].sum())
+    return total / max(1, len(users))
 
 
 # ----------------------------------------------------------------------------- training budget
@@ -233,10 +240,36 @@ class _Training:
     teacher: Optional[dict]
     budget: TrainingBudget
     device: str
+    dist: Dist
+    step_module: torch.nn.Module
+    """What computes a step's losses: `_StepLosses` over the three modules, wrapped in DistributedDataParallel when
+    the world size is > 1 (DDP all-reduces the gradients of every parameter during backward)."""
+
+
+class _StepLosses(torch.nn.Module):
+    """student + objective + loss weighting as ONE module whose forward is a training step's losses, so that
+    DistributedDataParallel sees (and synchronises) every trained parameter: the student's, the alignment projector's
+    and a learned weighting's."""
+
+    def __init__(self, student: Student, objective: DistillationObjective, weighting: torch.nn.Module):
+        super().__init__()
+        self.student, self.objective, self.weighting = student, objective, weighting
+
+    def forward(self, batch: dict):
+        out = self.student.forward_positions(batch["items"], batch["ratings"], batch["length"],
+                                             select=batch["labelled"],
+                                             catalog=not self.objective.sampled)  # sampled softmax: no [P, N] logits
+        losses, align, logged = self.objective(out, batch)
+        total, weights = self.weighting(losses)
+        if align is None and self.objective.align is not None:
+            # no teacher-labelled position in this batch: the projector still takes part (at 0), so DDP's
+            # reducer sees every parameter every step (no find_unused_parameters graph walk)
+            total = total + 0.0 * sum(p.sum() for p in self.objective.align.parameters())
+        return total, losses, align, logged, weights
 
 
 def _setup(sc: StudentConfig, split: Split, cache: dict | None, use_teacher: bool, device: str,
-           exclude_items) -> _Training:
+           exclude_items, dist: Optional[Dist] = None) -> _Training:
     """Build the student, the objective, the training windows, the budget, the optimizer and the schedule."""
     ds = split.ds
     if sc.use_text_vectors and cache is None:
@@ -258,7 +291,8 @@ def _setup(sc: StudentConfig, split: Split, cache: dict | None, use_teacher: boo
         teacher_dim=int(teacher["user_vector"].shape[1]) if has_uv else None,
         item_table=torch.from_numpy(teacher["item_table"]) if has_uv else None,
         item_bias=torch.from_numpy(teacher["item_bias"]) if has_uv else None,
-        exclude_items=exclude).to(device)
+        exclude_items=exclude, n_items=ds.n_items,
+        item_counts=torch.from_numpy(split.train_item_counts()) if sc.next_item_loss == "sampled" else None).to(device)
     arrays = build_training_arrays(split, sc.max_len, teacher, exclude_items=exclude_items)
     budget = training_budget(sc, len(arrays["items"]))
     weighting = build_weighting(sc.weighting, ds.tasks, sc.loss_weights).to(device)
@@ -266,19 +300,51 @@ def _setup(sc: StudentConfig, split: Split, cache: dict | None, use_teacher: boo
                             lr=sc.lr, weight_decay=sc.weight_decay)
     sched = (torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(budget.steps_per_epoch, budget.max_steps))
              if sc.lr_schedule == "cosine" else None)
-    return _Training(student, objective, weighting, opt, sched, arrays, teacher, budget, device)
+    dist = dist or Dist.single(device)
+    step_module = _StepLosses(student, objective, weighting)
+    if dist.world > 1:
+        if sc.weighting == "gradnorm":
+            raise ValueError("student.weighting=gradnorm is not supported under torchrun/accelerate (it takes gradients "
+                             "of each task on one process's shard); use fixed, uncertainty or dwa, or one process")
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # the buffers (teacher item table, masks) are built identically on every rank: not re-sent every forward
+        no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else "broadcast_buffers")
+        step_module = DDP(step_module, device_ids=[dist.local_rank] if device.startswith("cuda") else None,
+                          **{no_sync: False})
+    return _Training(student, objective, weighting, opt, sched, arrays, teacher, budget, device, dist, step_module)
+
+
+def rank_share(arrays: dict, idx: np.ndarray, world: int, rank: int, teacher: bool) -> tuple[np.ndarray, float, float]:
+    """This rank's windows of the global batch `idx` (contiguous chunks) and the factors that make the ranks' averaged
+    gradients the gradient of the global batch's loss: the task losses are means over the batch's labelled positions
+    (P) and alignment a mean over its teacher-labelled ones (P_t), so rank r's are weighted world * P_r / P and
+    world * P_t,r / P_t (DDP averages over ranks). Every rank computes the same chunks from the same `idx`, no
+    communication. A rank whose chunk is empty (a last batch smaller than the world) repeats one window at weight 0."""
+    chunks = np.array_split(np.asarray(idx), world)
+    lab = [arrays["labelled"][c] for c in chunks]
+    P = [int(m.sum()) for m in lab]
+    Pt = [int(((arrays["rows"][c] >= 0) & m).sum()) for c, m in zip(chunks, lab)] if teacher else [0] * world
+    mine = chunks[rank]
+    if len(mine) == 0:
+        return np.asarray(idx)[:1], 0.0, 0.0
+    return mine, world * P[rank] / max(1, sum(P)), world * Pt[rank] / max(1, sum(Pt))
 
 
 def _train_step(t: _Training, idx) -> tuple[torch.Tensor, dict, dict, dict, Optional[torch.Tensor]]:
-    """One optimizer step on the windows `idx`: (total, task losses, logged terms, task weights, alignment)."""
-    batch = _to_batch(t.arrays, idx, t.teacher, t.device, t.objective.needs_user_vectors)
-    out = t.student.forward_positions(batch["items"], batch["ratings"], batch["length"], select=batch["labelled"])
-    losses, align, logged = t.objective(out, batch)
-    total, weights = t.weighting(losses)
-    if align is not None:
-        total = total + align
+    """One optimizer step on the global batch of windows `idx`: (total, task losses, logged terms, task weights,
+    alignment). Under DDP each rank computes its share (`rank_share`) and DDP averages the gradients; the returned
+    values are this rank's share's."""
+    local, scale, align_scale = rank_share(t.arrays, idx, t.dist.world, t.dist.rank, t.teacher is not None) \
+        if t.dist.world > 1 else (idx, 1.0, 1.0)
+    batch = _to_batch(t.arrays, local, t.teacher, t.device, t.objective.needs_user_vectors)
+    weighted, losses, align, logged, weights = t.step_module(batch)
+    total = weighted if align is None else weighted + align
+    loss = total if t.dist.world == 1 else weighted * scale + (0.0 if align is None else align * align_scale)
     t.opt.zero_grad(set_to_none=True)
-    total.backward()
+    loss.backward()
     torch.nn.utils.clip_grad_norm_(t.student.parameters(), 1.0)
     t.opt.step()
     if t.sched is not None:
@@ -301,48 +367,61 @@ def _train_epoch(t: _Training, batches, epoch: int, step: int, log_f) -> tuple[d
             log_f.write(json.dumps({"epoch": epoch, "step": step, "total": total.item(), "losses": task_vals,
                                     "terms": logged, "weights": weights,
                                     "align_weight": t.objective.w["align"] if align is not None else 0.0}) + "\n")
-    t.weighting.end_epoch({k: float(np.mean(sums[k])) for k in t.student.tasks})
+    means = torch.tensor([float(np.mean(sums[k])) for k in t.student.tasks], dtype=torch.float64)
+    t.dist.average_([means])  # every rank's weighting adapts to the same (all-rank) epoch means
+    t.weighting.end_epoch(dict(zip(t.student.tasks, means.tolist())))
     return sums, step
 
 
 def fit_student(sc: StudentConfig, split: Split, cache: dict | None, *, use_teacher: bool, seed: int,
                 device: str = "cpu", exclude_items=None, log_path: Optional[Path] = None,
-                desc: str = "student") -> FitResult:
+                desc: str = "student", dist: Optional[Dist] = None) -> Optional[FitResult]:
     """Train one student (best validation state restored): setup -> epochs of training steps, each followed by
     validation NDCG@10 -> stop at the epoch budget, after `patience` epochs without improvement, or past the
     time budget. `cache` supplies the frozen text vectors (when sc.use_text_vectors) and, with use_teacher,
-    the soft labels; `exclude_items` are held out of training entirely (cold-start measurement)."""
+    the soft labels; `exclude_items` are held out of training entirely (cold-start measurement).
+
+    `dist` (world size > 1, from torchrun / accelerate): every rank draws the same global batches and trains on its
+    share under DDP; only rank 0 validates, decides when to stop (broadcast to the others), logs and keeps the best
+    state. Returns None on the other ranks."""
     set_seed(seed)
-    t = _setup(sc, split, cache, use_teacher, device, exclude_items)
+    dist = dist or Dist.single(device)
+    t = _setup(sc, split, cache, use_teacher, device, exclude_items, dist)
     b = t.budget
     coverage = float((t.arrays["rows"][t.arrays["labelled"]] >= 0).mean())
     batches = epoch_batches(b.windows, sc.batch_size, np.random.default_rng(seed))
     best, best_state, best_epoch, bad, history, step = -1.0, None, -1, 0, [], 0
     stop_reason, t0 = "epochs", time.perf_counter()
-    log_f = open(log_path, "w") if log_path else None
+    log_f = open(log_path, "w") if log_path and dist.main else None
     try:
-        bar = tqdm(range(b.epochs), desc=f"{desc} epochs")
+        bar = tqdm(range(b.epochs), desc=f"{desc} epochs", disable=not dist.main)
         for epoch in bar:
             sums, step = _train_epoch(t, batches, epoch, step, log_f)
-            ndcg = val_ndcg10(t.student, split, device=device)
-            history.append({"epoch": epoch, "val_ndcg@10": ndcg, **{k: float(np.mean(v)) for k, v in sums.items()},
-                            "seconds": time.perf_counter() - t0})
-            bar.set_postfix(val_ndcg=f"{ndcg:.4f}", loss=f"{np.mean(sums['next_item']):.3f}")
-            if ndcg > best:
-                best, best_epoch, bad = ndcg, epoch, 0
-                best_state = {k: v.detach().clone() for k, v in t.student.state_dict().items()}
-            else:
-                bad += 1
-                if bad >= b.patience:
-                    stop_reason = "early_stopping"
-                    break
-            if time.perf_counter() - t0 > b.time_budget_s:
-                stop_reason = "time_budget"
+            stop = None
+            if dist.main:
+                ndcg = val_ndcg10(t.student, split, device=device)
+                history.append({"epoch": epoch, "val_ndcg@10": ndcg, **{k: float(np.mean(v)) for k, v in sums.items()},
+                                "seconds": time.perf_counter() - t0})
+                bar.set_postfix(val_ndcg=f"{ndcg:.4f}", loss=f"{np.mean(sums['next_item']):.3f}")
+                if ndcg > best:
+                    best, best_epoch, bad = ndcg, epoch, 0
+                    best_state = {k: v.detach().clone() for k, v in t.student.state_dict().items()}
+                else:
+                    bad += 1
+                    if bad >= b.patience:
+                        stop = "early_stopping"
+                if stop is None and time.perf_counter() - t0 > b.time_budget_s:
+                    stop = "time_budget"
+            stop = dist.broadcast_object(stop)  # rank 0 decides for every rank
+            if stop is not None:
+                stop_reason = stop
                 break
     finally:
         if log_f:
             log_f.close()
     train_seconds = time.perf_counter() - t0
+    if not dist.main:
+        return None
     student = _restore_best(t, best_state, split.ds.n_items, sc)
     return FitResult(student=student, best_epoch=best_epoch, best_val_ndcg10=best, stop_reason=stop_reason,
                      train_seconds=train_seconds, teacher_coverage=coverage, windows=b.windows,
@@ -362,13 +441,17 @@ def train_student(cfg: RunConfig, kd: bool = True) -> dict:
     run = Path(cfg.run_dir)
     name = "student" if kd else "student_nokd"
     out_dir = stage_dir(run, name)
-    device = pick_device(cfg.device)
+    dist = Dist(pick_device(cfg.device))  # torchrun / accelerate: DDP over the ranks (world size 1 otherwise)
+    device = dist.device
     ds = load_dataset(cfg.data)
     split = Split.leave_last_out(ds)
     sc = cfg.student if kd else replace(cfg.student, kd_alpha=0.0, kd_align=0.0)
     cache = load_cache(run, ds.data_hash)  # text vectors come from the teacher in both cases
     fit = fit_student(sc, split, cache, use_teacher=kd, seed=cfg.seed, device=device,
-                      log_path=out_dir / "train_log.jsonl", desc=name)
+                      log_path=out_dir / "train_log.jsonl", desc=name, dist=dist)
+    if fit is None:  # not rank 0: rank 0 evaluates and writes
+        dist.barrier()
+        return dict(rank=dist.rank, world_size=dist.world)
     student = fit.student
     guard = None
     if kd and sc.kd_guard:
@@ -388,8 +471,9 @@ def train_student(cfg: RunConfig, kd: bool = True) -> dict:
                   best_val_ndcg10=fit.best_val_ndcg10, stop_reason=fit.stop_reason, epochs_run=len(fit.history),
                   train_seconds=fit.train_seconds, windows=fit.windows, budget=fit.budget.as_dict(), steps=fit.steps,
                   params=counts["params"], buffers=counts["buffers"], student_config=asdict(sc),
-                  history=fit.history, kd_guard=guard)
+                  history=fit.history, kd_guard=guard, world_size=dist.world)
     write_json(out_dir / "metrics.json", report)
+    dist.barrier()  # the next stage (or the KD student's guard) may read what rank 0 wrote
     return report
 
 

@@ -133,7 +133,8 @@ def stage_student(cfg) -> dict:
     out = {}
     for kd in (False, True):  # no-KD first: the KD student's guard (student.kd_guard) compares against it
         rep = train_student(cfg, kd=kd)
-        _print_metrics("student" if kd else "student (no KD)", rep["metrics"])
+        if "metrics" in rep:  # torchrun / accelerate: rank 0 evaluates and reports
+            _print_metrics("student" if kd else "student (no KD)", rep["metrics"])
         out["student" if kd else "student_nokd"] = rep
     return out
 
@@ -330,6 +331,15 @@ def cmd_add_items(args) -> int:
     return 0
 
 
+def cmd_growth(args) -> int:
+    """Cost growth of data / cache / student epoch / export over synthetic logs of growing size."""
+    from .growth import sweep
+    sweep([int(float(x)) for x in args.sizes.split(",")], args.items, args.per_user, args.cache_share, Path(args.out),
+          args.threads, args.seed)
+    print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
 def cmd_remove_items(args) -> int:
     """Take items out of serving (or back in with --reactivate) as a new item table version."""
     from export.item_table import ItemTableError
@@ -433,6 +443,15 @@ COMMANDS: dict[str, Command] = {
         arg("--requests", type=int, default=256, help="real test histories timed per point"),
         arg("--history", type=int, default=50, help="history length of the requests"),
         arg("--seed", type=int, default=0))),
+    "growth": Command(cmd_growth, "how data, cache, student epoch and export cost grow with the log (10^5-10^7 "
+                      "synthetic interactions): time, peak memory, log-log slopes, plot", (
+        arg("--sizes", default="1e5,1e6,1e7", help="interaction counts, comma-separated"),
+        arg("--items", type=int, default=20_000, help="catalog size, fixed over the sizes"),
+        arg("--per-user", type=int, default=50, help="interactions per user (users = N / this)"),
+        arg("--cache-share", type=float, default=0.02, help="share of users whose positions the cache labels"),
+        arg("--threads", type=int, default=2),
+        arg("--seed", type=int, default=0),
+        arg("--out", default="runs/growth"))),
     "add-items": Command(cmd_add_items, "append new items to a run's served item table (no retraining, no re-export)", (
         RUN_DIR,
         arg("items_file", help="CSV/TSV/Parquet with the run's data.item_id_col and data.item_text_cols columns"),

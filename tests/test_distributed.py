@@ -1,6 +1,7 @@
-"""The sharded teacher cache (issue 14, item 1): under torchrun / accelerate (2 ranks, gloo) the merged cache equals a
-one-process run; a run killed by SIGKILL mid-shard resumes by labelling only the missing shards; a cache read through
-memory maps gives the student exactly what the in-memory cache gives."""
+"""Beyond one process (issue 14). The sharded teacher cache: under torchrun / accelerate (2 ranks, gloo) the merged cache
+equals a one-process run; a run killed by SIGKILL mid-shard resumes by labelling only the missing shards; a cache read
+through memory maps gives the student exactly what the in-memory cache gives. The student under DDP: the ranks' weighted
+shares give exactly the global batch's gradient, and 2 ranks (gloo) land within the issue's tolerance of 1 process."""
 import json
 import shutil
 import subprocess
@@ -171,3 +172,81 @@ def test_memory_mapped_cache_gives_the_student_the_same_batches_and_model(base):
         torch.set_num_threads(threads)
     sa, sb = (f.student.state_dict() for f in fits)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ----------------------------------------------------------------------------- the student under DDP
+@pytest.mark.parametrize("weighting", ["fixed", "uncertainty"])
+@pytest.mark.parametrize("n_windows", [37, 1])
+def test_rank_shares_average_to_the_global_batch_gradient(base, weighting, n_windows):
+    """What DDP computes (the mean over ranks of each rank's gradient of scale_r * its share's loss) equals the gradient
+    of the whole batch's loss, 2 and 3 ranks; with 1 window the ranks without one contribute 0."""
+    import torch
+    from dataclasses import replace
+    from distill.data import Split, load_dataset
+    from distill.student_stage import _setup, _to_batch, rank_share
+    split = Split.leave_last_out(load_dataset(base.data))
+    cache = load_cache(Path(base.run_dir).parent / "one", split.ds.data_hash)
+    sc = replace(base.student, dropout=0.0, weighting=weighting)
+    t = _setup(sc, split, cache, True, "cpu", None)
+    params = [p for m in (t.student, t.objective, t.weighting) for p in m.parameters()]
+    # global batch: the teacher-labelled windows first, so both the alignment and the hard-only rows take part
+    has_t = (t.arrays["rows"] >= 0).any(1)
+    idx = np.concatenate([np.flatnonzero(has_t)[:5], np.flatnonzero(~has_t)[:32]])[:n_windows]
+
+    def loss_of(windows, scale, align_scale):
+        w, _, align, _, _ = t.step_module(_to_batch(t.arrays, windows, t.teacher, "cpu", True))
+        return w * scale + (0.0 if align is None else align * align_scale)
+
+    for p in params:
+        p.grad = None
+    loss_of(idx, 1.0, 1.0).backward()
+    want = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+    for world in (2, 3):
+        for p in params:
+            p.grad = None
+        for r in range(world):
+            local, s, sa = rank_share(t.arrays, idx, world, r, True)
+            (loss_of(local, s, sa) / world).backward()
+        got = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert any(float(g.abs().max()) > 0 for g in want)
+
+
+DDP_KD_STUDENT = """
+import sys, torch
+from distillrec.cli import _config_for_run
+from distill.student_stage import train_student
+torch.set_num_threads(1)
+train_student(_config_for_run(sys.argv[1], sys.argv[2:]), kd=True)
+"""
+
+
+def test_ddp_student_two_ranks_gloo_within_tolerance_of_one(base, tmp_path, free_port):
+    """The tiny preset's KD student (dropout on, so the ranks draw other dropout masks than one process does): final
+    test NDCG@10 within 0.003 and RMSE within 0.01 of world size 1; only rank 0 validates and writes."""
+    import torch
+    from distill.student_stage import train_student
+    over = ["student.kd_guard=false"]
+    one, two = _copy(base, tmp_path / "w1"), _copy(base, tmp_path / "w2")
+    for r in (one, two):
+        shutil.copytree(Path(base.run_dir).parent / "one" / "teacher_cache", Path(r.run_dir) / "teacher_cache")
+    one.student.kd_guard = False
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        m1 = train_student(one, kd=True)
+    finally:
+        torch.set_num_threads(threads)
+    script = tmp_path / "kd.py"
+    script.write_text(DDP_KD_STUDENT)
+    out = subprocess.run([*LAUNCHERS["torchrun"](free_port), str(script), two.run_dir, *over], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    m2 = json.loads((Path(two.run_dir) / "student" / "metrics.json").read_text())
+    assert m1["world_size"] == 1 and m2["world_size"] == 2 and m2["steps"] == m1["steps"]
+    n1, n2 = (m["metrics"]["next_item"]["NDCG@10"]["value"] for m in (m1, m2))
+    r1, r2 = (m["metrics"]["rating"]["RMSE"]["value"] for m in (m1, m2))
+    assert abs(n1 - n2) <= 0.003 and abs(r1 - r2) <= 0.01, (n1, n2, r1, r2)
+    log = (Path(two.run_dir) / "student" / "train_log.jsonl").read_text().splitlines()
+    assert len(log) == m2["steps"]  # written once (rank 0), not once per rank
