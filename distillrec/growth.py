@@ -39,16 +39,21 @@ DATA_PEAK_GB_AT_1E7 = 4.0
 
 
 # ----------------------------------------------------------------------------- one stage, in its own process
-def _rss_mb() -> float:
+def _status_mb(key: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
+def _rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
 def _peak_mb() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's own peak RSS (VmHWM). Not ru_maxrss: Linux carries that over fork + exec, so a stage process
+    would report its parent's peak whenever that was higher."""
+    return _status_mb("VmHWM")
 
 
 def _stage(name: str, run_dir: str) -> dict:
@@ -77,12 +82,14 @@ def _stage(name: str, run_dir: str) -> dict:
                    labelling_seconds=man["labelling"]["seconds"], tokens=man["labelling"]["tokens"])
     elif name == "student":
         from distill.cache import load_cache
+        from distill.common import set_seed
         from distill.student_stage import _setup, _train_epoch, val_ndcg10
         from distill.windows import epoch_batches
         ds = load_dataset(cfg.data)
         split = Split.leave_last_out(ds)
         base = _rss_mb()
         t0 = time.perf_counter()
+        set_seed(cfg.seed)
         cache = load_cache(Path(run_dir), ds.data_hash)
         t = _setup(cfg.student, split, cache, True, "cpu", None)
         t1 = time.perf_counter()
@@ -192,6 +199,8 @@ def slopes(rows: list) -> dict:
                           time_top=fit_slope(work[-2:], [r["seconds"] for r in rs[-2:]]))
         if stage == "student":
             out[stage]["train_pass"] = fit_slope(work, [r["train_seconds"] for r in rs])
+        if stage == "cache":
+            out[stage]["labelling"] = fit_slope(work, [r["labelling_seconds"] for r in rs])
     return out
 
 
@@ -210,7 +219,8 @@ def markdown(report: dict) -> str:
               f"{TARGET_SLOPE}):", "", "| stage | time slope, all sizes | time slope, two largest | memory slope |",
               "|---|---:|---:|---:|"]
     for stage, s in report["slopes"].items():
-        extra = f" (training pass alone: {s['train_pass']:.2f})" if "train_pass" in s else ""
+        extra = (f" (training pass alone: {s['train_pass']:.2f})" if "train_pass" in s else
+                 f" (labelling alone: {s['labelling']:.2f})" if "labelling" in s else "")
         lines.append(f"| {stage} | {s['time']:.2f}{extra} | {s['time_top']:.2f} | {s['memory']:.2f} |")
     data_top = [r for r in report["rows"] if r["stage"] == "data" and r["n"] == max(report["sizes"])]
     if data_top:

@@ -24,6 +24,7 @@ def _rows():
             if stage == "cache":
                 r["labelled"] = n // 50
                 r["seconds"] = 1e-3 * r["labelled"]
+                r["labelling_seconds"] = 0.5e-3 * r["labelled"]
             if stage == "export":
                 r["seconds"] = 40.0
             if stage == "student":
@@ -36,7 +37,7 @@ def test_slopes_are_fitted_per_stage_against_its_own_work():
     s = slopes(_rows())
     assert s["data"]["time"] == pytest.approx(1.0) and s["cache"]["time"] == pytest.approx(1.0)  # per labelled row
     assert s["export"]["time"] == pytest.approx(0.0, abs=1e-9) and s["student"]["train_pass"] == pytest.approx(1.0)
-    assert s["data"]["time_top"] == pytest.approx(1.0)
+    assert s["data"]["time_top"] == pytest.approx(1.0) and s["cache"]["labelling"] == pytest.approx(1.0)
     above = [200 + n / 1e4 for n in (1e4, 1e5, 1e6)]  # peak - base
     assert s["data"]["memory"] == pytest.approx(fit_slope([1e4, 1e5, 1e6], above))
 
@@ -49,6 +50,21 @@ def test_report_tabulates_every_stage_and_size():
     assert len(table) == 3 * len(STAGES) + len(STAGES)  # a row per (stage, size), then a slope row per stage
     assert "| cache | 1,000,000 | 20,000 | 20.00 | 1000.00 |" in md
     assert "Data stage at 1,000,000 interactions" in md
+
+
+def test_stage_peak_is_the_process_own_not_its_parents():
+    """A stage process started by a parent that once held 400 MB reports its own peak (VmHWM); ru_maxrss would
+    report the parent's, carried over fork + exec."""
+    import subprocess
+    import sys
+    from distillrec.growth import _peak_mb
+    block = np.ones(400 * 2**20 // 8)  # 400 MB touched by the parent
+    parent = _peak_mb()
+    child = subprocess.run([sys.executable, "-c", "from distillrec.growth import _peak_mb; print(_peak_mb())"],
+                           capture_output=True, text=True, check=True)
+    assert parent >= block.nbytes / 2**20
+    assert float(child.stdout) < parent - 300
+    del block
 
 
 @pytest.mark.slow

@@ -139,7 +139,7 @@ def test_init_from_loads_evaluates_and_checks_the_manifest(trained):
     dst = tmp / "dst" / "teacher"
     rep = json.loads((dst / "metrics.json").read_text())
     assert rep["eval_users"] == 24 and rep["source"]["folder"] == str(src)  # evaluated here, on this run's users
-    assert (tmp / "dst" / "teacher_cache" / "cache.npz").exists()
+    assert (tmp / "dst" / "teacher_cache" / "manifest.json").exists()
     # the same weights as the source: the 16 users the source evaluated score the same
     a, b = np.load(src / "test_predictions.npz"), np.load(dst / "test_predictions.npz")
     common = np.intersect1d(a["users"], b["users"])

@@ -151,9 +151,10 @@ def test_teacher_metrics_recompute_from_its_saved_predictions(run_dir, ml100k_sp
 
 def test_cache_covers_every_training_position_of_cached_users(run_dir, ml100k_split):
     split = ml100k_split
-    with np.load(run_dir / "teacher_cache" / "cache.npz") as z:
-        users, offsets, top = z["users"], z["offsets"], z["next_topk_items"]
-        logits = z["next_topk_logits"].astype(np.float32)
+    from distill.cache import load_cache
+    z = load_cache(run_dir, split.ds.data_hash)
+    users, offsets, top = z["users"], z["offsets"], z["next_topk_items"]
+    logits = z["next_topk_logits"].astype(np.float32)
     man = read_json(run_dir / "teacher_cache" / "manifest.json")
     assert len(users) == man["users"] == 12  # tiny preset: cache_users 12
     assert offsets[0] == 0 and np.all(np.diff(offsets) == [split.n_train[u] for u in users])
