@@ -251,9 +251,11 @@ class _StepLosses(torch.nn.Module):
     DistributedDataParallel sees (and synchronises) every trained parameter: the student's, the alignment projector's
     and a learned weighting's."""
 
-    def __init__(self, student: Student, objective: DistillationObjective, weighting: torch.nn.Module):
+    def __init__(self, student: Student, objective: DistillationObjective, weighting: torch.nn.Module,
+                 every_parameter: bool = False):
         super().__init__()
         self.student, self.objective, self.weighting = student, objective, weighting
+        self.every_parameter = every_parameter
 
     def forward(self, batch: dict):
         out = self.student.forward_positions(batch["items"], batch["ratings"], batch["length"],
@@ -261,9 +263,10 @@ class _StepLosses(torch.nn.Module):
                                              catalog=not self.objective.sampled)  # sampled softmax: no [P, N] logits
         losses, align, logged = self.objective(out, batch)
         total, weights = self.weighting(losses)
-        if align is None and self.objective.align is not None:
-            # no teacher-labelled position in this batch: the projector still takes part (at 0), so DDP's
-            # reducer sees every parameter every step (no find_unused_parameters graph walk)
+        if self.every_parameter and align is None and self.objective.align is not None:
+            # DDP: no teacher-labelled position in this share, so the projector takes part at 0 and DDP's reducer
+            # sees every parameter every step (no find_unused_parameters graph walk). Not at world size 1, where a
+            # zero gradient instead of none would let AdamW decay the projector on such steps.
             total = total + 0.0 * sum(p.sum() for p in self.objective.align.parameters())
         return total, losses, align, logged, weights
 
@@ -301,7 +304,7 @@ def _setup(sc: StudentConfig, split: Split, cache: dict | None, use_teacher: boo
     sched = (torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(budget.steps_per_epoch, budget.max_steps))
              if sc.lr_schedule == "cosine" else None)
     dist = dist or Dist.single(device)
-    step_module = _StepLosses(student, objective, weighting)
+    step_module = _StepLosses(student, objective, weighting, every_parameter=dist.world > 1)
     if dist.world > 1:
         if sc.weighting == "gradnorm":
             raise ValueError("student.weighting=gradnorm is not supported under torchrun/accelerate (it takes gradients "

@@ -134,7 +134,7 @@ def _prepare(n: int, items: int, per_user: int, cache_share: float, out: Path, s
     run = folder / "run"
     if not (run / "teacher" / "heads.safetensors").exists():
         cache_users = max(1, int(round(cache_share * users)))
-        cfg = _start_run("tiny", [f"data.source=parquet", f"data.path={log}",
+        cfg = _start_run("tiny", ["data.source=parquet", f"data.path={log}",
                                   f"data.items_path={folder / 'log.items.parquet'}", "data.item_text_cols=[title]",
                                   "teacher.train_users=8", "teacher.eval_users=8", "teacher.val_users=8",
                                   "teacher.max_steps=2", f"teacher.cache_users={cache_users}",

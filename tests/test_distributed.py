@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from launchers import LAUNCHERS
 
 from distill.cache import ROW_FIELDS, ShardedRows, build_cache, load_cache
 
@@ -62,15 +63,6 @@ def _assert_same_cache(a: dict, b: dict, exact: bool):
         else:  # fp32 within 1e-5; fp16 fields within one fp16 rounding step of their value
             tol = 1e-5 if a[k].dtype == np.float32 else np.abs(y) * 2.0 ** -10 + 1e-5
             assert np.all(np.abs(x - y) <= tol), (k, float(np.abs(x - y).max()))
-
-
-LAUNCHERS = {
-    "torchrun": lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                              f"--master_port={port}"],
-    "accelerate": lambda port: [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
-                                "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
-                                f"--main_process_port={port}"],
-}
 
 
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from launchers import LAUNCHERS
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["-o", "teacher.max_steps=8", "-o", "teacher.checkpoint_every=2", "-o", "teacher.time_budget_s=600"]
@@ -69,16 +70,6 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, uninterrupted):
             uninterrupted["metrics"][task][metric]["value"], abs=1e-6)
     lines = (run / "teacher" / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == list(range(1, 9))  # each step logged once
-
-
-LAUNCHERS = {
-    "torchrun": lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                              f"--master_port={port}"],
-    # accelerate (a peft dependency) starts the same torchrun-style ranks; on CPU our Dist picks gloo
-    "accelerate": lambda port: [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
-                                "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
-                                f"--main_process_port={port}"],
-}
 
 
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
