@@ -203,8 +203,9 @@ def _with_ci(fn: Callable[[np.ndarray], np.ndarray], n: int, n_boot: int, seed: 
 
 
 # ----------------------------------------------------------------------------- evaluate
-def _next_item_block(next_scores, next_targets, seen, ks, n_boot, seed) -> dict:
-    per_user = ranking_metrics(next_scores, next_targets, seen=seen, ks=ks)
+def _next_item_block(next_scores, next_targets, seen, ks, n_boot, seed, per_user=None) -> dict:
+    if per_user is None:
+        per_user = ranking_metrics(next_scores, next_targets, seen=seen, ks=ks)
     return {k: _with_ci(mean_stat(v), len(v), n_boot, seed) for k, v in per_user.items()}
 
 
@@ -226,10 +227,20 @@ def _like_block(like_logit, like_true, n_boot, seed) -> dict:
 
 def evaluate(*, next_scores=None, next_targets=None, seen=None, rating_pred=None, rating_true=None,
              like_logit=None, like_true=None, ks: Sequence[int] = (10, 20), n_boot: int = 1000,
-             seed: int = 0) -> dict:
+             seed: int = 0, next_per_user: Optional[dict] = None) -> dict:
     """Metrics with 95% bootstrap CIs for each task whose PREDICTION is given (its truth is then required;
     a truth without a prediction is ignored). All tasks must cover the same users in the same order;
-    one resampling of users (seeded) is shared by every metric."""
+    one resampling of users (seeded) is shared by every metric.
+
+    `next_per_user` instead of next_scores: the per-user arrays ranking_metrics returns (for the same `ks`), e.g.
+    computed chunk by chunk when the [users, items] scores would not fit in memory; the result is the same."""
+    if next_per_user is not None:
+        if next_scores is not None:
+            raise ValueError("give next_scores or next_per_user, not both")
+        missing = [f"{m}@{k}" for k in ks for m in ("HR", "NDCG", "MRR") if f"{m}@{k}" not in next_per_user]
+        if missing:
+            raise ValueError(f"next_per_user lacks {missing}: compute ranking_metrics with ks={tuple(ks)}")
+        next_scores = next(iter(next_per_user.values()))  # stands in for the length checks below
     given = {"next_item": (next_scores, next_targets), "rating": (rating_pred, rating_true),
              "like": (like_logit, like_true)}
     tasks = [t for t, (pred, _) in given.items() if pred is not None]
@@ -241,7 +252,7 @@ def evaluate(*, next_scores=None, next_targets=None, seen=None, rating_pred=None
     n = _same_length(**{t: given[t][1] for t in tasks}, **{f"{t} predictions": given[t][0] for t in tasks})
     out: dict = {}
     if "next_item" in tasks:
-        out["next_item"] = _next_item_block(next_scores, next_targets, seen, ks, n_boot, seed)
+        out["next_item"] = _next_item_block(next_scores, next_targets, seen, ks, n_boot, seed, per_user=next_per_user)
     if "rating" in tasks:
         out["rating"] = _rating_block(rating_pred, rating_true, n_boot, seed)
     if "like" in tasks:

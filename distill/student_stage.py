@@ -150,6 +150,57 @@ def val_ndcg10(student: Student, split: Split, device="cpu", chunk: int = 2048) 
     return total / max(1, len(users))
 
 
+SCORES_MAX_BYTES = 2 * 2**30
+"""Above this size the [users, items] float32 test scores are neither held at once nor saved: the metrics are computed
+chunk by chunk and test_predictions.npz keeps each user's top TOP_SAVED items instead (2 GB = e.g. 27,000 users x
+20,000 items; a 10^7-interaction log of 2*10^5 users over 2*10^4 items would need 16 GB)."""
+TOP_SAVED = 100
+"""Items per user kept in test_predictions.npz when the full scores are not (ranked, earlier history excluded)."""
+
+
+def evaluate_student(student: Student, split: Split, stage: str, seed: int, device: str = "cpu",
+                     chunk: int = 2048, keep_scores: Optional[bool] = None) -> tuple[dict, dict]:
+    """(metrics, predictions to save) of the eval users at `stage`. With keep_scores (default: when the scores take
+    at most SCORES_MAX_BYTES) the predictions hold the full scores [U, N]; otherwise the users are scored `chunk`
+    at a time, the per-user metrics are gathered (the same numbers: each user's metrics depend on its own row only)
+    and the predictions hold topk_items / topk_scores [U, TOP_SAVED] instead of scores."""
+    users = split.eval_users
+    if keep_scores is None:
+        keep_scores = len(users) * student.n_items * 4 <= SCORES_MAX_BYTES
+    if keep_scores:
+        pred = student_predict(student, split, users, stage, device=device)
+        return evaluate_predictions(pred, split, stage, seed=seed), pred
+    ks = (10, 20)
+    per_user: dict[str, list] = {}
+    k = min(TOP_SAVED, student.n_items)
+    top_items = np.zeros((len(users), k), dtype=np.int32)
+    top_scores = np.zeros((len(users), k), dtype=np.float32)
+    rating = np.zeros(len(users), dtype=np.float32)
+    like = np.zeros(len(users), dtype=np.float32)
+    for i in tqdm(range(0, len(users), chunk), desc=f"student {stage} evaluation", leave=False):
+        part = users[i:i + chunk]
+        p = student_predict(student, split, part, stage, device=device)
+        seen = [split.seen(u, stage) for u in part]
+        for name, v in M.ranking_metrics(p["scores"], split.targets(part, stage)[0], seen, ks=ks).items():
+            per_user.setdefault(name, []).append(v)
+        s = p["scores"]
+        for row, h in enumerate(seen):
+            s[row, h] = -np.inf  # what a recommender would show: the user's earlier items are not listed
+        idx = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        val = np.take_along_axis(s, idx, axis=1)
+        order = np.argsort(-val, axis=1, kind="stable")
+        top_items[i:i + len(part)] = np.take_along_axis(idx, order, axis=1)
+        top_scores[i:i + len(part)] = np.take_along_axis(val, order, axis=1)
+        rating[i:i + len(part)], like[i:i + len(part)] = p["rating"], p["like_logit"]
+    targets, true_r = split.targets(users, stage)
+    kw = dict(next_per_user={n: np.concatenate(v) for n, v in per_user.items()}, next_targets=targets, ks=ks,
+              seed=seed)
+    if true_r is not None and "rating" in student.tasks:
+        kw.update(rating_pred=rating, rating_true=true_r, like_logit=like, like_true=true_r >= split.ds.like_threshold)
+    pred = dict(users=np.asarray(users), topk_items=top_items, topk_scores=top_scores, rating=rating, like_logit=like)
+    return M.evaluate(**kw), pred
+
+
 # ----------------------------------------------------------------------------- training budget
 @dataclass(frozen=True)
 class TrainingBudget:
@@ -459,8 +510,7 @@ def train_student(cfg: RunConfig, kd: bool = True) -> dict:
     guard = None
     if kd and sc.kd_guard:
         student, guard = _kd_guard(run, fit, cfg.seed, device)
-    pred = student_predict(student, split, split.eval_users, "test", device=device)
-    metrics = evaluate_predictions(pred, split, "test", seed=cfg.seed)
+    metrics, pred = evaluate_student(student, split, "test", cfg.seed, device=device)
     extra = dict(item_ids=[str(i) for i in ds.item_ids], like_threshold=ds.like_threshold,
                  max_history=sc.max_len, item_popularity=split.train_item_counts(include_val=True).tolist(),
                  data_hash=ds.data_hash, kd=kd)

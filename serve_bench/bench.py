@@ -113,7 +113,14 @@ def _predictions(forward: Callable, split: Split, users, max_len: int, batch: in
 
 def _load_pred(path: Path) -> dict:
     with np.load(path) as z:
-        return {k: z[k] for k in z.files}
+        pred = {k: z[k] for k in z.files}
+    if "scores" not in pred and "topk_items" in pred:
+        U, k = pred["topk_items"].shape
+        raise ValueError(f"{path} holds each user's top {k} items only, not the full scores: the student stage keeps "
+                         f"those only while [{U} users x items] float32 fit in its limit "
+                         "(distill.student_stage.SCORES_MAX_BYTES, 2 GB). The bench compares every system on full "
+                         "scores; its metrics are in the stage's metrics.json. Run the bench on a smaller log")
+    return pred
 
 
 def _ndcg(q: Optional[dict]) -> Optional[float]:

@@ -242,3 +242,37 @@ def test_ddp_student_two_ranks_gloo_within_tolerance_of_one(base, tmp_path, free
     assert abs(n1 - n2) <= 0.003 and abs(r1 - r2) <= 0.01, (n1, n2, r1, r2)
     log = (Path(two.run_dir) / "student" / "train_log.jsonl").read_text().splitlines()
     assert len(log) == m2["steps"]  # written once (rank 0), not once per rank
+
+
+# ----------------------------------------------------------------------------- evaluation at scale
+def test_chunked_test_evaluation_equals_the_full_one_and_saves_top_lists(base):
+    """Past SCORES_MAX_BYTES the test users are scored in chunks: the same metrics (each user's depend on its row
+    only), and test_predictions keep ranked top lists without the user's earlier items instead of [U, N] scores."""
+    import torch
+    from dataclasses import replace
+    from distill.data import Split, load_dataset
+    from distill.student_stage import evaluate_student, fit_student
+    split = Split.leave_last_out(load_dataset(base.data))
+    cache = load_cache(Path(base.run_dir).parent / "one", split.ds.data_hash)
+    student = fit_student(replace(base.student, epochs=1, max_steps_per_epoch=3), split, cache, use_teacher=True,
+                          seed=0).student
+    with torch.no_grad():
+        full_m, full_p = evaluate_student(student, split, "test", seed=0, keep_scores=True)
+        part_m, part_p = evaluate_student(student, split, "test", seed=0, keep_scores=False, chunk=100)
+    assert part_m == full_m and "scores" not in part_p and part_p["topk_items"].shape == (len(split.eval_users), 100)
+    np.testing.assert_array_equal(part_p["rating"], full_p["rating"])
+    s = full_p["scores"].copy()
+    for row, u in enumerate(split.eval_users):
+        s[row, split.seen(u, "test")] = -np.inf
+        top = part_p["topk_items"][row]
+        assert not np.isin(top, split.seen(u, "test")).any()
+        np.testing.assert_array_equal(part_p["topk_scores"][row], np.sort(s[row])[::-1][:100])
+        np.testing.assert_array_equal(s[row, top], part_p["topk_scores"][row])
+
+
+def test_bench_refuses_top_list_predictions_with_the_reason(tmp_path):
+    from serve_bench.bench import _load_pred
+    path = tmp_path / "test_predictions.npz"
+    np.savez(path, users=np.arange(3), topk_items=np.zeros((3, 100), np.int32), topk_scores=np.zeros((3, 100)))
+    with pytest.raises(ValueError, match="top 100 items only.*SCORES_MAX_BYTES.*metrics.json"):
+        _load_pred(path)
