@@ -276,3 +276,18 @@ def test_bench_refuses_top_list_predictions_with_the_reason(tmp_path):
     np.savez(path, users=np.arange(3), topk_items=np.zeros((3, 100), np.int32), topk_scores=np.zeros((3, 100)))
     with pytest.raises(ValueError, match="top 100 items only.*SCORES_MAX_BYTES.*metrics.json"):
         _load_pred(path)
+
+
+def test_run_under_torchrun_keeps_one_process_group_through_the_stages(tmp_path, free_port):
+    """`torchrun -m distillrec run` runs teacher, cache and student in one process per rank: the process group made
+    by the teacher stage serves the later stages (destroying and re-creating it between stages hung gloo)."""
+    out = subprocess.run([*LAUNCHERS["torchrun"](free_port), "-m", "distillrec", "run", "--config",
+                          str(ROOT / "configs" / "tiny.yaml"), "-o", f"out_dir={tmp_path}", "-o", "teacher.max_steps=2",
+                          "-o", "teacher.cache_shard_users=4", "--to-stage", "student"],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "tiny"
+    assert json.loads((run / "teacher_cache" / "manifest.json").read_text())["world_size"] == 2
+    for s in ("student_nokd", "student"):
+        assert json.loads((run / s / "metrics.json").read_text())["world_size"] == 2
+    assert out.stdout.count("[student]") == 1  # rank 0 reports
