@@ -234,60 +234,61 @@ def build_cache(cfg: RunConfig) -> dict:
     shards_dir = out_dir / "shards"
     dist = Dist(pick_device(cfg.device), backend="gloo", timeout_s=BARRIER_TIMEOUT_S)
     device = dist.device
-    try:
-        set_seed(cfg.seed)
-        ds = load_dataset(cfg.data)
-        split = Split.leave_last_out(ds)
-        teacher, tok, meta = load_teacher(run / "teacher", merge=True, device=device)
-        if meta.get("data_hash") != ds.data_hash:
-            raise StaleCacheError(f"the teacher in {run / 'teacher'} was trained on data {meta.get('data_hash')} but "
-                                  f"the config's data hashes to {ds.data_hash}; run `distillrec teacher` again")
-        tc = cfg.teacher
-        builder = teacher_builder(teacher, saved_teacher_config(meta), tok, ds.item_text, ds.has_ratings)
-        users = sample_users(np.arange(ds.n_users), tc.cache_users, cfg.seed)
-        plan = ShardPlan(users=np.asarray(users, dtype=np.int64),
-                         lengths=np.asarray([int(split.n_train[u]) for u in users], dtype=np.int64),
-                         per_shard=int(tc.cache_shard_users))
-        K, t_hash = min(tc.cache_top_k, ds.n_items), teacher_hash(run / "teacher")
-        common = _common_key(t_hash, ds.data_hash, K, tc)
-        if dist.main:
-            (out_dir / "manifest.json").unlink(missing_ok=True)  # the cache is incomplete until the manifest is back
-        labeller = _Labeller(teacher, builder, split, tc, K, device)
-        owned = plan.owned(dist.rank, dist.world)
-        todo = [s for s in owned if not _shard_done(shards_dir / shard_name(s), plan.key(s, common))]
-        R = int(plan.lengths.sum())
-        rank_tag = f"rank {dist.rank}/{dist.world}: " if dist.world > 1 else ""
-        estimate = None
-        if todo:
-            pending = np.concatenate([plan.users[plan.users_of(s)] for s in todo])
-            _, encs = labeller.encodings(pending)
-            estimate = _labelling_estimate(run, teacher, encs, builder.pad_id, tc.infer_batch_tokens, device)
-            del encs
-        print(f"teacher cache: {rank_tag}labelling {R:,} positions of {len(users)} users (teacher.cache_users="
-              f"{tc.cache_users}) in {plan.n_shards} shard(s) of <= {plan.per_shard} users; this process: "
-              f"{len(owned) - len(todo)} of its {len(owned)} shard(s) already labelled, {len(todo)} to label"
-              + (f": {estimate['statement']}" if estimate else ""), flush=True)
-        for s in tqdm(todo, desc=f"teacher cache shards{' rank ' + str(dist.rank) if dist.world > 1 else ''}",
-                      disable=len(todo) < 2):
-            sl = plan.users_of(s)
-            arrays, tokens, seconds = labeller.label(plan.users[sl], plan.lengths[sl], f"shard {shard_name(s)}")
-            _write_shard(shards_dir / shard_name(s), arrays,
-                         dict(shard=s, key=plan.key(s, common), users=int(sl.stop - sl.start),
-                              rows=int(arrays["offsets"][-1]), tokens=tokens, seconds=seconds, rank=dist.rank,
-                              world_size=dist.world, device=device))
-        if dist.main:
-            heads = teacher.heads
-            with atomic_path(out_dir / "items.npz") as tmp:
-                with open(tmp, "wb") as f:
-                    np.savez(f, item_vectors=heads.item_vectors.cpu().numpy().astype(np.float32),
-                             item_table=heads.item_table().float().cpu().numpy(),
-                             item_bias=heads.item_bias.detach().float().cpu().numpy())
-        dist.barrier()  # every shard exists
-        if not dist.main:
-            return dict(rank=dist.rank, world_size=dist.world, shards=owned, labelled=todo)
-        return _write_manifest(out_dir, plan, common, t_hash, ds, tc, K, dist.world, device, estimate, labelled=todo)
-    finally:
-        dist.close()
+    # no barrier on an error path: a failing rank exits, and the launcher stops the others
+    set_seed(cfg.seed)
+    ds = load_dataset(cfg.data)
+    split = Split.leave_last_out(ds)
+    teacher, tok, meta = load_teacher(run / "teacher", merge=True, device=device)
+    if meta.get("data_hash") != ds.data_hash:
+        raise StaleCacheError(f"the teacher in {run / 'teacher'} was trained on data {meta.get('data_hash')} but "
+                              f"the config's data hashes to {ds.data_hash}; run `distillrec teacher` again")
+    tc = cfg.teacher
+    builder = teacher_builder(teacher, saved_teacher_config(meta), tok, ds.item_text, ds.has_ratings)
+    users = sample_users(np.arange(ds.n_users), tc.cache_users, cfg.seed)
+    plan = ShardPlan(users=np.asarray(users, dtype=np.int64),
+                     lengths=np.asarray([int(split.n_train[u]) for u in users], dtype=np.int64),
+                     per_shard=int(tc.cache_shard_users))
+    K, t_hash = min(tc.cache_top_k, ds.n_items), teacher_hash(run / "teacher")
+    common = _common_key(t_hash, ds.data_hash, K, tc)
+    if dist.main:
+        (out_dir / "manifest.json").unlink(missing_ok=True)  # the cache is incomplete until the manifest is back
+    labeller = _Labeller(teacher, builder, split, tc, K, device)
+    owned = plan.owned(dist.rank, dist.world)
+    todo = [s for s in owned if not _shard_done(shards_dir / shard_name(s), plan.key(s, common))]
+    R = int(plan.lengths.sum())
+    rank_tag = f"rank {dist.rank}/{dist.world}: " if dist.world > 1 else ""
+    estimate = None
+    if todo:
+        pending = np.concatenate([plan.users[plan.users_of(s)] for s in todo])
+        _, encs = labeller.encodings(pending)
+        estimate = _labelling_estimate(run, teacher, encs, builder.pad_id, tc.infer_batch_tokens, device)
+        del encs
+    print(f"teacher cache: {rank_tag}labelling {R:,} positions of {len(users)} users (teacher.cache_users="
+          f"{tc.cache_users}) in {plan.n_shards} shard(s) of <= {plan.per_shard} users; this process: "
+          f"{len(owned) - len(todo)} of its {len(owned)} shard(s) already labelled, {len(todo)} to label"
+          + (f": {estimate['statement']}" if estimate else ""), flush=True)
+    for s in tqdm(todo, desc=f"teacher cache shards{' rank ' + str(dist.rank) if dist.world > 1 else ''}",
+                  disable=len(todo) < 2):
+        sl = plan.users_of(s)
+        arrays, tokens, seconds = labeller.label(plan.users[sl], plan.lengths[sl], f"shard {shard_name(s)}")
+        _write_shard(shards_dir / shard_name(s), arrays,
+                     dict(shard=s, key=plan.key(s, common), users=int(sl.stop - sl.start),
+                          rows=int(arrays["offsets"][-1]), tokens=tokens, seconds=seconds, rank=dist.rank,
+                          world_size=dist.world, device=device))
+    if dist.main:
+        heads = teacher.heads
+        with atomic_path(out_dir / "items.npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, item_vectors=heads.item_vectors.cpu().numpy().astype(np.float32),
+                         item_table=heads.item_table().float().cpu().numpy(),
+                         item_bias=heads.item_bias.detach().float().cpu().numpy())
+    dist.barrier()  # every shard exists
+    if not dist.main:
+        dist.close()  # waits until rank 0 has written the manifest: the next stage may read the cache
+        return dict(rank=dist.rank, world_size=dist.world, shards=owned, labelled=todo)
+    manifest = _write_manifest(out_dir, plan, common, t_hash, ds, tc, K, dist.world, device, estimate, labelled=todo)
+    dist.close()
+    return manifest
 
 
 def _write_manifest(out_dir: Path, plan: ShardPlan, common: str, t_hash: str, ds, tc, K: int, world: int,

@@ -51,14 +51,18 @@ def _require_cols(df: pd.DataFrame, cols: list[str], path: Path, hint: str) -> N
         raise DataError(f"{path}: column(s) {missing} not found (have {list(df.columns)}); {hint}")
 
 
+def _csv_sep(path: Path) -> str:
+    """Tab for .tsv/.tab and recbole's .inter/.item/.user, else comma."""
+    return "\t" if path.suffix in (".tsv", ".tab", ".inter", ".item", ".user") else ","
+
+
 def read_table(path: Path) -> pd.DataFrame:
     """CSV (comma), TSV (.tsv/.tab and recbole's .inter/.item/.user) or Parquet (.parquet/.pq); DataError when
     the file is empty."""
     if path.suffix in (".parquet", ".pq"):
         return pd.read_parquet(path)
-    sep = "\t" if path.suffix in (".tsv", ".tab", ".inter", ".item", ".user") else ","
     try:
-        return pd.read_csv(path, sep=sep)
+        return pd.read_csv(path, sep=_csv_sep(path))
     except pd.errors.EmptyDataError:
         raise DataError(f"{path} is empty (not even a header line); point data.path at a non-empty log") from None
 
@@ -76,7 +80,7 @@ def read_columns(path: Path, cols: list[str], hint: str) -> pd.DataFrame:
             raise DataError(f"{path} is not a readable Parquet file ({e}); rewrite it, or name it .csv if it is CSV") from e
         _require_cols(pd.DataFrame(columns=names), cols, path, hint)
         return pq.read_table(path, columns=list(cols)).to_pandas()
-    sep = "\t" if path.suffix in (".tsv", ".tab", ".inter", ".item", ".user") else ","
+    sep = _csv_sep(path)
     try:
         header = pd.read_csv(path, sep=sep, nrows=0)
     except pd.errors.EmptyDataError:

@@ -43,11 +43,6 @@ def _copy(cfg, dest: Path):
     return _config_for_run(str(dest), [])
 
 
-def _arrays(run_dir, data_hash, in_memory=True):
-    c = load_cache(run_dir, data_hash, in_memory=in_memory)
-    return c
-
-
 def _data_hash(cfg):
     from distill.data import load_dataset
     return load_dataset(cfg.data).data_hash
@@ -78,8 +73,8 @@ def test_two_ranks_gloo_equal_one_process(base, tmp_path, launcher, free_port):
     assert ranks == {0, 1}  # shards 0 and 2 by rank 0, shard 1 by rank 1
     assert out.stdout.count("this process: 0 of its") == 2  # both ranks labelled
     h = _data_hash(base)
-    one = _arrays(Path(base.run_dir).parent / "one", h)
-    _assert_same_cache(_arrays(run.run_dir, h), one, exact=False)
+    one = load_cache(Path(base.run_dir).parent / "one", h)
+    _assert_same_cache(load_cache(run.run_dir, h), one, exact=False)
     assert man["rows"] == int(one["offsets"][-1]) == len(one["next_topk_items"])
 
 
@@ -118,7 +113,7 @@ def test_killed_run_relabels_only_missing_shards(base, tmp_path, capsys):
     assert (shards / "00000" / "meta.json").stat().st_mtime_ns == before  # not labelled again
     assert sorted(x.name for x in shards.iterdir()) == ["00000", "00001", "00002"]  # leftovers cleaned
     h = _data_hash(base)
-    _assert_same_cache(_arrays(run.run_dir, h), _arrays(Path(base.run_dir).parent / "one", h), exact=True)
+    _assert_same_cache(load_cache(run.run_dir, h), load_cache(Path(base.run_dir).parent / "one", h), exact=True)
 
 
 def test_changed_shard_plan_relabels_and_drops_old_shards(base, tmp_path, capsys):
@@ -130,7 +125,7 @@ def test_changed_shard_plan_relabels_and_drops_old_shards(base, tmp_path, capsys
     assert [s["name"] for s in man["shards"]] == ["00000", "00001"]
     assert sorted(x.name for x in (Path(run.run_dir) / "teacher_cache" / "shards").iterdir()) == ["00000", "00001"]
     h = _data_hash(base)
-    _assert_same_cache(_arrays(run.run_dir, h), _arrays(Path(base.run_dir).parent / "one", h), exact=False)
+    _assert_same_cache(load_cache(run.run_dir, h), load_cache(Path(base.run_dir).parent / "one", h), exact=False)
 
 
 def test_memory_mapped_cache_gives_the_student_the_same_batches_and_model(base):
