@@ -205,6 +205,47 @@ def load_base(cfg: TeacherConfig, seed: int = 0):
     return copy.deepcopy(backbone), tok
 
 
+def load_causal_lm(cfg: TeacherConfig, seed: int = 0):
+    """(full-depth causal LM WITH its LM head, transformers tokenizer), float32, eval mode: the base LM as a text
+    generator (distill/reasons.py writes recommendation reasons with it).
+
+    No LoRA adapter and no layer truncation: the shipped teacher's adapter was trained on soft item tokens
+    through a truncated trunk, so it does not apply to a full-depth text prompt. 'tiny-random' builds a seeded
+    random LlamaForCausalLM from cfg.tiny with the byte tokenizer (`byte_tokenizer_hf`, same ids as
+    ByteTokenizer); a local GGUF (the default teacher) loads from its de-quantised copy (`gguf_cache_dir`) when
+    one exists, else from the GGUF file (and saves the copy). Not cached: each call builds a fresh model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    model, gguf = resolve_model(cfg)
+    check_model_source(model, gguf)
+    if model == "tiny-random":
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=ByteTokenizer.vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                             **cfg.tiny)
+        return LlamaForCausalLM(config).float().eval(), byte_tokenizer_hf()
+    cache = gguf_cache_dir(model, gguf) if gguf and not cfg.random_init else None
+    if cache is not None and (cache / "config.json").is_file():
+        lm = AutoModelForCausalLM.from_pretrained(str(cache), dtype=torch.float32)
+        return lm.eval(), AutoTokenizer.from_pretrained(str(cache))
+    kw = {"gguf_file": gguf} if gguf else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(model, **kw)
+    except (OSError, ValueError) as e:  # neither a local folder nor downloadable (offline, typo)
+        if Path(model).expanduser().exists():
+            raise
+        raise TeacherModelError(f"teacher.model={model!r}: no such local folder ({Path(model).resolve()}) and the hub "
+                                f"could not provide it ({type(e).__name__}: {str(e).splitlines()[0]}); check the "
+                                "folder path or the hub id") from e
+    if cfg.random_init:
+        from transformers import AutoConfig
+        torch.manual_seed(seed)
+        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model, **kw), dtype=torch.float32)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, **kw)
+        if cache is not None:
+            _save_gguf_copy(lm, tok, cache)
+    return lm.float().eval(), tok
+
+
 # ----------------------------------------------------------------------------- the decoder's layers and LoRA targets
 def decoder_layers(backbone: nn.Module) -> tuple[str, nn.ModuleList]:
     """(path, ModuleList) of the decoder's blocks, found from the model itself: the shallowest ModuleList with

@@ -9,8 +9,9 @@ Concurrent requests wait in ONE bounded queue (`max_queue`); ONE worker thread t
 plus everything else already queued (up to `max_batch`), optionally waits a little for more (`max_wait_ms`,
 adaptive, see `MicroBatcher`), and answers the whole batch with a single `rec.recommend_batch` call. Each row
 is then cut to its own k: a top-K list begins with the top-k of any k <= K (the runtime's `top_k_indices`
-orders by score, ties by the lower index, so it is prefix-stable). Rows may differ in k, exclude, exclude_seen
-and allow (`_batch_call` merges them into one call). A `RequestError` for the batch never fails the other
+orders by score, ties by the lower index, so it is prefix-stable). Rows may differ in k, exclude, exclude_seen,
+allow, query and explain (`_batch_call` merges them into one call: queries go per row; explain is computed for
+the whole batch when any row asks and stripped from the rows that did not, as it never changes ids or scores). A `RequestError` for the batch never fails the other
 requests: the rows are re-run one by one and only the offending ones get the error.
 
 A full queue is `Overloaded` (the HTTP service answers 503 with Retry-After = queued requests / recent rows
@@ -88,13 +89,16 @@ class RecommendJob:
     """One /recommend request, already validated for shape and types (the runtime checks ids, ratings, k).
 
     `k` is the k to serve (the service resolves None to the model's top_k before queueing); `allow` None or
-    the only ids that may be recommended."""
+    the only ids that may be recommended; `query` None or the text steering this row; `explain` whether each
+    item comes with its supporting history items (id, score, because)."""
     history: list
     ratings: Optional[list] = None
     k: int = 10
     exclude: Optional[list] = None
     exclude_seen: bool = True
     allow: Optional[list] = None
+    query: Optional[str] = None
+    explain: bool = False
     # filled in by MicroBatcher.submit
     future: Any = field(default=None, repr=False)
     loop: Optional[asyncio.AbstractEventLoop] = field(default=None, repr=False)
@@ -144,6 +148,11 @@ def _batch_call(rec, jobs: list[RecommendJob], native_allow: bool) -> tuple[list
         kw["exclude"] = exclude
     if native_allow and any(j.allow is not None for j in jobs):
         kw["allow"] = [j.allow for j in jobs]
+    # only when used: a runtime (or wrapper) without queries / explain keeps working for the other requests
+    if any(j.query is not None for j in jobs):
+        kw["queries"] = [j.query for j in jobs]
+    if any(j.explain for j in jobs):
+        kw["explain"] = True
     return histories, kw
 
 
@@ -154,7 +163,13 @@ def recommend_rows(rec, jobs: list[RecommendJob], native_allow: Optional[bool] =
         native_allow = supports_allow(rec)
     histories, kw = _batch_call(rec, jobs, native_allow)
     got = rec.recommend_batch(histories, **kw)
-    return [list(row[:j.k]) for row, j in zip(got, jobs)]
+    out = []
+    for row, j in zip(got, jobs):
+        row = list(row[:j.k])
+        if kw.get("explain") and not j.explain:  # explained for a neighbour in the batch: not asked here
+            row = [(item, score) for item, score, _ in row]
+        out.append(row)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ reload

@@ -3,6 +3,15 @@
     rec = Recommender("runs/default/onnx")
     rec.recommend(["50", "172", "133"], ratings=[5, 4, 3], k=10)   # -> [(item_id, score), ...]
     rec.score(["50", "172"], candidates=["1", "2"])                # -> {"rating", "like", "like_logit"}
+    rec.recommend(["50", "172"], explain=True)                     # -> [(item_id, score, [(hist_id, sim)]), ...]
+    rec.recommend(["50", "172"], query="space opera")              # steered by text (needs onnx/query/)
+
+explain=True (two-part): each recommended item comes with the request's history items most similar to it
+(cosine in the item table's vectors, or its teacher text vectors with explain_space="text"): the "because you
+watched" of the answer, from the vectors already loaded, no extra model call. query="..." (two-part, with the
+query encoder the export wrote to onnx/query/, export/query_encoder.py): the text becomes a unit vector q_hat in
+the item-vector space and the user vector u is shifted to u + w q_hat before retrieval, so the ranking is by
+(u + w q_hat) @ v_i + b_i.
 
 Inputs are raw item ids (as in the training data; ints are accepted and matched as strings). Ratings are
 1..5, or 0 for "unknown"; no ratings at all means every rating is unknown. A history longer than
@@ -69,6 +78,16 @@ class UnsupportedProviderError(RuntimeError):
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return np.exp(-np.logaddexp(0.0, -x)).astype(np.float32)
+
+
+def _inverse_norms(vectors: np.ndarray) -> np.ndarray:
+    """float32 [N]: 1 / ||row|| (0 for a zero row), in chunks of rows so a large table needs no [N, d] temporary."""
+    out = np.empty(vectors.shape[0], dtype=np.float32)
+    for start in range(0, vectors.shape[0], _NORM_CHUNK):
+        chunk = np.asarray(vectors[start:start + _NORM_CHUNK], dtype=np.float32)
+        norm = np.sqrt(np.einsum("ij,ij->i", chunk, chunk))
+        out[start:start + chunk.shape[0]] = np.divide(1.0, norm, out=np.zeros_like(norm), where=norm > 0)
+    return out
 
 
 def _provider_name(p) -> str:
@@ -147,6 +166,11 @@ class Catalog:
     table: Optional[ItemTable] = None
     retriever: object = None
     active: Optional[np.ndarray] = None
+    explain_vectors: Optional[np.ndarray] = None
+    """The vectors explain=True compares (the table's item vectors or its text vectors), by reference."""
+    explain_inv_norm: Optional[np.ndarray] = None
+    """1 / ||explain_vectors[i]|| (0 for a zero row), computed once per loaded version: a cosine is then one
+    small matmul scaled by two gathers, without a normalised [N, d] copy per worker process."""
 
     @property
     def n_items(self) -> int:
@@ -158,6 +182,10 @@ class Catalog:
 
 
 MODES = ("auto", "two_part", "single")
+EXPLAIN_SPACES = ("item", "text")
+DEFAULT_EXPLAIN_K = 3
+_NORM_CHUNK = 1 << 16
+"""Rows per step when computing the explain norms (bounds the temporary memory at large catalogs)."""
 RETRIEVAL_MODES = ("auto", "exact", "ann")
 ANN_DIR = "ann"
 """Sub-folder of an item table version where a built ANN index is kept (export/retrieval.py save / load)."""
@@ -192,7 +220,13 @@ class Recommender:
     trt_cache_root: root folder of TensorRT caches (default $DISTILLREC_TRT_CACHE or ~/.cache/distillrec/trt).
     empty_history: "error" (RequestError) or "popularity": empty histories are answered from
       runtime.json item_popularity without running the model (recommend: most popular unexcluded items;
-      score: the candidates' popularity, no rating/like estimate).
+      score: the candidates' popularity, no rating/like estimate). With a query, an empty history is ranked by
+      the query alone (user vector 0: w q_hat @ v_i + b_i), not by popularity.
+    explain_k / explain_space: recommend(explain=True) lists up to explain_k history items per recommended
+      item, ranked by cosine similarity in the item table's vectors ("item") or its teacher text vectors
+      ("text": the table's text.npy; a table without it is a RuntimeArtifactError).
+    use_query_encoder: load onnx/query/ when the export has it (needs the `tokenizers` package: the `query`
+      extra); False serves without it (a query is then refused).
     """
 
     def __init__(self, folder, providers: Optional[list] = None, unknown_items: str = "error",
@@ -200,7 +234,8 @@ class Recommender:
                  model_file: Optional[str] = None, variant: Optional[str] = None, strict_providers: bool = False,
                  trt_profile: Optional[dict] = None, trt_cache_root: Union[str, Path, None] = None,
                  mode: str = "auto", retrieval: str = "auto", ann_min_items: int = ANN_MIN_ITEMS,
-                 ann_params: Optional[dict] = None):
+                 ann_params: Optional[dict] = None, explain_k: int = DEFAULT_EXPLAIN_K,
+                 explain_space: str = "item", use_query_encoder: bool = True):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if retrieval not in RETRIEVAL_MODES:
@@ -214,6 +249,13 @@ class Recommender:
             raise ValueError(f"intra_op_threads must be a non-negative int or None, got {intra_op_threads!r}")
         if model_file is not None and variant is not None:
             raise ValueError("pass either model_file or variant, not both")
+        if isinstance(explain_k, bool) or not isinstance(explain_k, numbers.Integral) or explain_k < 1:
+            raise ValueError(f"explain_k must be a positive int, got {explain_k!r}")
+        if explain_space not in EXPLAIN_SPACES:
+            raise ValueError(f"explain_space must be one of {EXPLAIN_SPACES}, got {explain_space!r}")
+        if not isinstance(use_query_encoder, bool):
+            raise ValueError(f"use_query_encoder must be True or False, got {use_query_encoder!r}")
+        self.explain_k, self.explain_space = int(explain_k), explain_space
         self.folder = Path(folder)
         self.unknown_items, self.empty_history = unknown_items, empty_history
         self.meta = self._load_meta(self.folder / C.RUNTIME_META_FILE)
@@ -250,6 +292,7 @@ class Recommender:
                 trt_profile, trt_cache_root, main=False)
         self._reload_lock = threading.Lock()
         self._catalog = self._load_catalog()
+        self.query_encoder = self._load_query_encoder() if use_query_encoder else None
 
     # ------------------------------------------------------------------------------------------ catalog
     @property
@@ -392,9 +435,87 @@ class Recommender:
             if C.SCORER_OUTPUTS[task] in self.two_part.get("scorer_outputs", []) and table.features(task) is None:
                 raise RuntimeArtifactError(f"{self.items_dir} version {table.version} lacks the {task} tower "
                                            f"features the scorer needs; {_FIX}")
+        space = self._explain_space_vectors(table)
         retriever = self._retriever(table)
         return Catalog(ids=table.ids, index=table.index, popularity=np.asarray(table.popularity, dtype=np.float64),
-                       version=table.version, table=table, retriever=retriever, active=np.asarray(table.active))
+                       version=table.version, table=table, retriever=retriever, active=np.asarray(table.active),
+                       explain_vectors=space, explain_inv_norm=_inverse_norms(space))
+
+    def _explain_space_vectors(self, table: ItemTable) -> np.ndarray:
+        """The vectors explain=True compares: the item vectors, or the table's teacher text vectors."""
+        if self.explain_space == "item":
+            return table.vectors
+        text = table.features("text")
+        if text is None:
+            raise RuntimeArtifactError(
+                f"explain_space='text' compares the teacher text vectors (text.npy), but {self.items_dir} version "
+                f"{table.version} has none (the student was trained without item text vectors); use "
+                f"explain_space='item'")
+        return text
+
+    # ------------------------------------------------------------------------------------------ query encoder
+    def _load_query_encoder(self):
+        """The export's query encoder (onnx/query/), or None when the export has none or serves one graph
+        (queries steer the two-part user vector). A broken folder raises RuntimeArtifactError, a missing
+        `tokenizers` ImportError: both name the fix."""
+        from export.query_encoder import QUERY_DIR, QueryEncoder  # it imports this module: not at the top
+        folder = self.folder / QUERY_DIR
+        if self.mode != "two_part" or not folder.is_dir():
+            return None
+        return QueryEncoder.load(folder, expected_dim=int(self.two_part["dim"]))
+
+    @property
+    def has_query_encoder(self) -> bool:
+        """Whether recommend(query=...) is served (two-part mode and an onnx/query/ folder)."""
+        return self.query_encoder is not None
+
+    def _require_query_encoder(self):
+        """The loaded QueryEncoder, or a RequestError saying why queries are not served and how to fix it."""
+        if self.mode != "two_part":
+            raise RequestError("query needs the two-part export (encoder.onnx + item table): this Recommender "
+                               "serves the single graph (mode='single'); construct it with mode='auto' or "
+                               "mode='two_part'")
+        if self.query_encoder is None:
+            from export.query_encoder import BUILD_HINT, QUERY_DIR
+            folder = self.folder / QUERY_DIR
+            if folder.is_dir():
+                raise RequestError(f"the query encoder in {folder} is not loaded (this Recommender was built with "
+                                   f"use_query_encoder=False); build it with use_query_encoder=True to serve "
+                                   f"queries, or send the request without a query")
+            raise RequestError(f"this export has no query encoder ({folder} is missing); {BUILD_HINT}; or send "
+                               f"the request without a query")
+        return self.query_encoder
+
+    def encode_query(self, text) -> np.ndarray:
+        """q_hat of a query: float32 [d], unit length; recommend(query=text) adds query_encoder.weight * q_hat
+        to the user vector. RequestError for a bad query, or when queries are not served."""
+        return self._require_query_encoder().encode(text)
+
+    def _query_shifts(self, queries, b: int) -> list[Optional[np.ndarray]]:
+        """One optional query per history -> w * q_hat per row (None: no query for that row)."""
+        if queries is None:
+            return [None] * b
+        if isinstance(queries, (str, bytes)) or not isinstance(queries, (Sequence, np.ndarray)):
+            raise RequestError(f"queries must be a list with one query (a string, or null for none) per history "
+                               f"({b}), got {type(queries).__name__}; for one history use recommend(query=...)")
+        if len(queries) != b:
+            raise RequestError(f"queries holds {len(queries)} entries for {b} histories: pass one query (a string, "
+                               f"or null for none) per history")
+        if all(q is None for q in queries):
+            return [None] * b
+        enc = self._require_query_encoder()
+        out: list[Optional[np.ndarray]] = []
+        for row, text in enumerate(queries):
+            if text is None:
+                out.append(None)
+                continue
+            try:
+                out.append(enc.weight * enc.encode(text))
+            except RequestError as e:
+                if b > 1:
+                    raise RequestError(f"queries[{row}]: {e}") from None
+                raise
+        return out
 
     # ------------------------------------------------------------------------------------------ loading
     @property
@@ -724,49 +845,120 @@ class Recommender:
         return [(cat.ids[i], float(scores[i])) for i in top_k_indices(scores, k, banned)]
 
     def recommend_batch(self, histories, ratings=None, k: Optional[int] = None, exclude_seen: bool = True,
-                        exclude=None, allow=None) -> list[list[tuple[str, float]]]:
+                        exclude=None, allow=None, queries=None, explain: bool = False) -> list[list[tuple]]:
         """Top-k (item id, score) per history, one encoder call for the batch.
 
         `exclude` (deny list): None or one list of ids (or None) per history, removed besides the seen items.
         `allow` (allow list): None or one list of ids (or None) per history: only those may be recommended.
         Both are applied before the top-k (never by filtering a short list), as are removed items. Empty
         histories raise unless empty_history='popularity' (then: most popular eligible items, and the model
-        runs only on the other rows). Fewer than k items come back when fewer than k are eligible."""
+        runs only on the other rows). Fewer than k items come back when fewer than k are eligible.
+
+        `queries` (two-part, needs the query encoder): None or one string (or None) per history; a row with a
+        query is ranked by (u + w q_hat) @ v_i + b_i (an empty history: u = 0), and its scores are those.
+        `explain=True` (two-part): each item comes as (id, score, because), `because` = up to explain_k
+        (history id, cosine similarity) pairs, most similar first (see _explain_row)."""
         k = self._check_k(k)
+        explain = self._check_explain(explain)
         cat = self._catalog
         items, rates, seen = self._prepare(histories, ratings, cat)
-        excl = self._id_lists(exclude, len(items), "exclude", cat)
-        allowed = self._id_lists(allow, len(items), "allow", cat)
+        b = len(items)
+        excl = self._id_lists(exclude, b, "exclude", cat)
+        allowed = self._id_lists(allow, b, "allow", cat)
+        shifts = self._query_shifts(queries, b)
         empty = [row for row, h in enumerate(items) if not h]
         if empty and self.empty_history != "popularity":
             raise RequestError(f"empty history at row(s) {empty[:20]} (after dropping unknown ids); pass at least "
                              f"one known item or construct the Recommender with empty_history='popularity'")
-        live = [row for row in range(len(items)) if items[row]]
-        banned = [(seen[r] if exclude_seen else set()) | (excl[r] or set()) for r in range(len(items))]
-        results: list[list[tuple[str, float]]] = [[] for _ in items]
-        if live:
-            arr_i, arr_r, length = self._pad([items[r] for r in live], [rates[r] for r in live])
-            if self.mode == "single":
-                scores = self.predict_arrays(arr_i, arr_r, length)[C.SCORES_OUTPUT]
-                for j, row in enumerate(live):
-                    results[row] = self._rank_scores(cat, scores[j], banned[row], allowed[row], k)
-            else:
-                user = self._encode(cat, arr_i, arr_r, length)[C.ENCODER_OUTPUTS["next_item"]]
-                found = cat.retriever.search(user, k, banned=[banned[r] for r in live],
-                                             allow=[None if allowed[r] is None else np.fromiter(allowed[r], np.int64)
-                                                    for r in live])
-                for j, row in enumerate(live):
-                    ids, vals = found[j]
-                    results[row] = [(cat.ids[i], float(v)) for i, v in zip(ids.tolist(), vals.tolist())]
+        banned = [(seen[r] if exclude_seen else set()) | (excl[r] or set()) for r in range(b)]
+        results: list[list[tuple]] = [[] for _ in items]
+        # rows the model ranks: a known history, or (two-part) a query alone
+        ranked = [row for row in range(b) if items[row] or shifts[row] is not None]
+        if ranked and self.mode == "single":
+            arr_i, arr_r, length = self._pad([items[r] for r in ranked], [rates[r] for r in ranked])
+            scores = self.predict_arrays(arr_i, arr_r, length)[C.SCORES_OUTPUT]
+            for j, row in enumerate(ranked):
+                results[row] = self._rank_scores(cat, scores[j], banned[row], allowed[row], k)
+        elif ranked:
+            users = self._user_vectors(cat, items, rates, ranked, shifts)
+            found = cat.retriever.search(users, k, banned=[banned[r] for r in ranked],
+                                         allow=[None if allowed[r] is None else np.fromiter(allowed[r], np.int64)
+                                                for r in ranked])
+            for j, row in enumerate(ranked):
+                ids, vals = found[j]
+                results[row] = [(cat.ids[i], float(v)) for i, v in zip(ids.tolist(), vals.tolist())]
         for row in empty:
-            results[row] = self._rank_scores(cat, cat.popularity, banned[row], allowed[row], k)
+            if shifts[row] is None:
+                results[row] = self._rank_scores(cat, cat.popularity, banned[row], allowed[row], k)
+        if explain:
+            results = [self._explain_row(cat, items[row], results[row]) for row in range(b)]
         return results
 
     def recommend(self, history, ratings=None, k: Optional[int] = None, exclude_seen: bool = True,
-                  exclude=None, allow=None) -> list[tuple[str, float]]:
+                  exclude=None, allow=None, query: Optional[str] = None, explain: bool = False) -> list[tuple]:
+        """Top-k for one history: recommend_batch with one row (query: one string or None)."""
         return self.recommend_batch([self._check_history(history)], None if ratings is None else [ratings], k,
                                     exclude_seen, None if exclude is None else [exclude],
-                                    None if allow is None else [allow])[0]
+                                    None if allow is None else [allow], None if query is None else [query],
+                                    explain)[0]
+
+    def _user_vectors(self, cat: Catalog, items: list, rates: list, rows: list[int],
+                      shifts: list[Optional[np.ndarray]]) -> np.ndarray:
+        """float32 [len(rows), d]: each row's encoder user vector (0 for an empty history) plus its query shift
+        w * q_hat. Without queries: the encoder output itself (no copy)."""
+        live = [j for j, r in enumerate(rows) if items[r]]
+        user = None
+        if live:
+            arr_i, arr_r, length = self._pad([items[rows[j]] for j in live], [rates[rows[j]] for j in live])
+            user = self._encode(cat, arr_i, arr_r, length)[C.ENCODER_OUTPUTS["next_item"]]
+        if len(live) == len(rows) and all(shifts[r] is None for r in rows):
+            return user
+        out = np.zeros((len(rows), cat.table.dim), dtype=np.float32)
+        if user is not None:
+            out[live] = user
+        for j, r in enumerate(rows):
+            if shifts[r] is not None:
+                out[j] += shifts[r]
+        return out
+
+    # ------------------------------------------------------------------------------------------ explain
+    def _check_explain(self, explain) -> bool:
+        if not isinstance(explain, (bool, np.bool_)):
+            raise RequestError(f"explain must be true or false, got {type(explain).__name__} {explain!r}")
+        if explain and self.mode != "two_part":
+            raise RequestError("explain needs the two-part export (its item table holds the vectors it compares): "
+                               "this Recommender serves the single graph (mode='single'); construct it with "
+                               "mode='auto' or mode='two_part'")
+        return bool(explain)
+
+    @staticmethod
+    def _explain_history(history: list[int]) -> np.ndarray:
+        """The distinct internal ids of a (truncated) history, most recent first: ties in similarity then go
+        to the more recent item."""
+        out, done = [], set()
+        for i in reversed(history):
+            if i not in done:
+                done.add(i)
+                out.append(i)
+        return np.asarray(out, dtype=np.int64)
+
+    def _explain_row(self, cat: Catalog, history: list[int], ranked: list[tuple]) -> list[tuple]:
+        """(id, score) pairs -> (id, score, because): because = up to explain_k (history id, cosine) pairs,
+        highest first, never the item itself. One [k, L] matmul of the gathered rows, scaled by their inverse
+        norms. An empty history (popularity, or a query alone) explains nothing: because = []."""
+        hist = self._explain_history(history)
+        if not ranked or hist.size == 0:
+            return [(i, s, []) for i, s in ranked]
+        recs = np.fromiter((cat.index[i] for i, _ in ranked), dtype=np.int64, count=len(ranked))
+        vec, inv = cat.explain_vectors, cat.explain_inv_norm
+        sims = (vec[recs] @ vec[hist].T) * inv[recs][:, None] * inv[hist][None, :]
+        sims[recs[:, None] == hist[None, :]] = -np.inf
+        top = np.argsort(-sims, axis=1, kind="stable")[:, :self.explain_k]
+        out = []
+        for r, (item, score) in enumerate(ranked):
+            because = [(cat.ids[hist[j]], float(sims[r, j])) for j in top[r] if sims[r, j] > -np.inf]
+            out.append((item, score, because))
+        return out
 
     # ------------------------------------------------------------------------------------------ score
     def score_batch(self, histories, candidates, ratings=None) -> list[dict[str, np.ndarray]]:

@@ -6,8 +6,10 @@
 
 Endpoints (JSON in, JSON out):
 
-    POST /recommend        {history, ratings?, k?, exclude?, exclude_seen?, allow?}    -> {items: [{id, score}], model, provider}
-    POST /recommend/batch  {histories, ratings?, k?, exclude?, exclude_seen?, allow?}  -> {results: [{items}], model, provider}
+    POST /recommend        {history, ratings?, k?, exclude?, exclude_seen?, allow?, query?, explain?}
+                           -> {items: [{id, score}], model, provider}
+    POST /recommend/batch  {histories, ratings?, k?, exclude?, exclude_seen?, allow?, queries?, explain?}
+                           -> {results: [{items}], model, provider}
     POST /score            {history, candidates, ratings?}  -> {candidates, rating, like, like_logit, model, provider}
     POST /score/batch      {histories, candidates, ratings?} -> {results: [{candidates, rating, ...}], model, provider}
     GET  /health           -> {status: "ok", provider, providers, model}   (liveness; runs one tiny inference)
@@ -18,6 +20,11 @@ Endpoints (JSON in, JSON out):
 
 `allow` (one id list; per history in /recommend/batch) restricts the answer to those ids; `exclude` removes
 ids. Ids outside the catalog are ignored in both.
+
+`query` (one string; `queries` in /recommend/batch: one string or null per history) steers the answer with text
+through the export's query encoder (onnx/query/, `distillrec query RUN`); without one it is a 400 saying so.
+`explain: true` adds to every item `"because": [{"id", "similarity"}, ...]`: the history items most similar to
+it (export/runtime.py). Both are two-part features: the single graph answers them with a 400.
 
 Errors are JSON `{"detail": "<message>", ...}`: 400 for input the runtime rejects (`export.runtime.RequestError`:
 unknown ids, empty history, NaN or out-of-range ratings, ratings sent to a model that does not use them, k <= 0
@@ -119,6 +126,10 @@ class RecommendRequest(_Body):
     exclude_seen: StrictBool = True
     allow: Optional[list[ItemId]] = None
     """Only these ids may be recommended (ids outside the catalog are ignored); omitted: the whole catalog."""
+    query: Optional[StrictStr] = None
+    """Text steering the answer (needs the export's query encoder); omitted: the history alone."""
+    explain: StrictBool = False
+    """Add to each item the history items most similar to it: "because": [{id, similarity}]."""
 
 
 class RecommendBatchRequest(_Body):
@@ -129,6 +140,9 @@ class RecommendBatchRequest(_Body):
     exclude_seen: StrictBool = True
     allow: Optional[list[Optional[list[ItemId]]]] = None
     """One id list (or null = no restriction) per history."""
+    queries: Optional[list[Optional[StrictStr]]] = None
+    """One query (or null = none) per history."""
+    explain: StrictBool = False
 
 
 class ScoreRequest(_Body):
@@ -154,8 +168,15 @@ def _finite(x) -> Optional[float]:
     return x if math.isfinite(x) else None
 
 
-def _items(pairs) -> list[dict]:
-    return [{"id": i, "score": _finite(s)} for i, s in pairs]
+def _items(ranked) -> list[dict]:
+    """(id, score) pairs, or (id, score, because) triples of an explain=True answer."""
+    out = []
+    for row in ranked:
+        item = {"id": row[0], "score": _finite(row[1])}
+        if len(row) > 2:
+            item["because"] = [{"id": h, "similarity": _finite(sim)} for h, sim in row[2]]
+        out.append(item)
+    return out
 
 
 def _score_out(candidates: list, res: dict) -> dict:
@@ -207,6 +228,15 @@ def _validation_message(errors: list[dict]) -> str:
         shown = shown if len(shown) <= 40 else shown[:37] + "..."
         msgs.append(f"{where}: {' or '.join(texts)} (got {shown})" if value is not None else f"{where}: {texts[0]}")
     return "invalid request: " + "; ".join(msgs[:20]) + (" ..." if len(msgs) > 20 else "")
+
+
+def _query_encoder_info(rec) -> Optional[dict]:
+    """/metadata's summary of the query encoder (None: queries are not served)."""
+    enc = getattr(rec, "query_encoder", None)
+    if enc is None:
+        return None
+    return {"weight": enc.weight, "dim": enc.dim, "max_query_chars": enc.max_query_chars,
+            "item_table_version": enc.item_table_version, "source": enc.source}
 
 
 def _model_name(rec: Recommender) -> str:
@@ -634,7 +664,7 @@ class _Handlers:
         if k <= 0:  # one call serves the batch with its largest k, so the runtime cannot see this row's k
             raise _BadRequest(f"k must be a positive int, got {k!r}")
         return RecommendJob(history=req.history, ratings=req.ratings, k=k, exclude=req.exclude,
-                            exclude_seen=req.exclude_seen, allow=req.allow)
+                            exclude_seen=req.exclude_seen, allow=req.allow, query=req.query, explain=req.explain)
 
     # ---- endpoints
     async def recommend(self, request: Request) -> Response:
@@ -659,6 +689,10 @@ class _Handlers:
             kw["allow"] = req.allow
         else:
             exclude = _merge_allow(self.rec, exclude, req.allow, len(req.histories))
+        if req.queries is not None:  # only when used: a runtime (wrapper) without queries serves the rest
+            kw["queries"] = req.queries
+        if req.explain:
+            kw["explain"] = True
         got = self._call(self.rec.recommend_batch, req.histories, ratings=req.ratings, k=k,
                          exclude_seen=req.exclude_seen, exclude=exclude, **kw)
         return _JSON(self._tag({"results": [self._ranked(r, k) for r in got]}))
@@ -741,6 +775,8 @@ class _Handlers:
             "empty_history": rec.empty_history,
             "max_batch": self.max_batch,
             "table_version": self.watcher.table_version,
+            "explain_space": getattr(rec, "explain_space", None),
+            "query_encoder": _query_encoder_info(rec),
             "batching": {"enabled": self.batching, "max_queue": self.max_queue, "batch_max": self.batch_max,
                          "batch_wait_ms": self.batch_wait_ms, "reload_check_s": self.watcher.check_s},
         })
