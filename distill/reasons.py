@@ -25,6 +25,10 @@ SYSTEM = "You are a movie recommender. You explain each recommendation in one sh
 """System turn of a chat-template prompt: asks for the one-sentence form the forced start begins."""
 HISTORY_HEAD = "Movies I watched, oldest first:\n"
 """First line of the history block (the shared prefix)."""
+NAMINGS = ("free", "greedy", "calibrated")
+NULL_ITEM = "N/A"
+"""The content-free item of contextual calibration: its prompt measures the LLM's preference among the history
+titles that does not depend on the recommended item."""
 CHAT_END = "<|im_end|>"
 """End-of-turn token of ChatML templates (SmolLM2, Qwen): a stop token when the tokenizer has it."""
 
@@ -41,8 +45,22 @@ class ReasonConfig:
     batch_size: int = 8
     """Candidates decoded together over one copy of the shared prefix cache. 8 covers a typical top-k of
     reasons in one batch; larger batches only grow the (repeated) cache."""
+    naming: str = "greedy"
+    """How the reason's first quoted title is chosen, after 'because you liked "':
+    'free': plain greedy decoding (SmolLM2-135M mostly repeats the recommended item: 9 of 9 reasons of 3 ML-100K
+      users named no history title, which leaves nothing to compare with the student's explanation);
+    'greedy' (default): greedy under a trie of the shown history titles, so every reason names one history item;
+    'calibrated': the history title t maximising log p(t | item) - log p(t | 'N/A') (contextual calibration,
+      Zhao et al. 2021): the trie choice without the LLM's item-independent preference, 3x the cost.
+    Measured on 100 ML-100K test users x 3 items (docs/interactive.md): 'greedy' names one of the student's 3
+    supporting items in 21.3% of reasons and 'calibrated' in 17.0%, against 15.0% for 3 random history items;
+    0.62 vs 1.92 s per reason. SmolLM2-135M's item-independent preference (the same title for all 3 items of a
+    user 43% of the time; recent items) is what agrees with the student; without it little is left.
+    The rest of the reason is free greedy decoding either way."""
 
     def __post_init__(self):
+        if self.naming not in NAMINGS:
+            raise ValueError(f"ReasonConfig.naming must be one of {NAMINGS} (got {self.naming!r})")
         for name in ("history_items", "max_new_tokens", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -67,6 +85,8 @@ class Reason:
     """Tokens of this item's suffix (item + forced start)."""
     call_seconds: float
     """Wall time of the whole `generate_reasons` call (prefix + all batches); the same on every reason of it."""
+    named: int = -1
+    """With naming 'greedy' / 'calibrated': index (in the shown history) of the title the reason names; -1 otherwise."""
 
     @property
     def n_generated(self) -> int:
@@ -200,11 +220,38 @@ def _suffix_inputs(suffixes: list[list[int]], n_prefix: int, pad: int):
     return ids, mask, pos
 
 
-def greedy_batch(lm, tok, cache, n_prefix: int, suffixes: list[list[int]], max_new_tokens: int):
+_END = -1
+"""Trie key marking that a title's tokens end at this node (its value: the title's index)."""
+
+
+def title_trie(tok, titles: list[str]) -> dict:
+    """Nested {token id: node} over each title's tokens as the prompt shows it (`display_title` + closing quote),
+    tokenized on its own like the suffix. A node's _END entry holds the index of the title ending there."""
+    root: dict = {}
+    for i, t in enumerate(titles):
+        node = root
+        for token in tok(display_title(t) + '"', add_special_tokens=False)["input_ids"]:
+            node = node.setdefault(int(token), {})
+        node.setdefault(_END, i)  # two titles with the same display form: the first one names it
+    return root
+
+
+def _constrained(logits: torch.Tensor, node: dict) -> int:
+    """The most likely next token among the trie node's children."""
+    allowed = [t for t in node if t != _END]
+    return allowed[int(torch.argmax(logits[allowed]))]
+
+
+def greedy_batch(lm, tok, cache, n_prefix: int, suffixes: list[list[int]], max_new_tokens: int,
+                 trie: dict | None = None):
     """Greedy continuation of each suffix after the cached prefix. `cache` must already hold len(suffixes) rows
     (it is extended in place). Returns per row (generated ids, stop reason). A finished row keeps feeding pad
-    with mask 0, so it changes nothing for the others."""
+    with mask 0, so it changes nothing for the others. With `trie` (title_trie), each row first decodes one whole
+    title of the trie, choosing among the allowed tokens greedily, and then goes on freely; the returned named
+    index per row is that title's (-1 without a trie or when max_new_tokens ends the title early)."""
     kw, pad, stops, memo = _cache_kw(lm), _pad_id(tok), stop_token_ids(tok), {}
+    nodes = [trie if trie else None for _ in suffixes]
+    named = [-1] * len(suffixes)
     ids, mask, pos = _suffix_inputs(suffixes, n_prefix, pad)
     dev = lm.device
     mask, nxt_pos = mask.to(dev), pos[:, -1].to(dev) + 1
@@ -217,6 +264,12 @@ def greedy_batch(lm, tok, cache, n_prefix: int, suffixes: list[list[int]], max_n
         token = logits[:, -1].argmax(-1)
         for r in alive.nonzero().flatten().tolist():
             t = int(token[r])
+            if nodes[r] is not None:
+                t = _constrained(logits[r, -1], nodes[r])
+                token[r] = t
+                nodes[r] = nodes[r][t]
+                if all(k == _END for k in nodes[r]):  # the title is complete: decode freely from here
+                    named[r], nodes[r] = nodes[r][_END], None
             out[r].append(t)
             if t in stops or _has_newline(tok, t, memo):
                 why[r] = "eos" if t in stops else "newline"
@@ -228,7 +281,49 @@ def greedy_batch(lm, tok, cache, n_prefix: int, suffixes: list[list[int]], max_n
         logits = lm(input_ids=feed.unsqueeze(1), attention_mask=mask, position_ids=nxt_pos.unsqueeze(1),
                     use_cache=True, logits_to_keep=1, **{kw: cache}).logits
         nxt_pos = nxt_pos + 1
-    return out, why
+    return out, why, named
+
+
+def title_ids(tok, titles: list[str]) -> list[list[int]]:
+    """Each title's tokens as a reason quotes it: display_title + closing quote, tokenized on its own."""
+    return [list(tok(display_title(t) + '"', add_special_tokens=False)["input_ids"]) for t in titles]
+
+
+def title_logprobs(lm, base, n_prefix: int, suffix: list[int], titles: list[list[int]]) -> torch.Tensor:
+    """log p(title | prefix + suffix) [T] for each token sequence of `titles` (teacher forcing): the suffix is
+    read once on a copy of the prefix cache, which is then repeated per title; titles are right-padded, so the
+    padding (after every real token) changes nothing."""
+    kw = _cache_kw(lm)
+    cache = copy.deepcopy(base)
+    dev = lm.device
+    out = lm(input_ids=torch.tensor([suffix], device=dev), use_cache=True, logits_to_keep=1,
+             position_ids=torch.arange(n_prefix, n_prefix + len(suffix), device=dev)[None], **{kw: cache})
+    first = torch.log_softmax(out.logits[0, -1].float(), -1)
+    cache = _out_cache(out)
+    cache.batch_repeat_interleave(len(titles))
+    width = max(len(t) for t in titles)
+    ids = torch.zeros(len(titles), width, dtype=torch.long)
+    mask = torch.zeros(len(titles), n_prefix + len(suffix) + width, dtype=torch.long)
+    mask[:, :n_prefix + len(suffix)] = 1
+    for r, t in enumerate(titles):
+        ids[r, :len(t)] = torch.tensor(t)
+        mask[r, n_prefix + len(suffix):n_prefix + len(suffix) + len(t)] = 1
+    start = n_prefix + len(suffix)
+    pos = torch.arange(start, start + width, device=dev)[None].expand(len(titles), -1)
+    logits = lm(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos, use_cache=True,
+                **{kw: cache}).logits
+    logp = torch.log_softmax(logits.float(), -1)
+    total = torch.zeros(len(titles))
+    for r, t in enumerate(titles):
+        total[r] = first[t[0]] + sum(float(logp[r, j - 1, t[j]]) for j in range(1, len(t)))
+    return total
+
+
+def calibrated_choice(lm, tok, base, n_prefix: int, suffixes: list[list[int]], null_suffix: list[int],
+                      titles: list[list[int]]) -> list[int]:
+    """Per suffix, the index of the title maximising log p(title | suffix) - log p(title | null suffix)."""
+    prior = title_logprobs(lm, base, n_prefix, null_suffix, titles)
+    return [int(torch.argmax(title_logprobs(lm, base, n_prefix, s, titles) - prior)) for s in suffixes]
 
 
 def _batches(n: int, size: int):
@@ -251,22 +346,32 @@ def generate_reasons(lm, tok, history_titles: list[str], item_titles: list[str],
     prefix_ids = encoded[0][0]
     suffixes = [s for _, s in encoded]
     gen: list = [None] * len(item_titles)
+    trie = title_trie(tok, history) if cfg.naming == "greedy" else None
     with torch.inference_mode():
         base = prefix_cache(lm, prefix_ids)
+        forced: list[list[int]] = [[] for _ in item_titles]
+        chosen = [-1] * len(item_titles)
+        if cfg.naming == "calibrated":
+            seqs = title_ids(tok, history)
+            null_suffix = encode_prompt(tok, *build_prompt(tok, history, NULL_ITEM))[1]
+            chosen = calibrated_choice(lm, tok, base, len(prefix_ids), suffixes, null_suffix, seqs)
+            forced = [seqs[c] for c in chosen]
+            suffixes = [s + f for s, f in zip(suffixes, forced)]
         for batch in tqdm(_batches(len(item_titles), cfg.batch_size), desc="reasons", leave=False):
             cache = copy.deepcopy(base)
             cache.batch_repeat_interleave(len(batch))
-            rows = greedy_batch(lm, tok, cache, len(prefix_ids), [suffixes[i] for i in batch], cfg.max_new_tokens)
-            for i, ids, why in zip(batch, *rows):
-                gen[i] = (ids, why)
+            rows = greedy_batch(lm, tok, cache, len(prefix_ids), [suffixes[i] for i in batch], cfg.max_new_tokens,
+                                trie=trie)
+            for i, ids, why, named in zip(batch, *rows):
+                gen[i] = (forced[i] + ids, why, chosen[i] if cfg.naming == "calibrated" else named)
     seconds = time.perf_counter() - start
     stops = stop_token_ids(tok)
     reasons = []
-    for title, suffix, (ids, why) in zip(item_titles, suffixes, gen):
+    for title, suffix, forced_ids, (ids, why, named) in zip(item_titles, suffixes, forced, gen):
         text = continuation_text(tok, ids, stops)
         reasons.append(Reason(item_title=title, text=text, sentence=forced_start(title) + text, token_ids=ids,
-                              stop=why, n_prefix_tokens=len(prefix_ids), n_suffix_tokens=len(suffix),
-                              call_seconds=seconds))
+                              stop=why, n_prefix_tokens=len(prefix_ids), n_suffix_tokens=len(suffix) - len(forced_ids),
+                              call_seconds=seconds, named=named))
     return reasons
 
 

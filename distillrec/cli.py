@@ -353,6 +353,34 @@ def cmd_remove_items(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    """One user's reasons (--user), or the agreement study over seeded test users."""
+    from distill.reasons import ReasonConfig
+
+    from .explain import ExplainError, explain_user, format_user, reason_study
+    cfg = ReasonConfig(history_items=args.history_items, max_new_tokens=args.max_new_tokens, naming=args.naming)
+    try:
+        if args.user is not None:
+            print(format_user(explain_user(Path(args.run_dir), args.user, args.k, cfg, space=args.space)))
+            return 0
+        reason_study(Path(args.run_dir), users=args.users, seed=args.seed, cfg=cfg)
+    except ExplainError as e:
+        raise SystemExit(f"error: {e}") from None
+    print((Path(args.run_dir) / "reasons" / "report.md").read_text())
+    return 0
+
+
+def cmd_query(args) -> int:
+    """Build the query encoder (onnx/query/), choose its weight on validation, evaluate genre queries on test."""
+    from .interactive import InteractiveError, query_study
+    try:
+        query_study(Path(args.run_dir), labels_file=args.labels, seed=args.seed)
+    except InteractiveError as e:
+        raise SystemExit(f"error: {e}") from None
+    print((Path(args.run_dir) / "interactive" / "report.md").read_text())
+    return 0
+
+
 # ----------------------------------------------------------------------------- the table
 def arg(*flags: str, **kwargs) -> tuple:
     """One argparse argument: add_argument(*flags, **kwargs)."""
@@ -461,6 +489,24 @@ COMMANDS: dict[str, Command] = {
         arg("ids", nargs="*", help="raw item ids"),
         arg("--file", help="a file with one id per line (or a CSV whose first column holds them)"),
         arg("--reactivate", action="store_true", help="bring removed items back into serving"))),
+    "explain": Command(cmd_explain, "recommendation reasons: the teacher LLM's vs the served student's supporting "
+                       "history items (one user with --user, else the agreement study over seeded test users)", (
+        RUN_DIR,
+        arg("--user", help="raw user id: explain this user's top-k (history = all of the user's interactions)"),
+        arg("--k", type=int, default=5, help="with --user: how many recommendations to explain"),
+        arg("--space", default="item", choices=["item", "text"], help="with --user: the student's explain space"),
+        arg("--users", type=int, default=100, help="study: seeded test users (their top-3 each)"),
+        arg("--seed", type=int, default=0),
+        arg("--history-items", type=int, default=20, help="most recent history items shown to both"),
+        arg("--max-new-tokens", type=int, default=24, help="tokens generated per reason at most (after the title)"),
+        arg("--naming", default="greedy", choices=["free", "greedy", "calibrated"],
+            help="how the reason's history title is chosen (distill/reasons.py ReasonConfig.naming)"))),
+    "query": Command(cmd_query, "interactive recommendation: build the query encoder (onnx/query/), choose how a "
+                     "query joins the user state on validation, evaluate genre queries on test", (
+        RUN_DIR,
+        arg("--labels", help="CSV/TSV with columns item_id, labels (space-separated) to build queries from; "
+                             "default: ML-100K's genres"),
+        arg("--seed", type=int, default=0, help="bootstrap seed"))),
     "triton": Command(cmd_triton, "write the Triton model repository runs/<name>/triton", (
         RUN_DIR,
         arg("--gpu", action="store_true", default=None, help="KIND_GPU + TensorRT accelerator block"),

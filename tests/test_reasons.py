@@ -103,7 +103,7 @@ def test_reason_config_rejects_non_positive_ints(field, bad):
 # ----------------------------------------------------------------------------- generation
 def test_batched_shared_prefix_equals_plain_loop_per_item(tiny):
     lm, tok = tiny
-    cfg = ReasonConfig(max_new_tokens=10, batch_size=8)
+    cfg = ReasonConfig(naming="free", max_new_tokens=10, batch_size=8)
     reasons = generate_reasons(lm, tok, HISTORY, ITEMS, cfg)
     assert len({r.n_suffix_tokens for r in reasons}) == 3  # padding really happens
     for r, item in zip(reasons, ITEMS):
@@ -117,8 +117,8 @@ def test_batched_shared_prefix_equals_plain_loop_per_item(tiny):
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_batch_size_does_not_change_the_tokens(tiny, batch_size):
     lm, tok = tiny
-    full = generate_reasons(lm, tok, HISTORY, ITEMS, ReasonConfig(max_new_tokens=10, batch_size=8))
-    split = generate_reasons(lm, tok, HISTORY, ITEMS, ReasonConfig(max_new_tokens=10, batch_size=batch_size))
+    full = generate_reasons(lm, tok, HISTORY, ITEMS, ReasonConfig(naming="free", max_new_tokens=10, batch_size=8))
+    split = generate_reasons(lm, tok, HISTORY, ITEMS, ReasonConfig(naming="free", max_new_tokens=10, batch_size=batch_size))
     assert [r.token_ids for r in split] == [r.token_ids for r in full]
 
 
@@ -132,7 +132,7 @@ def test_only_the_last_history_items_form_the_prefix(tiny):
 
 def test_generation_stops_at_max_new_tokens(tiny):
     lm, tok = tiny
-    reasons = generate_reasons(lm, tok, HISTORY, ITEMS, ReasonConfig(max_new_tokens=3))
+    reasons = generate_reasons(lm, tok, HISTORY, ITEMS, ReasonConfig(naming="free", max_new_tokens=3))
     for r in reasons:
         assert len(r.token_ids) <= 3
         assert (r.stop == "max_new_tokens") == (len(r.token_ids) == 3 and r.token_ids[-1] not in stop_token_ids(tok))
@@ -158,7 +158,7 @@ class ForceTokenInRow(torch.nn.Module):
 @pytest.mark.parametrize("token,why", [(2, "eos"), (ord("\n") + 3, "newline")])
 def test_a_stopped_row_ends_while_the_others_continue_unchanged(tiny, token, why):
     lm, tok = tiny
-    cfg = ReasonConfig(max_new_tokens=8)
+    cfg = ReasonConfig(naming="free", max_new_tokens=8)
     free = generate_reasons(lm, tok, HISTORY, ITEMS, cfg)
     assert all(r.stop == "max_new_tokens" for r in free)  # the seeded tiny model never stops by itself here
     head = lm.lm_head
@@ -211,3 +211,78 @@ def test_named_history_longest_overlapping_title_wins():
 
 def test_named_history_ignores_titles_too_short_to_be_specific():
     assert named_history("it is a film about it", ["It (1990)", "Up (2009)"]) == []
+
+
+# ----------------------------------------------------------------------------- naming a history title (trie)
+def plain_constrained(lm, tok, ids: list[int], titles: list[str], max_new: int) -> tuple[list[int], int]:
+    """Reference for name_history: no cache; while a title is open, the argmax over the tokens that continue some
+    title's '<display title>"' token sequence; then free argmax."""
+    seqs = [tok(display_title(t) + '"', add_special_tokens=False)["input_ids"] for t in titles]
+    stops, out, named = stop_token_ids(tok), [], -1
+    with torch.inference_mode():
+        for _ in range(max_new):
+            logits = lm(input_ids=torch.tensor([ids + out])).logits[0, -1]
+            if named < 0:
+                live = [s for s in seqs if s[:len(out)] == out and len(s) > len(out)]
+                allowed = sorted({s[len(out)] for s in live})
+                t = max(allowed, key=lambda a: (float(logits[a]), -allowed.index(a)))
+            else:
+                t = int(logits.argmax())
+            out.append(t)
+            if named < 0:
+                done = [i for i, s in enumerate(seqs) if s == out]
+                if done:
+                    named = done[0]
+                    continue
+            elif t in stops or "\n" in tok.decode([t]):
+                break
+    return out, named
+
+
+def test_name_history_decodes_one_whole_history_title_then_goes_on_freely(tiny):
+    lm, tok = tiny
+    cfg = ReasonConfig(naming="greedy", max_new_tokens=30, batch_size=2)
+    reasons = generate_reasons(lm, tok, HISTORY, ITEMS, cfg)
+    for r, item in zip(reasons, ITEMS):
+        prefix_ids, suffix_ids = encode_prompt(tok, *build_prompt(tok, HISTORY, item))
+        ids, named = plain_constrained(lm, tok, prefix_ids + suffix_ids, HISTORY, 30)
+        assert r.named == named and 0 <= named < len(HISTORY)
+        assert r.token_ids == ids
+        title = display_title(HISTORY[named]) + '"'
+        assert r.text.startswith(title)  # the byte tokenizer decodes the title exactly
+        assert named in named_history(r.text, HISTORY)
+    free = generate_reasons(lm, tok, HISTORY, ITEMS, ReasonConfig(naming="free", max_new_tokens=30))
+    assert all(r.named == -1 for r in free)
+    assert [r.token_ids for r in free] != [r.token_ids for r in reasons]  # the trie did steer the tokens
+
+
+def test_naming_must_be_a_known_rule():
+    with pytest.raises(ValueError, match="naming"):
+        ReasonConfig(naming="best")
+
+
+def _sequence_logprob(lm, ids: list[int], tail: list[int]) -> float:
+    """log p(tail | ids) from one plain forward, no cache."""
+    with torch.inference_mode():
+        logp = torch.log_softmax(lm(input_ids=torch.tensor([ids + tail])).logits[0].float(), -1)
+    return sum(float(logp[len(ids) + j - 1, t]) for j, t in enumerate(tail))
+
+
+def test_calibrated_naming_picks_the_title_with_the_best_likelihood_ratio_then_goes_on_freely(tiny):
+    from distill.reasons import NULL_ITEM, title_ids
+    lm, tok = tiny
+    reasons = generate_reasons(lm, tok, HISTORY, ITEMS, ReasonConfig(max_new_tokens=6, batch_size=2))
+    seqs = title_ids(tok, HISTORY)
+    null = sum(encode_prompt(tok, *build_prompt(tok, HISTORY, NULL_ITEM)), [])
+    prior = [_sequence_logprob(lm, null, t) for t in seqs]
+    picks = []
+    for r, item in zip(reasons, ITEMS):
+        ids = sum(encode_prompt(tok, *build_prompt(tok, HISTORY, item)), [])
+        ratio = [_sequence_logprob(lm, ids, t) - p for t, p in zip(seqs, prior)]
+        best = max(range(len(seqs)), key=lambda i: ratio[i])
+        assert r.named == best
+        assert r.token_ids == seqs[best] + plain_greedy(lm, tok, ids + seqs[best], 6)
+        assert r.text.startswith(display_title(HISTORY[best]) + '"')
+        picks.append(best)
+    greedy = generate_reasons(lm, tok, HISTORY, ITEMS, ReasonConfig(naming="greedy", max_new_tokens=30))
+    assert all(0 <= g.named < len(HISTORY) for g in greedy)
