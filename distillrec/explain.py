@@ -134,8 +134,13 @@ def _sample_users(split, n: int, seed: int) -> list[int]:
     return sorted(rng.choice(users, size=min(n, len(users)), replace=False).tolist())
 
 
+RECORD_VERSION = 2
+"""Bumped when the reasons the same settings produce change (2: max_new_tokens counts after the named title)."""
+
+
 def _settings(cfg: ReasonConfig) -> dict:
-    return dict(history_items=cfg.history_items, max_new_tokens=cfg.max_new_tokens, naming=cfg.naming)
+    return dict(history_items=cfg.history_items, max_new_tokens=cfg.max_new_tokens, naming=cfg.naming,
+                version=RECORD_VERSION)
 
 
 def _done(path: Path, cfg: ReasonConfig) -> dict:

@@ -112,8 +112,11 @@ def genre_popularity_scores(ev: Events, labels: list[list[str]], popularity: np.
 
 # ----------------------------------------------------------------------------- scoring with a query direction
 def _scale(base: np.ndarray, direction: np.ndarray) -> float:
-    """Median over events of std(base row) / std(direction row): the unit of WEIGHT_GRID."""
-    return float(np.median(base.std(1) / np.maximum(direction.std(1), 1e-12)))
+    """Median over events of std(base row) / std(direction row), over the servable items (finite base scores):
+    the unit of WEIGHT_GRID."""
+    ok = np.isfinite(base)
+    spread = np.nanstd(np.where(ok, base, np.nan), axis=1)
+    return float(np.median(spread / np.maximum(np.nanstd(np.where(ok, direction, np.nan), axis=1), 1e-12)))
 
 
 def choose_weight(base: np.ndarray, direction: np.ndarray, ev: Events) -> tuple[float, dict]:
@@ -149,13 +152,16 @@ def _served_scores(rec, ev: Events, ids) -> np.ndarray:
 
 
 def _served_hits(rec, ev: Events, ids, queries: Optional[list]) -> np.ndarray:
-    """HR@10 per event from the runtime's own top-10 lists (recommend_batch, seen items excluded)."""
+    """HR@10 per event from the runtime's own top-10 lists (recommend_batch). The runtime excludes the history it
+    is sent (the last max_history items); the items seen before those go in `exclude`, as a service would."""
     index = {r: i for i, r in enumerate(ids)}
     hits = []
     for s in range(0, len(ev), 256):
         hist = [[ids[i] for i in h] for h in ev.items[s:s + 256]]
+        older = [[ids[i] for i in set(seen.tolist()) - set(h)] for seen, h in zip(ev.seen[s:s + 256], ev.items[s:s + 256])]
         rates = None if ev.ratings[0] is None else ev.ratings[s:s + 256]
-        got = rec.recommend_batch(hist, rates, k=K, queries=None if queries is None else queries[s:s + 256])
+        got = rec.recommend_batch(hist, rates, k=K, exclude=older,
+                                  queries=None if queries is None else queries[s:s + 256])
         hits += [float(t in {index[i] for i, _ in row}) for t, row in zip(ev.targets[s:s + 256], got)]
     return np.asarray(hits)
 
@@ -216,7 +222,9 @@ def query_study(run_dir, labels_file: Optional[str] = None, seed: int = 0, progr
     if table.ids[:len(raw_ids)] != raw_ids:
         raise InteractiveError(f"{onnx}/items does not start with the run's {len(raw_ids)} items in training order; "
                                "re-export the run (`distillrec export`)")
-    V = np.asarray(table.vectors[:len(raw_ids)], dtype=np.float32)
+    V = np.asarray(table.vectors[:len(raw_ids)], dtype=np.float32)  # the trained items: their texts are known
+    V_all = np.asarray(table.vectors, dtype=np.float64)  # every served row (items added since training too)
+    active = np.asarray(table.active, dtype=bool)
 
     # 1. build (weight 1 for now) --------------------------------------------------------------------------------
     rt = run_teacher(run)
@@ -245,20 +253,25 @@ def query_study(run_dir, labels_file: Optional[str] = None, seed: int = 0, progr
         pooled = dict(zip(texts, tv / np.maximum(np.linalg.norm(tv, axis=1, keepdims=True), 1e-12)))
 
     def directions(ev: Events) -> dict:
-        d = {"distilled": rec.query_encoder.encode_batch(ev.queries).astype(np.float64) @ V.T.astype(np.float64)}
+        """[E, served rows] per method; the PMI reference knows only the trained items (0 = average elsewhere)."""
+        d = {"distilled": rec.query_encoder.encode_batch(ev.queries).astype(np.float64) @ V_all.T}
         pm = np.stack([fit.kept[:, [col[first[w]] for w in q.split()]].sum(1) for q in ev.queries])
-        d["teacher_pmi"] = (pm - pm.mean(1, keepdims=True)) / np.maximum(pm.std(1, keepdims=True), 1e-12)
+        z = (pm - pm.mean(1, keepdims=True)) / np.maximum(pm.std(1, keepdims=True), 1e-12)
+        d["teacher_pmi"] = np.pad(z, ((0, 0), (0, len(V_all) - len(V))))
         if pooled:
-            d["teacher_pooled"] = np.stack([pooled[q] for q in ev.queries]).astype(np.float64) @ V.T
+            d["teacher_pooled"] = np.stack([pooled[q] for q in ev.queries]).astype(np.float64) @ V_all.T
         return d
 
-    base = {"val": _served_scores(plain, val, raw_ids), "test": _served_scores(plain, test, raw_ids)}
+    # the served catalog: items removed from serving can never be recommended (-inf), as in the runtime
+    base = {s: np.where(active, _served_scores(plain, ev, raw_ids), -np.inf) for s, ev in (("val", val), ("test", test))}
     dirs = {"val": directions(val), "test": directions(test)}
 
     # 3. weights chosen on validation, test measured once -------------------------------------------------------
     h0 = _hits(base["test"], test)
     pop = split.train_item_counts().astype(np.float64)
-    hg = _hits(genre_popularity_scores(test, labels, pop), test)
+    gp = genre_popularity_scores(test, labels, pop)
+    gp = np.where(active, np.pad(gp, ((0, 0), (0, len(V_all) - len(V))), constant_values=-1.0), -np.inf)
+    hg = _hits(gp, test)
     methods, chosen = {}, {}
     for name in dirs["val"]:
         w, curve = choose_weight(base["val"], dirs["val"][name], val)

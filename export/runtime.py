@@ -935,12 +935,7 @@ class Recommender:
     def _explain_history(history: list[int]) -> np.ndarray:
         """The distinct internal ids of a (truncated) history, most recent first: ties in similarity then go
         to the more recent item."""
-        out, done = [], set()
-        for i in reversed(history):
-            if i not in done:
-                done.add(i)
-                out.append(i)
-        return np.asarray(out, dtype=np.int64)
+        return np.fromiter(dict.fromkeys(reversed(history)), dtype=np.int64)  # insertion order = first seen
 
     def _explain_row(self, cat: Catalog, history: list[int], ranked: list[tuple]) -> list[tuple]:
         """(id, score) pairs -> (id, score, because): because = up to explain_k (history id, cosine) pairs,
@@ -949,14 +944,18 @@ class Recommender:
         hist = self._explain_history(history)
         if not ranked or hist.size == 0:
             return [(i, s, []) for i, s in ranked]
-        recs = np.fromiter((cat.index[i] for i, _ in ranked), dtype=np.int64, count=len(ranked))
+        index = cat.index
+        recs = np.array([index[i] for i, _ in ranked], dtype=np.int64)
         vec, inv = cat.explain_vectors, cat.explain_inv_norm
-        sims = (vec[recs] @ vec[hist].T) * inv[recs][:, None] * inv[hist][None, :]
+        sims = (vec[recs] @ vec[hist].T) * np.outer(inv[recs], inv[hist])
         sims[recs[:, None] == hist[None, :]] = -np.inf
         top = np.argsort(-sims, axis=1, kind="stable")[:, :self.explain_k]
+        top_sims = np.take_along_axis(sims, top, axis=1).tolist()  # one conversion, not one float() per pair
+        top_ids = hist[top].tolist()
+        ids = cat.ids
         out = []
         for r, (item, score) in enumerate(ranked):
-            because = [(cat.ids[hist[j]], float(sims[r, j])) for j in top[r] if sims[r, j] > -np.inf]
+            because = [(ids[h], v) for h, v in zip(top_ids[r], top_sims[r]) if v != -np.inf]
             out.append((item, score, because))
         return out
 

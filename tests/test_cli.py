@@ -12,7 +12,7 @@ from distillrec.cli import COMMANDS, STAGES, _config_for_run, build_parser, main
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 SUBCOMMANDS = {"run", *STAGES, "teacher-weighting", "ablate", "teacher-curves", "ship-teacher", "loadtest", "serve",
-               "triton", "results", "add-items", "remove-items", "scale-bench", "growth", "synth"}
+               "triton", "results", "add-items", "remove-items", "scale-bench", "growth", "synth", "explain", "query"}
 
 
 def test_the_parser_is_built_from_the_table():

@@ -215,37 +215,28 @@ def test_named_history_ignores_titles_too_short_to_be_specific():
 
 # ----------------------------------------------------------------------------- naming a history title (trie)
 def plain_constrained(lm, tok, ids: list[int], titles: list[str], max_new: int) -> tuple[list[int], int]:
-    """Reference for name_history: no cache; while a title is open, the argmax over the tokens that continue some
-    title's '<display title>"' token sequence; then free argmax."""
+    """Reference for naming='greedy': no cache; while a title is open, the argmax over the tokens that continue
+    some title's '<display title>"' token sequence; then plain_greedy for max_new free tokens."""
     seqs = [tok(display_title(t) + '"', add_special_tokens=False)["input_ids"] for t in titles]
-    stops, out, named = stop_token_ids(tok), [], -1
+    out: list[int] = []
     with torch.inference_mode():
-        for _ in range(max_new):
+        while True:
             logits = lm(input_ids=torch.tensor([ids + out])).logits[0, -1]
-            if named < 0:
-                live = [s for s in seqs if s[:len(out)] == out and len(s) > len(out)]
-                allowed = sorted({s[len(out)] for s in live})
-                t = max(allowed, key=lambda a: (float(logits[a]), -allowed.index(a)))
-            else:
-                t = int(logits.argmax())
-            out.append(t)
-            if named < 0:
-                done = [i for i, s in enumerate(seqs) if s == out]
-                if done:
-                    named = done[0]
-                    continue
-            elif t in stops or "\n" in tok.decode([t]):
-                break
-    return out, named
+            live = [s for s in seqs if s[:len(out)] == out and len(s) > len(out)]
+            allowed = sorted({s[len(out)] for s in live})
+            out.append(max(allowed, key=lambda a: (float(logits[a]), -allowed.index(a))))
+            done = [i for i, s in enumerate(seqs) if s == out]
+            if done:
+                return out + plain_greedy(lm, tok, ids + out, max_new), done[0]
 
 
 def test_name_history_decodes_one_whole_history_title_then_goes_on_freely(tiny):
     lm, tok = tiny
-    cfg = ReasonConfig(naming="greedy", max_new_tokens=30, batch_size=2)
+    cfg = ReasonConfig(naming="greedy", max_new_tokens=5, batch_size=2)
     reasons = generate_reasons(lm, tok, HISTORY, ITEMS, cfg)
     for r, item in zip(reasons, ITEMS):
         prefix_ids, suffix_ids = encode_prompt(tok, *build_prompt(tok, HISTORY, item))
-        ids, named = plain_constrained(lm, tok, prefix_ids + suffix_ids, HISTORY, 30)
+        ids, named = plain_constrained(lm, tok, prefix_ids + suffix_ids, HISTORY, 5)
         assert r.named == named and 0 <= named < len(HISTORY)
         assert r.token_ids == ids
         title = display_title(HISTORY[named]) + '"'
@@ -271,11 +262,11 @@ def _sequence_logprob(lm, ids: list[int], tail: list[int]) -> float:
 def test_calibrated_naming_picks_the_title_with_the_best_likelihood_ratio_then_goes_on_freely(tiny):
     from distill.reasons import NULL_ITEM, title_ids
     lm, tok = tiny
-    reasons = generate_reasons(lm, tok, HISTORY, ITEMS, ReasonConfig(max_new_tokens=6, batch_size=2))
+    cfg = ReasonConfig(naming="calibrated", max_new_tokens=6, batch_size=2)
+    reasons = generate_reasons(lm, tok, HISTORY, ITEMS, cfg)
     seqs = title_ids(tok, HISTORY)
     null = sum(encode_prompt(tok, *build_prompt(tok, HISTORY, NULL_ITEM)), [])
     prior = [_sequence_logprob(lm, null, t) for t in seqs]
-    picks = []
     for r, item in zip(reasons, ITEMS):
         ids = sum(encode_prompt(tok, *build_prompt(tok, HISTORY, item)), [])
         ratio = [_sequence_logprob(lm, ids, t) - p for t, p in zip(seqs, prior)]
@@ -283,6 +274,4 @@ def test_calibrated_naming_picks_the_title_with_the_best_likelihood_ratio_then_g
         assert r.named == best
         assert r.token_ids == seqs[best] + plain_greedy(lm, tok, ids + seqs[best], 6)
         assert r.text.startswith(display_title(HISTORY[best]) + '"')
-        picks.append(best)
-    greedy = generate_reasons(lm, tok, HISTORY, ITEMS, ReasonConfig(naming="greedy", max_new_tokens=30))
-    assert all(0 <= g.named < len(HISTORY) for g in greedy)
+    assert ReasonConfig().naming == "greedy"  # the default (docs/interactive.md: it agrees more, at less than half the cost)
