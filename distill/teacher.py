@@ -163,19 +163,14 @@ def _save_gguf_copy(lm, tok, cache: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@functools.lru_cache(maxsize=2)
-def _load_base_cached(model: str, gguf: Optional[str], tiny_json: str, seed: int, random_init: bool = False):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaModel
-    if model == "tiny-random":
-        torch.manual_seed(seed)
-        cfg = LlamaConfig(vocab_size=ByteTokenizer.vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                          **json.loads(tiny_json))
-        return LlamaModel(cfg).eval(), ByteTokenizer()
+def _load_hf_causal_lm(model: str, gguf: Optional[str], seed: int, random_init: bool = False):
+    """(causal LM float32 with its LM head, transformers tokenizer) of a folder, hub id or GGUF file; a GGUF
+    loads from its de-quantised copy (`gguf_cache_dir`) when one exists, else from the file (and saves the copy)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     cache = gguf_cache_dir(model, gguf) if gguf and not random_init else None
     if cache is not None and (cache / "config.json").is_file():
-        lm = AutoModelForCausalLM.from_pretrained(str(cache), dtype=torch.float32)
-        backbone = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
-        return backbone.eval(), HFTokenizer(AutoTokenizer.from_pretrained(str(cache)))
+        return (AutoModelForCausalLM.from_pretrained(str(cache), dtype=torch.float32),
+                AutoTokenizer.from_pretrained(str(cache)))
     kw = {"gguf_file": gguf} if gguf else {}
     try:
         tok = AutoTokenizer.from_pretrained(model, **kw)
@@ -193,6 +188,21 @@ def _load_base_cached(model: str, gguf: Optional[str], tiny_json: str, seed: int
         lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, **kw)
         if cache is not None:
             _save_gguf_copy(lm, tok, cache)
+    return lm, tok
+
+
+def _tiny_config(tiny: dict):
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=ByteTokenizer.vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2, **tiny)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_base_cached(model: str, gguf: Optional[str], tiny_json: str, seed: int, random_init: bool = False):
+    from transformers import LlamaModel
+    if model == "tiny-random":
+        torch.manual_seed(seed)
+        return LlamaModel(_tiny_config(json.loads(tiny_json))).eval(), ByteTokenizer()
+    lm, tok = _load_hf_causal_lm(model, gguf, seed, random_init)
     backbone = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
     return backbone.eval(), HFTokenizer(tok)
 
@@ -214,35 +224,13 @@ def load_causal_lm(cfg: TeacherConfig, seed: int = 0):
     random LlamaForCausalLM from cfg.tiny with the byte tokenizer (`byte_tokenizer_hf`, same ids as
     ByteTokenizer); a local GGUF (the default teacher) loads from its de-quantised copy (`gguf_cache_dir`) when
     one exists, else from the GGUF file (and saves the copy). Not cached: each call builds a fresh model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
     model, gguf = resolve_model(cfg)
     check_model_source(model, gguf)
     if model == "tiny-random":
         torch.manual_seed(seed)
-        config = LlamaConfig(vocab_size=ByteTokenizer.vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                             **cfg.tiny)
-        return LlamaForCausalLM(config).float().eval(), byte_tokenizer_hf()
-    cache = gguf_cache_dir(model, gguf) if gguf and not cfg.random_init else None
-    if cache is not None and (cache / "config.json").is_file():
-        lm = AutoModelForCausalLM.from_pretrained(str(cache), dtype=torch.float32)
-        return lm.eval(), AutoTokenizer.from_pretrained(str(cache))
-    kw = {"gguf_file": gguf} if gguf else {}
-    try:
-        tok = AutoTokenizer.from_pretrained(model, **kw)
-    except (OSError, ValueError) as e:  # neither a local folder nor downloadable (offline, typo)
-        if Path(model).expanduser().exists():
-            raise
-        raise TeacherModelError(f"teacher.model={model!r}: no such local folder ({Path(model).resolve()}) and the hub "
-                                f"could not provide it ({type(e).__name__}: {str(e).splitlines()[0]}); check the "
-                                "folder path or the hub id") from e
-    if cfg.random_init:
-        from transformers import AutoConfig
-        torch.manual_seed(seed)
-        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model, **kw), dtype=torch.float32)
-    else:
-        lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, **kw)
-        if cache is not None:
-            _save_gguf_copy(lm, tok, cache)
+        return LlamaForCausalLM(_tiny_config(cfg.tiny)).float().eval(), byte_tokenizer_hf()
+    lm, tok = _load_hf_causal_lm(model, gguf, seed, cfg.random_init)
     return lm.float().eval(), tok
 
 

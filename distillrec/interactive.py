@@ -158,7 +158,8 @@ def _served_hits(rec, ev: Events, ids, queries: Optional[list]) -> np.ndarray:
     hits = []
     for s in range(0, len(ev), 256):
         hist = [[ids[i] for i in h] for h in ev.items[s:s + 256]]
-        older = [[ids[i] for i in set(seen.tolist()) - set(h)] for seen, h in zip(ev.seen[s:s + 256], ev.items[s:s + 256])]
+        older = [[ids[i] for i in set(seen.tolist()) - set(h)]
+                 for seen, h in zip(ev.seen[s:s + 256], ev.items[s:s + 256])]
         rates = None if ev.ratings[0] is None else ev.ratings[s:s + 256]
         got = rec.recommend_batch(hist, rates, k=K, exclude=older,
                                   queries=None if queries is None else queries[s:s + 256])
@@ -209,7 +210,8 @@ def query_study(run_dir, labels_file: Optional[str] = None, seed: int = 0, progr
     run = Path(run_dir)
     onnx = run / "onnx"
     if not (onnx / "runtime.json").is_file():
-        raise InteractiveError(f"{onnx / 'runtime.json'} not found: export the student first (`distillrec export {run}`)")
+        raise InteractiveError(f"{onnx / 'runtime.json'} not found: export the student first "
+                               f"(`distillrec export {run}`)")
     ds = load_dataset(run_data_config(run))
     split = Split.leave_last_out(ds)
     labels = read_labels(Path(labels_file), ds) if labels_file else ml100k_genres(ds)
@@ -237,8 +239,8 @@ def query_study(run_dir, labels_file: Optional[str] = None, seed: int = 0, progr
     author = (f"{rt.tc.model if rt.tc.model != 'default' else 'SmolLM2-135M-Instruct (default GGUF)'}, full depth "
               "with its LM head, no LoRA adapter")
     folder, fit = build_query_encoder(lm, tok, ds.item_text, V, onnx / QUERY_DIR, table.version,
-                                      source=f"PMI of next-token predictions of {author}, ridge-fitted to the student's "
-                                      f"item table v{table.version}", cfg=cfg, progress=progress)
+                                      source=f"PMI of next-token predictions of {author}, ridge-fitted to the "
+                                      f"student's item table v{table.version}", cfg=cfg, progress=progress)
     del lm
     rec = Recommender(onnx, intra_op_threads=1)
 
@@ -263,7 +265,8 @@ def query_study(run_dir, labels_file: Optional[str] = None, seed: int = 0, progr
         return d
 
     # the served catalog: items removed from serving can never be recommended (-inf), as in the runtime
-    base = {s: np.where(active, _served_scores(plain, ev, raw_ids), -np.inf) for s, ev in (("val", val), ("test", test))}
+    base = {s: np.where(active, _served_scores(plain, ev, raw_ids), -np.inf)
+            for s, ev in (("val", val), ("test", test))}
     dirs = {"val": directions(val), "test": directions(test)}
 
     # 3. weights chosen on validation, test measured once -------------------------------------------------------
@@ -316,7 +319,8 @@ def format_report(r: dict) -> str:
     lines = ["# Interactive recommendation: genre queries on held-out test events", "",
              f"{r['events']['test']} test events with a genre query ({r['events']['skipped_no_genre']['test']} "
              f"skipped: target without genre); weights chosen on {r['events']['val']} validation events.", "",
-             "| ranking (test HR@10, 95% bootstrap CI) | HR@10 | × no query | × genre popularity |", "|---|---|---|---|",
+             "| ranking (test HR@10, 95% bootstrap CI) | HR@10 | × no query | × genre popularity |",
+             "|---|---|---|---|",
              f"| student, no query | {cell(t['no_query'])} | 1 | |",
              f"| genre-filtered popularity (baseline) | {cell(t['genre_popularity'])} | | 1 |"]
     names = {"distilled": "student + distilled query encoder (served)",

@@ -11,7 +11,8 @@ adaptive, see `MicroBatcher`), and answers the whole batch with a single `rec.re
 is then cut to its own k: a top-K list begins with the top-k of any k <= K (the runtime's `top_k_indices`
 orders by score, ties by the lower index, so it is prefix-stable). Rows may differ in k, exclude, exclude_seen,
 allow, query and explain (`_batch_call` merges them into one call: queries go per row; explain is computed for
-the whole batch when any row asks and stripped from the rows that did not, as it never changes ids or scores). A `RequestError` for the batch never fails the other
+the whole batch when any row asks and stripped from the rows that did not, as it never changes ids or scores).
+A `RequestError` for the batch never fails the other
 requests: the rows are re-run one by one and only the offending ones get the error.
 
 A full queue is `Overloaded` (the HTTP service answers 503 with Retry-After = queued requests / recent rows

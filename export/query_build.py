@@ -160,7 +160,8 @@ def save_query_encoder(folder: Path, tok, token_vectors: np.ndarray, weight: flo
     with atomic_path(folder / VECTORS_FILE) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, np.ascontiguousarray(token_vectors, dtype=np.float32))
-    meta = dict(format=FORMAT, version=FORMAT_VERSION, dim=int(token_vectors.shape[1]), vocab=int(token_vectors.shape[0]),
+    meta = dict(format=FORMAT, version=FORMAT_VERSION, dim=int(token_vectors.shape[1]),
+                vocab=int(token_vectors.shape[0]),
                 lowercase=True, word_prefix=" ", pooling="sum", weight=float(weight), max_query_chars=500,
                 item_table_version=int(item_table_version), source=source, **(extra or {}))
     with atomic_path(folder / META_FILE) as tmp:
@@ -182,7 +183,8 @@ def set_weight(folder: Path, weight: float, extra: Optional[dict] = None) -> dic
 
 
 def build_query_encoder(lm, tok, texts: list[str], vectors: np.ndarray, out_dir: Path, item_table_version: int,
-                        source: str, cfg: Optional[QueryBuildConfig] = None, progress: bool = True) -> tuple[Path, PMIFit]:
+                        source: str, cfg: Optional[QueryBuildConfig] = None,
+                        progress: bool = True) -> tuple[Path, PMIFit]:
     """The whole build: PMI projection over the catalog, ridge fit, artifact written. Returns (folder, fit)."""
     cfg = cfg or QueryBuildConfig()
     if len(texts) != len(vectors):

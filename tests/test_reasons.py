@@ -118,7 +118,8 @@ def test_batched_shared_prefix_equals_plain_loop_per_item(tiny):
 def test_batch_size_does_not_change_the_tokens(tiny, batch_size):
     lm, tok = tiny
     full = generate_reasons(lm, tok, HISTORY, ITEMS, ReasonConfig(naming="free", max_new_tokens=10, batch_size=8))
-    split = generate_reasons(lm, tok, HISTORY, ITEMS, ReasonConfig(naming="free", max_new_tokens=10, batch_size=batch_size))
+    split = generate_reasons(lm, tok, HISTORY, ITEMS,
+                             ReasonConfig(naming="free", max_new_tokens=10, batch_size=batch_size))
     assert [r.token_ids for r in split] == [r.token_ids for r in full]
 
 
@@ -274,4 +275,4 @@ def test_calibrated_naming_picks_the_title_with_the_best_likelihood_ratio_then_g
         assert r.named == best
         assert r.token_ids == seqs[best] + plain_greedy(lm, tok, ids + seqs[best], 6)
         assert r.text.startswith(display_title(HISTORY[best]) + '"')
-    assert ReasonConfig().naming == "greedy"  # the default (docs/interactive.md: it agrees more, at less than half the cost)
+    assert ReasonConfig().naming == "greedy"  # the default: it agrees more, at less than half the cost (docs)
