@@ -31,6 +31,9 @@ GENRE_WORDS = {"Sci-Fi": "science fiction", "Film-Noir": "film noir", "Children'
 WEIGHT_GRID = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 """Query weights tried on validation, in units of the typical score spread (std over items of u.v+b, divided by
 that of q_hat.v, median over events): 1.0 makes the query move scores as much as the user state does."""
+FILTER_SIZES = (50, 100, 200, 400, 800)
+"""Candidate-set sizes M of the filter-then-rank combination compared on validation (the M items closest to the
+query, ranked by the user state)."""
 K = 10
 LATENCY_QUERY = "a funny and exciting action adventure movie with great space battles"
 """A 10-word query for the encoding-latency measurement (the issue's size)."""
@@ -125,6 +128,22 @@ def choose_weight(base: np.ndarray, direction: np.ndarray, ev: Events) -> tuple[
     curve = {float(g * unit): float(_hits(base + g * unit * direction, ev).mean()) for g in WEIGHT_GRID}
     best = max(curve, key=lambda w: (curve[w], -w))
     return best, curve
+
+
+def compare_combinations(base: np.ndarray, direction: np.ndarray, weight: float, ev: Events) -> dict:
+    """Validation HR@10 of the ways a query can join the user state: the shift u + w q_hat (weight chosen before),
+    and filter-then-rank: only the M items with the highest q_hat.v, ranked by the user score alone or by the
+    shifted score. The runtime serves the shift; this says whether a filter would have been better."""
+    out = {"shift": float(_hits(base + weight * direction, ev).mean())}
+    for m in FILTER_SIZES:
+        if m >= direction.shape[1]:
+            continue
+        thr = -np.partition(-direction, m - 1, axis=1)[:, m - 1:m]
+        keep = direction >= thr
+        out[f"filter{m}"] = float(_hits(np.where(keep, base, -np.inf), ev).mean())
+        out[f"filter{m}+shift"] = float(_hits(np.where(keep, base + weight * direction, -np.inf), ev).mean())
+    out["best"] = max((k for k in out if k != "best"), key=lambda k: out[k])
+    return out
 
 
 def _with_ci(values: np.ndarray, seed: int) -> dict:
@@ -283,6 +302,10 @@ def query_study(run_dir, labels_file: Optional[str] = None, seed: int = 0, progr
         methods[name] = dict(weight=round(w, 4), val_curve={f"{k:.4g}": round(v, 4) for k, v in curve.items()},
                              test_hr10=_with_ci(h, seed), ratio_vs_no_query=_ratio_ci(h, h0, seed),
                              ratio_vs_genre_pop=_ratio_ci(h, hg, seed))
+    combos = compare_combinations(base["val"], dirs["val"]["distilled"], chosen["distilled"], val)
+    if combos["best"] != "shift":
+        print(f"note: on validation {combos['best']} ({combos[combos['best']]:.4f}) beat the served shift "
+              f"({combos['shift']:.4f}); the runtime serves the shift u + w q_hat")
     set_weight(folder, chosen["distilled"], extra=dict(weight_chosen_on="validation HR@10 of genre queries"))
     rec = Recommender(onnx, intra_op_threads=1)
     served = _served_hits(rec, test, raw_ids, test.queries)
@@ -298,7 +321,8 @@ def query_study(run_dir, labels_file: Optional[str] = None, seed: int = 0, progr
     out = dict(events=dict(val=len(val), test=len(test), skipped_no_genre=dict(val=val.skipped, test=test.skipped)),
                test_hr10=dict(no_query=_with_ci(h0, seed), genre_popularity=_with_ci(hg, seed),
                               served_with_query=_with_ci(served, seed), served_no_query=_with_ci(served0, seed)),
-               methods=methods, latency=latency,
+               methods=methods, val_combinations={k: (round(v, 4) if isinstance(v, float) else v)
+                                                  for k, v in combos.items()}, latency=latency,
                build=dict(seconds=round(fit.seconds, 1), lm_tokens=fit.lm_tokens, templates=list(cfg.templates),
                           written_by=author),
                seed=seed)
@@ -339,6 +363,10 @@ def format_report(r: dict) -> str:
               "Validation HR@10 per weight (the weight grid in score units):", ""]
     for k, m in r["methods"].items():
         lines.append(f"- {k}: " + ", ".join(f"{w}: {v}" for w, v in m["val_curve"].items()) + f" -> {m['weight']}")
+    c = r["val_combinations"]
+    lines += ["", "How the query joins the user state, validation HR@10 (distilled encoder): "
+              + ", ".join(f"{k} {v}" for k, v in c.items() if k != "best") + f" -> best: {c['best']} "
+              "(the runtime serves the shift u + w q_hat)."]
     b = r["build"]
     lines += ["", f"Build: {b['seconds']} s, {b['lm_tokens']} LLM tokens over the catalog ({len(b['templates'])} "
               f"templates); written by {b['written_by']}."]

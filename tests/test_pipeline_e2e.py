@@ -411,6 +411,7 @@ def test_query_study_builds_the_encoder_chooses_its_weight_and_serves_it(run_dir
     m = rep["methods"]
     assert meta["weight"] == pytest.approx(m["distilled"]["weight"], rel=1e-3)
     assert set(m) == {"distilled", "teacher_pmi", "teacher_pooled"}
+    assert rep["val_combinations"]["best"] in rep["val_combinations"] and "shift" in rep["val_combinations"]
     assert rep["events"]["test"] + rep["events"]["skipped_no_genre"]["test"] > 0
     for k in ("no_query", "genre_popularity", "served_with_query", "served_no_query"):
         assert 0.0 <= rep["test_hr10"][k]["mean"] <= 1.0

@@ -142,3 +142,25 @@ def test_choose_weight_picks_the_validation_best():
     w, curve = choose_weight(base, direction, _Ev([["x"]] * e, targets, [np.array([], int)] * e))
     assert len(curve) == len(WEIGHT_GRID) and curve[w] == max(curve.values()) == 1.0
     assert w == min(k for k, v in curve.items() if v == 1.0)  # ties go to the smallest weight
+
+
+def test_compare_combinations_measures_shift_and_filter_then_rank():
+    from distillrec.interactive import FILTER_SIZES, compare_combinations
+    rng = np.random.default_rng(0)
+    e, n = 20, 300
+    targets = rng.integers(0, n, size=e)
+    base = rng.normal(size=(e, n))
+    for r, t in enumerate(targets):  # good, but 15 other items score higher in each row
+        base[r, rng.choice(np.setdiff1d(np.arange(n), [t]), size=15, replace=False)] = 5.0
+        base[r, t] = 4.0
+    direction = np.zeros((e, n))
+    for r, t in enumerate(targets):  # the query keeps the target and 49 low-scoring items
+        low = np.argsort(base[r])[:49]
+        direction[r, low] = 1.0
+        direction[r, t] = 1.0
+    ev = _Ev([["x"]] * e, targets, [np.array([], int)] * e)
+    out = compare_combinations(base, direction, weight=1e-6, ev=ev)
+    assert out["filter50"] == 1.0  # inside the 50 query items the target is the best by the user score
+    assert out["shift"] == 0.0  # a negligible shift leaves the 15 higher items in front
+    assert out["best"] in ("filter50", "filter50+shift")
+    assert {f"filter{m}" for m in FILTER_SIZES if m < n} <= set(out)
