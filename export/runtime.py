@@ -945,12 +945,15 @@ class Recommender:
         if not ranked or hist.size == 0:
             return [(i, s, []) for i, s in ranked]
         index = cat.index
-        recs = np.array([index[i] for i, _ in ranked], dtype=np.int64)
-        vec, inv = cat.explain_vectors, cat.explain_inv_norm
-        sims = (vec[recs] @ vec[hist].T) * np.outer(inv[recs], inv[hist])
-        sims[recs[:, None] == hist[None, :]] = -np.inf
+        rec_ids = [index[i] for i, _ in ranked]
+        k = len(rec_ids)
+        rows = np.concatenate([np.array(rec_ids, dtype=np.int64), hist])  # one gather for both sides
+        unit = cat.explain_vectors[rows] * cat.explain_inv_norm[rows, None]
+        sims = unit[:k] @ unit[k:].T  # cosines [k, L]
+        if not set(rec_ids).isdisjoint(history):  # only with exclude_seen=False: never the item itself
+            sims[rows[:k, None] == hist[None, :]] = -np.inf
         top = np.argsort(-sims, axis=1, kind="stable")[:, :self.explain_k]
-        top_sims = np.take_along_axis(sims, top, axis=1).tolist()  # one conversion, not one float() per pair
+        top_sims = sims[np.arange(k)[:, None], top].tolist()  # one conversion, not one float() per pair
         top_ids = hist[top].tolist()
         ids = cat.ids
         out = []
