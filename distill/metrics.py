@@ -197,6 +197,13 @@ def bootstrap_ci(per_user_fn: Callable[[np.ndarray], np.ndarray], n: int, n_boot
     return float(lo), float(hi)
 
 
+def mean_ci(values, n_boot: int = 1000, seed: int = 0, digits: int = 4) -> dict:
+    """{"mean", "ci95": [lo, hi]} of per-user (per-event) values, rounded to `digits`: a report's cell."""
+    v = np.asarray(values, dtype=np.float64)
+    lo, hi = bootstrap_ci(mean_stat(v), len(v), n_boot, seed)
+    return dict(mean=round(float(v.mean()), digits), ci95=[round(lo, digits), round(hi, digits)])
+
+
 def _with_ci(fn: Callable[[np.ndarray], np.ndarray], n: int, n_boot: int, seed: int) -> dict:
     value = float(fn(np.ones((1, n)))[0])
     return {"value": value, "ci": list(bootstrap_ci(fn, n, n_boot=n_boot, seed=seed))}

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .teacher import pad_id
+
 SYSTEM = "You are a movie recommender. You explain each recommendation in one short sentence."
 """System turn of a chat-template prompt: asks for the one-sentence form the forced start begins."""
 HISTORY_HEAD = "Movies I watched, oldest first:\n"
@@ -191,13 +193,6 @@ def _out_cache(out):
     return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
 
 
-def _pad_id(tok) -> int:
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an EOS token to pad the batch with")
-    return pad
-
-
 def prefix_cache(lm, prefix_ids: list[int]):
     """The KV cache of the shared prefix (batch 1), one forward."""
     kw = _cache_kw(lm)
@@ -229,9 +224,9 @@ def title_trie(tok, titles: list[str]) -> dict:
     """Nested {token id: node} over each title's tokens as the prompt shows it (`display_title` + closing quote),
     tokenized on its own like the suffix. A node's _END entry holds the index of the title ending there."""
     root: dict = {}
-    for i, t in enumerate(titles):
+    for i, seq in enumerate(title_ids(tok, titles)):
         node = root
-        for token in tok(display_title(t) + '"', add_special_tokens=False)["input_ids"]:
+        for token in seq:
             node = node.setdefault(int(token), {})
         node.setdefault(_END, i)  # two titles with the same display form: the first one names it
     return root
@@ -251,7 +246,7 @@ def greedy_batch(lm, tok, cache, n_prefix: int, suffixes: list[list[int]], max_n
     one whole title of the trie, choosing among the allowed tokens greedily, and then goes on freely; the named
     index per row is that title's (-1 without a trie). max_new_tokens bounds the free tokens after the title (the
     title is at most the trie's depth), as in 'calibrated' naming where the title is part of the input."""
-    kw, pad, stops, memo = _cache_kw(lm), _pad_id(tok), stop_token_ids(tok), {}
+    kw, pad, stops, memo = _cache_kw(lm), pad_id(tok), stop_token_ids(tok), {}
     nodes = [trie if trie else None for _ in suffixes]
     named = [-1] * len(suffixes)
     ids, mask, pos = _suffix_inputs(suffixes, n_prefix, pad)
@@ -327,7 +322,7 @@ def title_logprobs(lm, base, n_prefix: int, suffix: list[int], titles: list[list
     return total
 
 
-def calibrated_choice(lm, tok, base, n_prefix: int, suffixes: list[list[int]], null_suffix: list[int],
+def calibrated_choice(lm, base, n_prefix: int, suffixes: list[list[int]], null_suffix: list[int],
                       titles: list[list[int]]) -> list[int]:
     """Per suffix, the index of the title maximising log p(title | suffix) - log p(title | null suffix)."""
     prior = title_logprobs(lm, base, n_prefix, null_suffix, titles)
@@ -362,7 +357,7 @@ def generate_reasons(lm, tok, history_titles: list[str], item_titles: list[str],
         if cfg.naming == "calibrated":
             seqs = title_ids(tok, history)
             null_suffix = encode_prompt(tok, *build_prompt(tok, history, NULL_ITEM))[1]
-            chosen = calibrated_choice(lm, tok, base, len(prefix_ids), suffixes, null_suffix, seqs)
+            chosen = calibrated_choice(lm, base, len(prefix_ids), suffixes, null_suffix, seqs)
             forced = [seqs[c] for c in chosen]
             suffixes = [s + f for s, f in zip(suffixes, forced)]
         for batch in tqdm(_batches(len(item_titles), cfg.batch_size), desc="reasons", leave=False):

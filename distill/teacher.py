@@ -234,6 +234,21 @@ def load_causal_lm(cfg: TeacherConfig, seed: int = 0):
     return lm.float().eval(), tok
 
 
+def pad_id(tok) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS (SmolLM2 has both)."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token to pad the batch with")
+    return pad
+
+
+def describe_causal_lm(cfg: TeacherConfig) -> str:
+    """Which weights `load_causal_lm` serves, for reports: the base LM at full depth with its LM head, no adapter."""
+    model = cfg.model if cfg.model != "default" else "SmolLM2-135M-Instruct (the default GGUF)"
+    return (f"{model}, full depth, its own LM head, no LoRA adapter (the teacher's adapter was trained on "
+            f"{cfg.input} input through {cfg.layers or 'all'} layers; a text prompt does not use it)")
+
+
 # ----------------------------------------------------------------------------- the decoder's layers and LoRA targets
 def decoder_layers(backbone: nn.Module) -> tuple[str, nn.ModuleList]:
     """(path, ModuleList) of the decoder's blocks, found from the model itself: the shallowest ModuleList with

@@ -41,19 +41,13 @@ class ExplainError(ValueError):
     """A run that cannot be explained (no export, unknown user); the message names the fix."""
 
 
-def _author(tc) -> str:
-    model = tc.model if tc.model != "default" else "SmolLM2-135M-Instruct (the default GGUF)"
-    return (f"{model}, full depth, its own LM head, no LoRA adapter (the teacher's adapter was trained on "
-            f"{tc.input} input through {tc.layers or 'all'} layers; a title prompt does not use it)")
-
-
 class _Setup:
     """What both commands need: the run's data, split, served runtime(s), the teacher LM."""
 
     def __init__(self, run_dir: Path, spaces=SPACES):
         from distill.data import Split, load_dataset
         from distill.item_text import run_teacher
-        from distill.teacher import load_causal_lm
+        from distill.teacher import describe_causal_lm
         from export.runtime import Recommender
 
         from .catalog import run_data_config
@@ -67,10 +61,17 @@ class _Setup:
         self.recs = {s: Recommender(onnx, explain_space=s, explain_k=TOP, intra_op_threads=1,
                                     use_query_encoder=False) for s in spaces}
         self.index = {str(r): i for i, r in enumerate(self.ds.item_ids)}
-        rt = run_teacher(self.run)
-        self.tc = rt.tc
-        self.lm, self.tok = load_causal_lm(rt.tc, seed=rt.seed)
-        self.author = _author(rt.tc)
+        self.teacher = run_teacher(self.run)
+        self.author = describe_causal_lm(self.teacher.tc)
+        self._lm = None
+
+    @property
+    def lm_tok(self):
+        """(LM, tokenizer), loaded on first use: a resumed study with nothing left to write never loads it."""
+        if self._lm is None:
+            from distill.teacher import load_causal_lm
+            self._lm = load_causal_lm(self.teacher.tc, seed=self.teacher.seed)
+        return self._lm
 
     def titles(self, raw_ids) -> list[str]:
         return [self.ds.item_text[self.index[str(r)]] for r in raw_ids]
@@ -104,7 +105,7 @@ def explain_user(run_dir, user_id: str, k: int = 5, cfg: Optional[ReasonConfig] 
     shown, got = _recommend(setup, history, None if setup.ds.ratings is None else setup.ds.ratings[u], cfg, k)
     recs = got[space]
     t0 = time.perf_counter()
-    reasons = generate_reasons(setup.lm, setup.tok, setup.titles(shown), setup.titles([r[0] for r in recs]), cfg)
+    reasons = generate_reasons(*setup.lm_tok, setup.titles(shown), setup.titles([r[0] for r in recs]), cfg)
     seconds = time.perf_counter() - t0
     items = [dict(id=i, title=setup.titles([i])[0], score=round(s, 4),
                   because=[dict(id=h, title=setup.titles([h])[0], similarity=round(w, 4)) for h, w in because],
@@ -164,7 +165,7 @@ def _user_record(setup: _Setup, user: int, cfg: ReasonConfig) -> dict:
     shown, got = _recommend(setup, [int(i) for i in items], ratings, cfg, TOP)
     first = got[SPACES[0]]
     titles = setup.titles(shown)
-    reasons = generate_reasons(setup.lm, setup.tok, titles, setup.titles([r[0] for r in first]), cfg)
+    reasons = generate_reasons(*setup.lm_tok, titles, setup.titles([r[0] for r in first]), cfg)
     return dict(user=int(user), settings=_settings(cfg), shown=shown, recs=[r[0] for r in first],
                 support={s: [[h for h, _ in r[2]] for r in got[s]] for s in got},
                 named=[shown[r.named] if r.named >= 0 else None for r in reasons],
@@ -186,27 +187,22 @@ def _per_user(records: list[dict]) -> dict[str, np.ndarray]:
                 rows[f"agree_{s}"].append(named is not None and named in rec["support"][s][j])
             pool = [h for h in distinct if h != rec["recs"][j]]
             rows["random"].append(0.0 if named is None else min(1.0, TOP / max(1, len(pool))))
-            rows["recent"].append(named is not None and named in [h for h in distinct if h != rec["recs"][j]][-TOP:])
+            rows["recent"].append(named is not None and named in pool[-TOP:])
         for k in cols:
             cols[k].append(float(np.mean(rows[k])) if rows[k] else 0.0)
     return {k: np.asarray(v) for k, v in cols.items()}
 
 
-def _ci(values: np.ndarray, seed: int) -> list[float]:
-    from distill.metrics import bootstrap_ci, mean_stat
-    lo, hi = bootstrap_ci(mean_stat(values), len(values), N_BOOT, seed)
-    return [round(float(lo), 4), round(float(hi), 4)]
-
-
 def summarise(records: list[dict], seed: int = 0) -> dict:
     """Agreement per explain space vs the random baseline, with bootstrap CIs over users, and the cost."""
+    from distill.metrics import mean_ci
     per = _per_user(records)
     out: dict = {"users": len(records), "reasons": int(sum(len(r["named"]) for r in records))}
     for k, v in per.items():
-        out[k] = dict(mean=round(float(v.mean()), 4), ci95=_ci(v, seed))
+        out[k] = mean_ci(v, N_BOOT, seed)
     for s in SPACES:
         ratio = per[f"agree_{s}"] / np.maximum(per["random"].mean(), 1e-12)
-        out[f"ratio_{s}"] = dict(mean=round(float(ratio.mean()), 3), ci95=_ci(ratio, seed))
+        out[f"ratio_{s}"] = mean_ci(ratio, N_BOOT, seed, digits=3)
     n = max(1, out["reasons"])
     secs = sum(r["seconds"] for r in records)
     gen = sum(sum(r["tokens"]["generated"]) for r in records)

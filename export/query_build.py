@@ -79,15 +79,18 @@ def _cut(tok, text: str, n: int) -> str:
     return text if len(ids) <= n else tok.decode(ids[:n])
 
 
-def _prompts(tok, texts: list[str], template: str, cfg: QueryBuildConfig) -> list[str]:
-    return [template.format(text=_cut(tok, t, cfg.max_text_tokens), domain=cfg.domain) for t in texts]
+def _encode(tok, prompts: list[str]) -> list[list[int]]:
+    return [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
 
 
 def next_token_logprobs(lm, tok, prompts: list[str]):
     """log p(next token | prompt) [B, vocab] float64 numpy, prompts left-padded (the last position is real)."""
+    from distill.teacher import pad_id
+    return _next_token_logprobs(lm, _encode(tok, prompts), pad_id(tok))
+
+
+def _next_token_logprobs(lm, ids: list[list[int]], pad: int):
     import torch
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     width = max(len(i) for i in ids)
     x = torch.full((len(ids), width), pad, dtype=torch.long)
     mask = torch.zeros_like(x)
@@ -113,23 +116,27 @@ def pmi_projection(lm, tok, texts: list[str], vectors: np.ndarray, cfg: QueryBui
                    progress: bool = True) -> PMIFit:
     """Stream the catalog through the LM once per template: V^T PMI without holding [N, vocab]."""
     from tqdm.auto import tqdm
+
+    from distill.teacher import pad_id
     n, d = vectors.shape
     V = vectors.astype(np.float64)
     keep = list(cfg.keep_tokens)
+    pad = pad_id(tok)
+    cut = [_cut(tok, t, cfg.max_text_tokens) for t in texts]  # the same for every template
     vt_total, kept_total, t0, tokens = None, np.zeros((n, len(keep))), time.perf_counter(), 0
     for template in cfg.templates:
         vt_l, lse, kept = None, None, np.zeros((n, len(keep)))
         for s in tqdm(range(0, n, cfg.batch_items), desc="query encoder: LM over items", disable=not progress,
                       leave=False):
-            prompts = _prompts(tok, texts[s:s + cfg.batch_items], template, cfg)
-            tokens += sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
-            L = next_token_logprobs(lm, tok, prompts)
-            part = V[s:s + len(prompts)].T @ L
+            ids = _encode(tok, [template.format(text=t, domain=cfg.domain) for t in cut[s:s + cfg.batch_items]])
+            tokens += sum(map(len, ids))
+            L = _next_token_logprobs(lm, ids, pad)
+            part = V[s:s + len(ids)].T @ L
             vt_l = part if vt_l is None else vt_l + part
             m = L.max(0)
             chunk = m + np.log(np.exp(L - m).sum(0))
             lse = chunk if lse is None else np.logaddexp(lse, chunk)
-            kept[s:s + len(prompts)] = L[:, keep]
+            kept[s:s + len(ids)] = L[:, keep]
         c = lse - np.log(n)  # log mean_j p(w | j)
         vt_pmi = vt_l - V.sum(0)[:, None] * c[None, :]
         vt_total = vt_pmi if vt_total is None else vt_total + vt_pmi
